@@ -1,0 +1,141 @@
+//! The interface between [`Locker`](crate::Locker) and a locking mechanism.
+//!
+//! A backend only takes and gives back leases; guards, handles, the `with_acquire` wrapper and
+//! the blocking/async pairing live in [`Locker`](crate::Locker). Application code does not
+//! need this module unless it implements a backend of its own.
+
+use std::fmt;
+use std::future::Future;
+use std::os::fd::BorrowedFd;
+use std::pin::Pin;
+
+use tokio::sync::watch;
+
+use crate::error::{AcquireError, Error};
+use crate::name::LockName;
+use crate::options::AcquireOptions;
+
+/// A boxed, `Send` future, as backends return them.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A locking mechanism.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Acquires `name` as `opts` asks, waiting without blocking the executor.
+    ///
+    /// Dropping the returned future before it completes must leave nothing held.
+    fn acquire<'a>(
+        &'a self,
+        name: &'a LockName,
+        opts: &'a AcquireOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>>;
+
+    /// Acquires `name` as `opts` asks, blocking the calling thread.
+    fn acquire_blocking(
+        &self,
+        name: &LockName,
+        opts: &AcquireOptions,
+    ) -> Result<Box<dyn Lease>, AcquireError>;
+}
+
+/// One held lock, as a backend represents it. Dropping a lease releases it on a best-effort
+/// basis.
+pub trait Lease: Send + Sync + fmt::Debug {
+    /// Releases the lock, reporting errors.
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<(), Error>>;
+
+    /// Releases the lock from synchronous code, reporting errors.
+    fn release_blocking(self: Box<Self>) -> Result<(), Error>;
+
+    /// The signal that fires when the lease is lost.
+    fn lost_signal(&self) -> LostSignal;
+
+    /// A token that strictly increases with each grant of this lock, when the backend has one.
+    fn fencing_token(&self) -> Option<u64> {
+        None
+    }
+
+    /// The file descriptor that carries the lock, for backends whose locks live in one.
+    fn as_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// Why a lease counts as lost.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// The lease could not be renewed before it could have expired for others.
+    #[error("the lease could not be renewed in time")]
+    RenewalFailed,
+    /// Another owner's record replaced ours.
+    #[error("another owner took the lock")]
+    Taken,
+}
+
+/// Fires when a lease is lost; see [`LockGuard::lost`](crate::LockGuard::lost).
+///
+/// Cheap to clone; every clone observes the same lease.
+#[derive(Debug, Clone)]
+pub struct LostSignal(watch::Receiver<Option<LostReason>>);
+
+/// The sending side of a [`LostSignal`], kept by a backend.
+#[derive(Debug)]
+pub struct LostNotifier(watch::Sender<Option<LostReason>>);
+
+impl LostNotifier {
+    /// A notifier and its signal.
+    pub fn new() -> (Self, LostSignal) {
+        let (tx, rx) = watch::channel(None);
+        (Self(tx), LostSignal(rx))
+    }
+
+    /// Marks the lease lost. Only the first reason is kept.
+    pub fn notify(&self, reason: LostReason) {
+        self.0.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Another signal for the same lease.
+    pub fn subscribe(&self) -> LostSignal {
+        LostSignal(self.0.subscribe())
+    }
+}
+
+impl LostSignal {
+    /// A signal that never fires, for leases that cannot be lost (file locks).
+    pub fn never() -> Self {
+        // The sender is dropped at once; `lost()` treats a closed channel without a reason as
+        // "never lost".
+        let (_, rx) = watch::channel(None);
+        Self(rx)
+    }
+
+    /// The reason, if the lease is lost already.
+    pub fn reason(&self) -> Option<LostReason> {
+        self.0.borrow().clone()
+    }
+
+    /// Waits until the lease is lost. Never completes for a lease that cannot be lost, or once
+    /// the lease has been released.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future loses nothing; call it again to keep waiting.
+    pub async fn lost(&mut self) -> LostReason {
+        loop {
+            if let Some(r) = self.0.borrow_and_update().clone() {
+                return r;
+            }
+            if self.0.changed().await.is_err() {
+                // The backend dropped the notifier without a reason: the lease ended normally.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Error types.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::name::NameError;
+
+/// A failure: bad input, an I/O or backend error, or a misuse of a lock handle.
+///
+/// Contention is not an error of this type: see [`AcquireError`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The lock name is not valid.
+    #[error("invalid lock name")]
+    InvalidName(#[from] NameError),
+
+    /// The lock directory could not be created or opened.
+    #[error("cannot use lock directory {path}")]
+    LockDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The lock directory path names something that is not a directory.
+    #[error("lock directory {path} exists and is not a directory")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// The default lock directory exists but belongs to another user, so using it would let
+    /// that user interfere with the locks.
+    #[error("lock directory {path} belongs to uid {owner}, not to the current user (uid {uid})")]
+    ForeignLockDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The current user.
+        uid: u32,
+    },
+
+    /// A symbolic link stands where a lock file should be. Lock files are never followed through
+    /// links: a link could point the lock at an unrelated file.
+    #[error("{path} is a symbolic link, refusing to use it as a lock file")]
+    SymlinkAtLockPath {
+        /// The lock file path.
+        path: PathBuf,
+    },
+
+    /// Something other than a regular file stands where a lock file should be.
+    #[error("{path} is not a regular file, refusing to use it as a lock file")]
+    NotARegularFile {
+        /// The lock file path.
+        path: PathBuf,
+    },
+
+    /// An I/O error on a lock file.
+    #[error("cannot {op} lock file {path}")]
+    LockFile {
+        /// What was being done ("open", "lock", ...).
+        op: &'static str,
+        /// The lock file path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// [`Locker::release`](crate::Locker::release) was given a handle this locker did not hand
+    /// out, or one already released.
+    #[error(
+        "unknown lock handle {uuid} for lock {name:?} (never acquired here, or already released)"
+    )]
+    UnknownHandle {
+        /// The handle's UUID.
+        uuid: String,
+        /// The handle's lock name.
+        name: String,
+    },
+
+    /// The lease of a lock was lost before it was released: another owner may have taken it.
+    #[error("the lease of lock {name:?} was lost: {reason}")]
+    LeaseLost {
+        /// The lock.
+        name: String,
+        /// Why the lease counts as lost.
+        reason: crate::LostReason,
+    },
+
+    /// The blocking API was used where it cannot work (for example from inside an async runtime
+    /// with a backend that needs one).
+    #[error("{0}")]
+    Unsupported(&'static str),
+
+    /// An operating system facility the locker relies on is not available.
+    #[error("cannot {op}")]
+    System {
+        /// What was being done.
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why an acquisition did not return a lock.
+///
+/// [`WouldBlock`](Self::WouldBlock) and [`TimedOut`](Self::TimedOut) are contention, the normal
+/// outcome of a busy lock; [`Failed`](Self::Failed) is a real error.
+///
+/// ```
+/// # use lockgate::AcquireError;
+/// fn describe(e: &AcquireError) -> &'static str {
+///     match e {
+///         AcquireError::WouldBlock { .. } | AcquireError::TimedOut { .. } => "busy",
+///         AcquireError::Failed(_) => "broken",
+///         _ => "other",
+///     }
+/// }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcquireError {
+    /// The lock is busy and the acquisition was non-blocking.
+    #[error("lock {name:?} is held elsewhere")]
+    WouldBlock {
+        /// The lock.
+        name: String,
+    },
+    /// The lock stayed busy until the deadline.
+    #[error("timed out after {waited:.3?} waiting for lock {name:?}")]
+    TimedOut {
+        /// The lock.
+        name: String,
+        /// How long the acquisition waited.
+        waited: Duration,
+    },
+    /// The acquisition failed.
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
+impl AcquireError {
+    /// True for [`WouldBlock`](Self::WouldBlock) and [`TimedOut`](Self::TimedOut): the lock was
+    /// busy, nothing is broken.
+    pub fn is_contention(&self) -> bool {
+        matches!(self, Self::WouldBlock { .. } | Self::TimedOut { .. })
+    }
+}
+
+impl From<NameError> for AcquireError {
+    fn from(e: NameError) -> Self {
+        Self::Failed(Error::InvalidName(e))
+    }
+}
+
+/// `Result` with this crate's [`Error`] by default.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,69 @@
+//! Shared and exclusive locks for threads, processes and hosts.
+//!
+//! lockgate takes named locks through a [`Locker`]. The locking mechanism is a backend:
+//!
+//! - [`FileLocker`] (feature `file`, on by default): processes on one host, a directory of lock
+//!   files locked with flock(2).
+//!
+//! Locks are shared or exclusive ([`Mode`]); an acquisition is non-blocking, blocking, or
+//! blocking with a timeout or deadline ([`Wait`]); it returns a [`LockGuard`] that releases the
+//! lock when dropped. Everything has an async API (Tokio) and a blocking twin that needs no
+//! runtime. Storage formats are those of Go lockgate, so Rust and Go processes exclude each other;
+//! see `PROTOCOL.md`.
+//!
+//! # Examples
+//!
+//! A blocking lock with a timeout:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use lockgate::{AcquireOptions, FileLocker, Locker};
+//!
+//! # let dir = tempfile::tempdir()?;
+//! let locker = Locker::new(FileLocker::new(dir.path())?);
+//! let guard = locker
+//!     .acquire("myresource", AcquireOptions::exclusive().timeout(Duration::from_secs(30)))
+//!     .await?;
+//! // ... work under the lock ...
+//! guard.release().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Non-blocking:
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use lockgate::{AcquireError, AcquireOptions, FileLocker, Locker};
+//!
+//! # let dir = tempfile::tempdir()?;
+//! let locker = Locker::new(FileLocker::new(dir.path())?);
+//! let first = locker.acquire_blocking("myresource", AcquireOptions::exclusive())?;
+//! match locker.acquire_blocking("myresource", AcquireOptions::exclusive().non_blocking()) {
+//!     Ok(_guard) => unreachable!("held by `first`"),
+//!     Err(AcquireError::WouldBlock { .. }) => { /* busy: do something else */ }
+//!     Err(e) => return Err(e.into()),
+//! }
+//! drop(first);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod backend;
+mod error;
+#[cfg(feature = "file")]
+pub mod file;
+mod locker;
+mod name;
+mod options;
+
+pub use backend::{LostReason, LostSignal};
+pub use error::{AcquireError, Error, Result};
+#[cfg(feature = "file")]
+pub use file::FileLocker;
+pub use locker::{with_acquire, with_acquire_blocking, LockGuard, LockHandle, Locker};
+pub use name::{LockName, NameError, MAX_NAME_LEN};
+pub use options::{AcquireOptions, Holder, Mode, Wait, WaitInfo};

@@ -1,0 +1,222 @@
+//! How to acquire a lock: mode, waiting policy, hooks.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Shared (read) or exclusive (write).
+///
+/// Any number of shared holders may hold a lock together; an exclusive holder excludes every
+/// other holder, shared or exclusive.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Many holders at once.
+    Shared,
+    /// One holder, nobody else.
+    #[default]
+    Exclusive,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Shared => "shared",
+            Mode::Exclusive => "exclusive",
+        })
+    }
+}
+
+/// How long an acquisition may wait for a busy lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wait {
+    /// Wait until the lock is acquired.
+    #[default]
+    Forever,
+    /// Do not wait: fail with [`AcquireError::WouldBlock`](crate::AcquireError::WouldBlock).
+    NonBlocking,
+    /// Wait at most this long from the start of the acquisition, then fail with
+    /// [`AcquireError::TimedOut`](crate::AcquireError::TimedOut). A zero timeout is
+    /// [`Wait::NonBlocking`].
+    Timeout(Duration),
+    /// Wait until this instant, then fail with
+    /// [`AcquireError::TimedOut`](crate::AcquireError::TimedOut).
+    Deadline(Instant),
+}
+
+impl Wait {
+    /// The absolute deadline of an acquisition that started at `start`; `None` waits forever.
+    /// A non-blocking wait's deadline is `start`.
+    pub(crate) fn deadline(self, start: Instant) -> Option<Instant> {
+        match self {
+            Wait::Forever => None,
+            Wait::NonBlocking => Some(start),
+            Wait::Timeout(d) => Some(
+                start
+                    .checked_add(d)
+                    .unwrap_or(start + Duration::from_secs(86400 * 365 * 100)),
+            ),
+            Wait::Deadline(i) => Some(i),
+        }
+    }
+
+    /// True when the acquisition must not block at all.
+    pub(crate) fn is_non_blocking(self) -> bool {
+        matches!(self, Wait::NonBlocking | Wait::Timeout(Duration::ZERO))
+    }
+}
+
+/// Someone who holds, or waits for, a lock, as far as the backend can tell.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Holder {
+    /// The mode the holder has (or wants).
+    pub mode: Mode,
+    /// The holder's process id, when it runs on this host and the backend can see it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// A backend-specific holder identity (a lease UUID, an acquirer id), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl Holder {
+    /// A holder known by its process id.
+    pub fn process(mode: Mode, pid: u32) -> Self {
+        Self {
+            mode,
+            pid: Some(pid),
+            id: None,
+        }
+    }
+
+    /// A holder known by a backend-specific identity.
+    pub fn with_id(mode: Mode, id: impl Into<String>) -> Self {
+        Self {
+            mode,
+            pid: None,
+            id: Some(id.into()),
+        }
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.pid, &self.id) {
+            (Some(pid), _) => write!(f, "pid {pid} ({})", self.mode),
+            (None, Some(id)) => write!(f, "{id} ({})", self.mode),
+            (None, None) => write!(f, "unknown ({})", self.mode),
+        }
+    }
+}
+
+/// What an on-wait hook is told when an acquisition has to wait.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WaitInfo<'a> {
+    /// The lock being waited for.
+    pub name: &'a str,
+    /// The mode being asked for.
+    pub mode: Mode,
+    /// The current holders, as far as the backend can see them (may be empty).
+    pub holders: Vec<Holder>,
+}
+
+type OnWait = Arc<dyn Fn(&WaitInfo<'_>) + Send + Sync>;
+
+/// Options of one acquisition: mode, waiting policy, and an on-wait hook.
+///
+/// The default is an exclusive lock that waits forever.
+///
+/// ```
+/// use std::time::Duration;
+/// use lockgate::AcquireOptions;
+///
+/// let opts = AcquireOptions::exclusive()
+///     .timeout(Duration::from_secs(30))
+///     .on_wait(|info| eprintln!("Waiting for locked {:?}", info.name));
+/// # let _ = opts;
+/// ```
+#[derive(Clone, Default)]
+pub struct AcquireOptions {
+    pub(crate) mode: Mode,
+    pub(crate) wait: Wait,
+    pub(crate) on_wait: Option<OnWait>,
+}
+
+impl AcquireOptions {
+    /// An exclusive lock, waiting forever.
+    pub fn exclusive() -> Self {
+        Self::default()
+    }
+
+    /// A shared lock, waiting forever.
+    pub fn shared() -> Self {
+        Self::default().mode(Mode::Shared)
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the waiting policy.
+    pub fn wait(mut self, wait: Wait) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Fails at once with [`AcquireError::WouldBlock`](crate::AcquireError::WouldBlock) if the
+    /// lock is busy.
+    pub fn non_blocking(self) -> Self {
+        self.wait(Wait::NonBlocking)
+    }
+
+    /// Waits at most `timeout`; a zero timeout is [`non_blocking`](Self::non_blocking).
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.wait(Wait::Timeout(timeout))
+    }
+
+    /// Waits until `deadline` at the latest.
+    pub fn deadline(self, deadline: Instant) -> Self {
+        self.wait(Wait::Deadline(deadline))
+    }
+
+    /// Calls `hook` once, before the acquisition starts to wait for a busy lock. It is not called
+    /// when the lock is free or the acquisition is non-blocking. The hook runs on the acquiring
+    /// thread or task, so it should be quick (printing a line is the intended use).
+    pub fn on_wait(mut self, hook: impl Fn(&WaitInfo<'_>) + Send + Sync + 'static) -> Self {
+        self.on_wait = Some(Arc::new(hook));
+        self
+    }
+
+    /// The requested mode.
+    pub fn get_mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The requested waiting policy.
+    pub fn get_wait(&self) -> Wait {
+        self.wait
+    }
+
+    /// Runs the on-wait hook, if any.
+    pub fn notify_wait(&self, info: &WaitInfo<'_>) {
+        if let Some(hook) = &self.on_wait {
+            hook(info);
+        }
+    }
+}
+
+impl fmt::Debug for AcquireOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcquireOptions")
+            .field("mode", &self.mode)
+            .field("wait", &self.wait)
+            .field("on_wait", &self.on_wait.as_ref().map(|_| "<hook>"))
+            .finish()
+    }
+}
