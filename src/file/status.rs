@@ -61,8 +61,25 @@ struct Locks {
 
 /// Reads `/proc/locks`: flock locks by (device, inode).
 fn proc_locks() -> io::Result<HashMap<(u64, u64), Locks>> {
-    let text = std::fs::read_to_string("/proc/locks")?;
-    Ok(parse_proc_locks(&text))
+    Ok(parse_proc_locks(&read_snapshot("/proc/locks")?))
+}
+
+/// Reads a seq_file in one `read` call. The kernel produces one call's output under its lock
+/// list's lock; reading in pieces lets concurrent locking shift entries between the pieces, so
+/// that holders are skipped or listed twice.
+fn read_snapshot(path: &str) -> io::Result<String> {
+    use std::io::Read;
+    let mut size = 256 * 1024;
+    loop {
+        let mut buf = vec![0u8; size];
+        let n = std::fs::File::open(path)?.read(&mut buf)?;
+        if n < size {
+            buf.truncate(n);
+            return String::from_utf8(buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        size *= 4;
+    }
 }
 
 /// Parses `/proc/locks` lines such as

@@ -1,0 +1,174 @@
+//! Which locker the command line names: `--locker URL`, `--dir DIR`, or the environment.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::PathBuf;
+
+use lockgate::file::Naming;
+use lockgate::{FileLocker, Locker};
+
+use crate::{code, Failure};
+
+/// A resolved locker location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A directory of lock files.
+    File { dir: PathBuf, naming: Naming },
+}
+
+impl Target {
+    /// Resolves, in order: `--locker`, `--dir`, `$LOCKGATE_LOCKER`, `$LOCKGATE_DIR`, the default
+    /// directory.
+    pub(crate) fn resolve(
+        locker: Option<String>,
+        dir: Option<PathBuf>,
+        legacy: bool,
+    ) -> Result<Self, Failure> {
+        let naming = if legacy {
+            Naming::LegacyMurmur3
+        } else {
+            Naming::Sha256
+        };
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(url) = locker {
+            return Self::parse(&url, naming);
+        }
+        if let Some(dir) = dir {
+            return Ok(Target::File { dir, naming });
+        }
+        if let Some(url) = env("LOCKGATE_LOCKER") {
+            let url = url
+                .into_string()
+                .map_err(|_| Failure::new(code::USAGE, "LOCKGATE_LOCKER is not valid UTF-8"))?;
+            return Self::parse(&url, naming);
+        }
+        if let Some(dir) = env("LOCKGATE_DIR") {
+            return Ok(Target::File {
+                dir: dir.into(),
+                naming,
+            });
+        }
+        Ok(Target::File {
+            dir: default_dir()?,
+            naming,
+        })
+    }
+
+    /// Parses a locker URL.
+    pub(crate) fn parse(url: &str, naming: Naming) -> Result<Self, Failure> {
+        let (scheme, rest) = url.split_once(':').ok_or_else(|| {
+            Failure::new(
+                code::USAGE,
+                format!("locker {url:?} is not a URL; expected file:DIR"),
+            )
+        })?;
+        match scheme {
+            "file" => {
+                // file:DIR, file:/abs/dir and file:///abs/dir all name a directory.
+                let path = rest.strip_prefix("//").unwrap_or(rest);
+                if path.is_empty() {
+                    return Err(Failure::new(
+                        code::USAGE,
+                        format!("locker {url:?} names no directory"),
+                    ));
+                }
+                Ok(Target::File {
+                    dir: path.into(),
+                    naming,
+                })
+            }
+            "kubernetes" | "http" | "https" => Err(Failure::new(
+                code::USAGE,
+                format!("the {scheme} locker is not built into this lockgate; supported: file:DIR"),
+            )),
+            _ => Err(Failure::new(
+                code::USAGE,
+                format!("unknown locker scheme {scheme:?} in {url:?}; supported: file:DIR"),
+            )),
+        }
+    }
+
+    /// The file locker this target names.
+    pub(crate) fn file_locker(&self) -> Result<FileLocker, Failure> {
+        match self {
+            Target::File { dir, naming } => Ok(FileLocker::with_naming(dir, *naming)?),
+        }
+    }
+
+    /// The locker this target names.
+    pub(crate) fn locker(&self) -> Result<Locker, Failure> {
+        Ok(Locker::new(self.file_locker()?))
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/lockgate`, else `/tmp/lockgate-UID`: private to the user, created 0700. An
+/// existing default directory must belong to the user (in a shared /tmp, another user could
+/// have created it first).
+fn default_dir() -> Result<PathBuf, Failure> {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(run) => PathBuf::from(run).join("lockgate"),
+        None => std::env::temp_dir().join(format!("lockgate-{uid}")),
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(lockgate::Error::LockDir { path: dir, source }.into()),
+    }
+    let meta = std::fs::symlink_metadata(&dir).map_err(|source| {
+        Failure::from(lockgate::Error::LockDir {
+            path: dir.clone(),
+            source,
+        })
+    })?;
+    if !meta.is_dir() {
+        return Err(lockgate::Error::NotADirectory { path: dir }.into());
+    }
+    if meta.uid() != uid {
+        return Err(lockgate::Error::ForeignLockDir {
+            path: dir,
+            owner: meta.uid(),
+            uid,
+        }
+        .into());
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_file_urls() {
+        for (url, dir) in [
+            ("file:locks", "locks"),
+            ("file:/var/locks", "/var/locks"),
+            ("file:///var/locks", "/var/locks"),
+        ] {
+            assert_eq!(
+                Target::parse(url, Naming::Sha256).unwrap(),
+                Target::File {
+                    dir: dir.into(),
+                    naming: Naming::Sha256
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_other_urls() {
+        for url in [
+            "file:",
+            "nonsense",
+            "ftp://x",
+            "kubernetes://ns/configmaps/cm",
+        ] {
+            assert_eq!(
+                Target::parse(url, Naming::Sha256).unwrap_err().code,
+                code::USAGE,
+                "{url}"
+            );
+        }
+    }
+}
