@@ -233,8 +233,10 @@ fn shared_holders_overlap_and_exclude_writers() {
     ));
     drop(reader.stdin.take());
     assert!(reader.wait().unwrap().success());
-    l.acquire_blocking("r", nb(Mode::Exclusive))
-        .expect("free after the reader left");
+    drop(
+        l.acquire_blocking("r", nb(Mode::Exclusive))
+            .expect("free after the reader left"),
+    );
 }
 
 #[test]
@@ -449,8 +451,7 @@ async fn cancelling_a_pending_acquire_never_leaves_the_lock_held() {
     for i in 0..200 {
         let g = l.acquire("cancel", ex()).await.unwrap();
         let l2 = l.clone();
-        let pending =
-            tokio::spawn(async move { l2.acquire("cancel", ex()).await.map(|g| drop(g)) });
+        let pending = tokio::spawn(async move { l2.acquire("cancel", ex()).await.map(drop) });
         // Vary the moment of release relative to the cancellation.
         if i % 2 == 0 {
             tokio::task::yield_now().await;
@@ -466,11 +467,10 @@ async fn cancelling_a_pending_acquire_never_leaves_the_lock_held() {
             }
             Err(e) => panic!("{e}"),
         }
-        checker
-            .acquire_blocking("cancel", nb(Mode::Exclusive))
-            .unwrap_or_else(|e| {
-                panic!("iteration {i}: the lock is still held after the cancellation: {e}")
-            });
+        let probe = checker.acquire_blocking("cancel", nb(Mode::Exclusive));
+        if let Err(e) = probe {
+            panic!("iteration {i}: the lock is still held after the cancellation: {e}");
+        }
     }
     eprintln!("{won_race} of 200 waiters got the lock before the cancellation");
 }
@@ -488,7 +488,7 @@ async fn dropping_a_pending_acquire_gives_up_the_wait() {
     // The cancelled waiter's thread is gone: the kernel reports no waiter on the file.
     assert_eq!(waiters_of(dir.path(), "drop"), 0);
     drop(g);
-    l.acquire("drop", nb(Mode::Exclusive)).await.unwrap();
+    drop(l.acquire("drop", nb(Mode::Exclusive)).await.unwrap());
 }
 
 #[test]
@@ -590,9 +590,8 @@ async fn with_acquire_reports_acquired_and_releases() {
     let r: Result<(), Error> =
         with_acquire_blocking(&l, "w", ex(), |_| Err(Error::Unsupported("boom")));
     assert!(matches!(r, Err(Error::Unsupported("boom"))));
-    l.acquire("w", nb(Mode::Exclusive))
-        .await
-        .expect("released after the closure failed");
+    let g = l.acquire("w", nb(Mode::Exclusive)).await;
+    drop(g.expect("released after the closure failed"));
     let r: Result<(), Error> = with_acquire_blocking(&l, "", ex(), |_| Ok(()));
     assert!(matches!(r, Err(Error::InvalidName(NameError::Empty))));
 }
@@ -685,7 +684,8 @@ fn lock_files_are_not_inherited_by_children() {
 fn bad_names_are_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let l = locker(dir.path());
-    let cases: [(&str, fn(&NameError) -> bool); 3] = [
+    type Check = fn(&NameError) -> bool;
+    let cases: [(&str, Check); 3] = [
         ("", |e| matches!(e, NameError::Empty)),
         ("nul\0byte", |e| {
             matches!(e, NameError::ControlCharacter { ch: '\0', .. })

@@ -126,6 +126,7 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 pub(crate) struct Failure {
     pub code: u8,
     pub message: String,
+    pub broken_pipe: bool,
 }
 
 impl Failure {
@@ -133,6 +134,15 @@ impl Failure {
         Self {
             code,
             message: message.into(),
+            broken_pipe: false,
+        }
+    }
+
+    fn output(e: std::io::Error) -> Self {
+        let broken_pipe = e.kind() == std::io::ErrorKind::BrokenPipe;
+        Self {
+            broken_pipe,
+            ..Self::new(code::SOFTWARE, format!("cannot write output: {e}"))
         }
     }
 }
@@ -177,6 +187,8 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        // A closed pipe (`lockgate status | head`) is the reader's choice, not a failure.
+        Err(f) if f.broken_pipe => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("lockgate: {}", f.message);
             ExitCode::from(f.code)
@@ -232,7 +244,8 @@ fn status(target: Target, json: bool) -> Result<u8, Failure> {
                     .unwrap_or_default()
             ),
         };
-        let _ = writeln!(out, "{state:<10} {holders:<30} {:>7}  {name}", l.waiters);
+        writeln!(out, "{state:<10} {holders:<30} {:>7}  {name}", l.waiters)
+            .map_err(Failure::output)?;
     }
     Ok(0)
 }
