@@ -1,0 +1,91 @@
+//! Helpers for tests that run against the real test environment started by `testenv/kube up`.
+//!
+//! Every helper fails loudly when the environment is missing: these tests are never skipped.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// An environment variable the test command sets, or a panic that says how to set it.
+pub fn required_env(key: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| {
+        panic!(
+            "{key} is not set: these tests need the real test environment. Run the README's test \
+             command (scripts/test), or `testenv/kube up` and `source target/testenv/env.sh`."
+        )
+    })
+}
+
+/// The Go lockgate peer binary.
+pub fn go_peer() -> PathBuf {
+    let p = PathBuf::from(required_env("LOCKGATE_TEST_GO_PEER"));
+    assert!(
+        p.exists(),
+        "the Go peer {p:?} is missing: run testenv/build.sh lockgate-go"
+    );
+    p
+}
+
+/// A kube client for the admin or the limited user.
+pub async fn client(limited: bool) -> kube::Client {
+    let key = if limited {
+        "LOCKGATE_TEST_LIMITED_KUBECONFIG"
+    } else {
+        "LOCKGATE_TEST_KUBECONFIG"
+    };
+    let path = required_env(key);
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    config.read_timeout = Some(Duration::from_secs(30));
+    kube::Client::try_from(config).expect("kube client")
+}
+
+/// A name no other test run has used (there is no garbage collector in the environment).
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{:x}-{}-{}",
+        nanos & 0xffff_ffff,
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The Rust `lockgate` binary of this workspace (built by the test command before the tests).
+pub fn rust_cli() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test binary> -> target/<profile>/lockgate
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("lockgate");
+    assert!(
+        p.exists(),
+        "{p:?} is missing: run `cargo build --workspace` first (the test command does)"
+    );
+    p
+}
+
+/// Reads lines of a child's stdout until one starts with `want`; panics if the child ends first.
+pub fn expect_line(child: &mut std::process::Child, want: &str) -> String {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout"));
+    loop {
+        let mut line = String::new();
+        assert!(
+            reader.read_line(&mut line).expect("read stdout") > 0,
+            "child ended before printing {want:?}"
+        );
+        if line.starts_with(want) {
+            return line.trim_end().to_owned();
+        }
+    }
+}
