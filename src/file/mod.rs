@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -75,13 +75,13 @@ impl Naming {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
 }
 
 /// A locker over a directory of lock files, for processes on one host.
@@ -152,84 +152,114 @@ impl FileLocker {
         self.dir.join(self.naming.file_name(name.as_str()))
     }
 
-    /// Opens (creating when missing) the lock file at `path`.
-    fn open(&self, path: &Path) -> Result<File, Error> {
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::LockFile {
-            op: "open",
-            path: path.to_owned(),
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        })?;
-        // O_NONBLOCK keeps a FIFO planted at the path from blocking the open; it has no effect
-        // on flock. O_RDWR lets us record the lock name in a new file; read-only suffices to
-        // lock a file someone else created.
-        let base =
-            libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK;
-        let mut fd = unsafe { libc::open(c.as_ptr(), base | libc::O_RDWR, 0o644 as libc::c_uint) };
-        if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EACCES) {
-            fd = unsafe { libc::open(c.as_ptr(), base | libc::O_RDONLY, 0o644 as libc::c_uint) };
+    fn c_path(&self, name: &LockName) -> LockPath {
+        let dir = self.dir.as_os_str().as_bytes();
+        let file = self.naming.file_name(name.as_str());
+        let mut bytes = Vec::with_capacity(dir.len() + 1 + file.len() + 1);
+        bytes.extend_from_slice(dir);
+        if !dir.ends_with(b"/") {
+            bytes.push(b'/');
         }
+        bytes.extend_from_slice(file.as_bytes());
+        // A path with a NUL byte cannot name a file: report it when opening.
+        LockPath(CString::new(bytes).map_err(|e| e.into_vec()))
+    }
+
+    /// Opens (creating when missing) the lock file. Read-only suffices for flock, and keeps the
+    /// common path as cheap as the raw system calls.
+    fn open(&self, path: &LockPath) -> Result<File, Error> {
+        let Ok(c) = &path.0 else {
+            return Err(Error::LockFile {
+                op: "open",
+                path: path.path(),
+                source: io::Error::from(io::ErrorKind::InvalidInput),
+            });
+        };
+        // O_NONBLOCK keeps a FIFO planted at the path from blocking the open; it has no effect
+        // on flock.
+        let flags = libc::O_RDONLY
+            | libc::O_CREAT
+            | libc::O_CLOEXEC
+            | libc::O_NOFOLLOW
+            | libc::O_NOCTTY
+            | libc::O_NONBLOCK;
+        // SAFETY: open with a valid C string.
+        let fd = unsafe { libc::open(c.as_ptr(), flags, 0o644 as libc::c_uint) };
         if fd < 0 {
             let source = io::Error::last_os_error();
             return Err(match source.raw_os_error() {
-                Some(libc::ELOOP) => Error::SymlinkAtLockPath {
-                    path: path.to_owned(),
-                },
+                Some(libc::ELOOP) => Error::SymlinkAtLockPath { path: path.path() },
                 Some(libc::ENOENT) | Some(libc::ENOTDIR) if !self.dir.is_dir() => {
                     dir_error(&self.dir, source)
                 }
-                Some(libc::EISDIR) => Error::NotARegularFile {
-                    path: path.to_owned(),
-                },
+                Some(libc::EISDIR) => Error::NotARegularFile { path: path.path() },
                 _ => Error::LockFile {
                     op: "open",
-                    path: path.to_owned(),
+                    path: path.path(),
                     source,
                 },
             });
         }
         // SAFETY: fd is a freshly opened descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let meta = file.metadata().map_err(|source| Error::LockFile {
-            op: "stat",
-            path: path.to_owned(),
-            source,
-        })?;
-        if !meta.file_type().is_file() {
-            return Err(Error::NotARegularFile {
-                path: path.to_owned(),
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    fn stat(file: &File, path: &LockPath) -> Result<libc::stat, Error> {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat on an open descriptor with a buffer of the right type.
+        if unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return Err(Error::LockFile {
+                op: "stat",
+                path: path.path(),
+                source: io::Error::last_os_error(),
             });
         }
-        Ok(file)
+        // SAFETY: fstat succeeded, so it filled `st`.
+        Ok(unsafe { st.assume_init() })
     }
 
-    /// After locking: true when `file` is still the file at `path`. [`gc`](Self::gc) unlinks a
-    /// lock file while holding it exclusively; an acquisition that opened the file before that
-    /// and locked it after holds a lock nobody else can see, and must start over.
-    fn still_linked(file: &File, path: &Path) -> Result<bool, Error> {
-        let held = file.metadata().map_err(|source| Error::LockFile {
-            op: "stat",
-            path: path.to_owned(),
-            source,
-        })?;
-        if held.nlink() == 0 {
-            return Ok(false);
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(Error::LockFile {
-                op: "stat",
-                path: path.to_owned(),
-                source,
-            }),
-        }
+    fn is_regular(st: &libc::stat) -> bool {
+        st.st_mode & libc::S_IFMT == libc::S_IFREG
     }
 
-    /// Records the lock name in an empty lock file, so that `status` can show names. Best effort:
-    /// a read-only descriptor or a full disk only costs the name in status output.
-    fn record_name(file: &File, name: &LockName) {
-        if matches!(file.metadata(), Ok(m) if m.len() == 0) {
-            let _ = file.write_at(name.as_str().as_bytes(), 0);
+    /// After locking `file`: the lease, or `None` when the file has been unlinked and the
+    /// acquisition must start over.
+    ///
+    /// [`gc`](Self::gc) unlinks a lock file while holding it exclusively; an acquisition that
+    /// opened the file before that and locked it after holds a lock nobody else can see. Such a
+    /// file has a link count of 0. Replacing the file by `rename(2)` also drops the old file's
+    /// count to 0, so the count alone tells whether the path still names the locked file
+    /// (nothing creates other hard links to lock files), and costs no path lookup.
+    fn locked(
+        &self,
+        name: &LockName,
+        file: File,
+        path: &LockPath,
+    ) -> Result<Option<Box<dyn Lease>>, Error> {
+        let held = Self::stat(&file, path)?;
+        if !Self::is_regular(&held) {
+            return Err(Error::NotARegularFile { path: path.path() });
+        }
+        if held.st_nlink == 0 {
+            return Ok(None);
+        }
+        if held.st_size == 0 {
+            Self::record_name(path, name);
+        }
+        tracing::trace!(lock = name.as_str(), "file lock acquired");
+        Ok(Some(Box::new(FileLease { file })))
+    }
+
+    /// Records the lock name in a new (empty) lock file, so that `status` can show names. Best
+    /// effort: without write permission the name is only missing from status output.
+    fn record_name(path: &LockPath, name: &LockName) {
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path.path())
+            .and_then(|f| f.write_at(name.as_str().as_bytes(), 0));
+        if let Err(e) = written {
+            tracing::debug!(lock = name.as_str(), error = %e, "cannot record the lock name");
         }
     }
 
@@ -251,38 +281,63 @@ impl FileLocker {
         }
     }
 
-    /// Opens the lock file and tries to lock it once. `Ok(Err(file))` means busy.
-    fn attempt(&self, path: &Path, mode: Mode) -> Result<Result<File, File>, Error> {
-        let file = self.open(path)?;
-        if Self::try_flock(&file, mode, path)? {
-            Ok(Ok(file))
-        } else {
-            Ok(Err(file))
+    /// Tries to take the lock without waiting, starting over while the file was collected under
+    /// us. `Ok(Err(file))`: busy, and the acquisition may wait on `file`.
+    fn try_acquire(
+        &self,
+        name: &LockName,
+        path: &LockPath,
+        opts: &AcquireOptions,
+        notified: &mut bool,
+    ) -> Result<Result<Box<dyn Lease>, File>, AcquireError> {
+        loop {
+            let file = self.open(path)?;
+            if Self::try_flock(&file, opts.mode, &path.path())? {
+                match self.locked(name, file, path)? {
+                    Some(lease) => return Ok(Ok(lease)),
+                    None => continue,
+                }
+            }
+            if opts.wait.is_non_blocking() {
+                return Err(AcquireError::WouldBlock {
+                    name: name.as_str().to_owned(),
+                });
+            }
+            // Never wait on something that is not a lock file (a FIFO, a device).
+            if !Self::is_regular(&Self::stat(&file, path)?) {
+                return Err(Error::NotARegularFile { path: path.path() }.into());
+            }
+            if !*notified {
+                *notified = true;
+                let holders = status::holders_of(&path.path()).unwrap_or_default();
+                opts.notify_wait(&WaitInfo {
+                    name: name.as_str(),
+                    mode: opts.mode,
+                    holders,
+                });
+            }
+            return Ok(Err(file));
         }
     }
 
-    fn busy(&self, name: &LockName, opts: &AcquireOptions, path: &Path, notified: &mut bool) {
-        if !*notified {
-            *notified = true;
-            let holders = status::holders_of(path).unwrap_or_default();
-            opts.notify_wait(&WaitInfo {
-                name: name.as_str(),
-                mode: opts.mode,
-                holders,
-            });
-        }
-    }
-
-    fn granted(&self, name: &LockName, file: File, path: PathBuf) -> Box<dyn Lease> {
-        Self::record_name(&file, name);
-        tracing::debug!(lock = name.as_str(), path = %path.display(), "file lock acquired");
-        Box::new(FileLease { file, path })
-    }
-
-    fn timed_out(name: &LockName, start: Instant) -> AcquireError {
-        AcquireError::TimedOut {
-            name: name.as_str().to_owned(),
-            waited: start.elapsed(),
+    fn wait_error(
+        name: &LockName,
+        path: &LockPath,
+        start: Instant,
+        r: io::Result<Option<File>>,
+    ) -> Result<File, AcquireError> {
+        match r {
+            Ok(Some(file)) => Ok(file),
+            Ok(None) => Err(AcquireError::TimedOut {
+                name: name.as_str().to_owned(),
+                waited: start.elapsed(),
+            }),
+            Err(source) => Err(Error::LockFile {
+                op: "lock",
+                path: path.path(),
+                source,
+            }
+            .into()),
         }
     }
 
@@ -367,37 +422,18 @@ impl Backend for FileLocker {
         Box::pin(async move {
             let start = Instant::now();
             let deadline = opts.wait.deadline(start);
-            let path = self.lock_path(name);
+            let path = self.c_path(name);
             let mut notified = false;
             loop {
-                let file = match self.attempt(&path, opts.mode)? {
-                    Ok(file) => file,
-                    Err(_) if opts.wait.is_non_blocking() => {
-                        return Err(AcquireError::WouldBlock {
-                            name: name.as_str().to_owned(),
-                        })
-                    }
-                    Err(file) => {
-                        self.busy(name, opts, &path, &mut notified);
-                        let waiter = Waiter::start(file, op(opts.mode))?;
-                        match waiter.wait(deadline).await {
-                            Ok(Some(file)) => file,
-                            Ok(None) => return Err(Self::timed_out(name, start)),
-                            Err(source) => {
-                                return Err(Error::LockFile {
-                                    op: "lock",
-                                    path,
-                                    source,
-                                }
-                                .into())
-                            }
-                        }
-                    }
+                let file = match self.try_acquire(name, &path, opts, &mut notified)? {
+                    Ok(lease) => return Ok(lease),
+                    Err(file) => file,
                 };
-                if Self::still_linked(&file, &path)? {
-                    return Ok(self.granted(name, file, path));
+                let waited = Waiter::start(file, op(opts.mode))?.wait(deadline).await;
+                let file = Self::wait_error(name, &path, start, waited)?;
+                if let Some(lease) = self.locked(name, file, &path)? {
+                    return Ok(lease);
                 }
-                tracing::debug!(path = %path.display(), "lock file was collected while we locked it; retrying");
             }
         })
     }
@@ -409,38 +445,36 @@ impl Backend for FileLocker {
     ) -> Result<Box<dyn Lease>, AcquireError> {
         let start = Instant::now();
         let deadline = opts.wait.deadline(start);
-        let path = self.lock_path(name);
+        let path = self.c_path(name);
         let mut notified = false;
         loop {
-            let file = match self.attempt(&path, opts.mode)? {
-                Ok(file) => file,
-                Err(_) if opts.wait.is_non_blocking() => {
-                    return Err(AcquireError::WouldBlock {
-                        name: name.as_str().to_owned(),
-                    })
-                }
-                Err(file) => {
-                    self.busy(name, opts, &path, &mut notified);
-                    let waiter = Waiter::start(file, op(opts.mode))?;
-                    match waiter.wait_blocking(deadline) {
-                        Ok(Some(file)) => file,
-                        Ok(None) => return Err(Self::timed_out(name, start)),
-                        Err(source) => {
-                            return Err(Error::LockFile {
-                                op: "lock",
-                                path,
-                                source,
-                            }
-                            .into())
-                        }
-                    }
-                }
+            let file = match self.try_acquire(name, &path, opts, &mut notified)? {
+                Ok(lease) => return Ok(lease),
+                Err(file) => file,
             };
-            if Self::still_linked(&file, &path)? {
-                return Ok(self.granted(name, file, path));
+            let waited = match deadline {
+                // Nothing can interrupt this wait: block right here, no thread hop.
+                None => wait::flock_blocking(file, op(opts.mode)),
+                Some(_) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
+            };
+            let file = Self::wait_error(name, &path, start, waited)?;
+            if let Some(lease) = self.locked(name, file, &path)? {
+                return Ok(lease);
             }
-            tracing::debug!(path = %path.display(), "lock file was collected while we locked it; retrying");
         }
+    }
+}
+
+/// A lock file path, as the C string the system calls take.
+struct LockPath(Result<CString, Vec<u8>>);
+
+impl LockPath {
+    fn path(&self) -> PathBuf {
+        let bytes = match &self.0 {
+            Ok(c) => c.as_bytes(),
+            Err(v) => v.as_slice(),
+        };
+        PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
     }
 }
 
@@ -448,21 +482,14 @@ impl Backend for FileLocker {
 #[derive(Debug)]
 struct FileLease {
     file: File,
-    path: PathBuf,
 }
 
 impl FileLease {
+    /// Closing the lock file releases the lock: the descriptor is ours alone (`O_CLOEXEC`, never
+    /// duplicated), so no other copy keeps the lock. A child that was deliberately given the
+    /// descriptor (as `lockgate exec` does) co-owns the lock until it closes it too.
     fn unlock(self) -> Result<(), Error> {
-        // Unlock explicitly so that an error is reported (and the lock is freed even if a child
-        // process inherited the descriptor), then close.
-        // SAFETY: flock on our open descriptor.
-        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) } != 0 {
-            return Err(Error::LockFile {
-                op: "unlock",
-                path: self.path,
-                source: io::Error::last_os_error(),
-            });
-        }
+        drop(self.file);
         Ok(())
     }
 }

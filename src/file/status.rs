@@ -247,7 +247,7 @@ pub(super) fn gc(locker: &FileLocker, older_than: Duration) -> Result<GcReport, 
         }
         // Holding it exclusively, and it is still the file at the path: unlink it. Anyone who
         // opened it before will find it unlinked after locking it, and retry.
-        match FileLocker::still_linked(&file, &path) {
+        match same_file(&file, &path) {
             Ok(true) => match std::fs::remove_file(&path) {
                 Ok(()) => report.removed += 1,
                 Err(_) => report.failed += 1,
@@ -257,6 +257,19 @@ pub(super) fn gc(locker: &FileLocker, older_than: Duration) -> Result<GcReport, 
         }
     }
     Ok(report)
+}
+
+/// True when `file` is still linked at `path`.
+fn same_file(file: &std::fs::File, path: &Path) -> io::Result<bool> {
+    let held = file.metadata()?;
+    if held.nlink() == 0 {
+        return Ok(false);
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl FileLocker {

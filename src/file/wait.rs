@@ -237,6 +237,21 @@ impl Drop for Waiter {
     }
 }
 
+/// Waits for the lock on the calling thread, for waits that nothing can interrupt (no deadline,
+/// no cancellation): the kernel wakes this very thread, with no hop through another.
+pub(crate) fn flock_blocking(file: File, operation: libc::c_int) -> Outcome {
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(Some(file));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// The waiter thread's body: true when locked, false when cancelled.
 fn run(
     file: &File,

@@ -26,6 +26,10 @@ import (
 	"syscall"
 	"time"
 
+	"bufio"
+
+	"golang.org/x/sys/unix"
+
 	"github.com/werf/lockgate"
 	"github.com/werf/lockgate/pkg/distributed_locker"
 	"github.com/werf/lockgate/pkg/distributed_locker/optimistic_locking_store"
@@ -60,6 +64,8 @@ func main() {
 		serveCmd(os.Args[2:])
 	case "bench":
 		benchCmd(os.Args[2:])
+	case "bench-wait":
+		benchWaitCmd(os.Args[2:])
 	default:
 		fail(exitUsage, "unknown command %q", os.Args[1])
 	}
@@ -269,4 +275,33 @@ func benchCmd(args []string) {
 		"p99_ns":     pct(0.99),
 	})
 	fmt.Println(string(out))
+}
+
+// benchWaitCmd serves a handoff benchmark: for each line on stdin it acquires the lock
+// (blocking), prints CLOCK_MONOTONIC in nanoseconds at the moment it got it, and releases.
+func benchWaitCmd(args []string) {
+	fs := flag.NewFlagSet("bench-wait", flag.ContinueOnError)
+	var f lockFlags
+	f.register(fs)
+	name := fs.String("name", "bench", "lock name")
+	if err := fs.Parse(args); err != nil {
+		os.Exit(exitUsage)
+	}
+	locker, err := newLocker(f.locker)
+	if err != nil {
+		fail(exitUsage, "%s", err)
+	}
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		acquired, handle, err := locker.Acquire(*name, f.options())
+		var ts unix.Timespec
+		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		if err != nil || !acquired {
+			fail(exitUnavailable, "acquire: acquired=%v err=%v", acquired, err)
+		}
+		fmt.Printf("granted %d\n", ts.Nano())
+		if err := locker.Release(handle); err != nil {
+			fail(exitUnavailable, "release: %s", err)
+		}
+	}
 }
