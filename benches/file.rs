@@ -390,6 +390,8 @@ fn handoff_run_polling(dir: &Path, mut waiter: Child, rounds: usize) -> Vec<Dura
 
 // ---------------------------------------------------------------------------------------------
 
+// The child is reaped by wait4(2) (for its resource usage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
 fn cpu_of_waiting(mut cmd: Command, dir: &Path, wait: Duration) -> Duration {
     let locker = Locker::new(FileLocker::new(dir).unwrap());
     let g = locker
