@@ -67,3 +67,8 @@ pub use file::FileLocker;
 pub use locker::{with_acquire, with_acquire_blocking, LockGuard, LockHandle, Locker};
 pub use name::{LockName, NameError, MAX_NAME_LEN};
 pub use options::{AcquireOptions, Holder, Mode, Wait, WaitInfo};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
