@@ -98,6 +98,87 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(&'static str),
 
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// The Kubernetes resource named for the locker is unknown or used with the wrong scope.
+    #[cfg(feature = "kubernetes")]
+    #[error("cannot use resource {resource:?}: {reason}")]
+    UnknownResource {
+        /// The resource as given.
+        resource: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// The object that holds the locks does not exist.
+    #[cfg(feature = "kubernetes")]
+    #[error(
+        "{resource} not found (create it first, or let the locker create a missing ConfigMap)"
+    )]
+    ResourceMissing {
+        /// The object, e.g. `configmaps default/locks`.
+        resource: String,
+    },
+
+    /// RBAC denied a request.
+    #[cfg(feature = "kubernetes")]
+    #[error("forbidden to {verb} {resource}: {message}")]
+    Forbidden {
+        /// The verb that was denied.
+        verb: &'static str,
+        /// The object.
+        resource: String,
+        /// The API server's explanation.
+        message: String,
+    },
+
+    /// The object's annotations would exceed Kubernetes' 256 KiB limit.
+    #[cfg(feature = "kubernetes")]
+    #[error("the annotations of {resource} are full (Kubernetes allows 256 KiB in all); release locks or use another object")]
+    AnnotationsFull {
+        /// The object.
+        resource: String,
+    },
+
+    /// A lock annotation holds something that is not a lock record. It is never overwritten.
+    #[cfg(feature = "kubernetes")]
+    #[error("annotation {key} of {resource} does not hold a lock record; refusing to touch it")]
+    CorruptRecord {
+        /// The object.
+        resource: String,
+        /// The annotation key.
+        key: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The API server could not be reached or did not answer in time.
+    #[cfg(feature = "kubernetes")]
+    #[error("cannot reach the Kubernetes API server for {resource}")]
+    Unreachable {
+        /// The object.
+        resource: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The API server refused a request.
+    #[cfg(feature = "kubernetes")]
+    #[error("cannot {verb} {resource}")]
+    Kubernetes {
+        /// The verb.
+        verb: &'static str,
+        /// The object.
+        resource: String,
+        /// The API server's answer.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// An operating system facility the locker relies on is not available.
     #[error("cannot {op}")]
     System {
@@ -162,3 +243,16 @@ impl From<NameError> for AcquireError {
 
 /// `Result` with this crate's [`Error`] by default.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `error: cause: cause`, for logs.
+#[allow(dead_code)]
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

@@ -4,6 +4,8 @@
 //!
 //! - [`FileLocker`] (feature `file`, on by default): processes on one host, a directory of lock
 //!   files locked with flock(2).
+//! - `KubernetesLocker` (feature `kubernetes`): processes anywhere, locks in the annotations of
+//!   any Kubernetes object, with leases renewed in the background.
 //!
 //! Locks are shared or exclusive ([`Mode`]); an acquisition is non-blocking, blocking, or
 //! blocking with a timeout or deadline ([`Wait`]); it returns a [`LockGuard`] that releases the
@@ -56,6 +58,8 @@ pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 mod locker;
 mod name;
 mod options;
@@ -64,9 +68,22 @@ pub use backend::{LostReason, LostSignal};
 pub use error::{AcquireError, Error, Result};
 #[cfg(feature = "file")]
 pub use file::FileLocker;
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::KubernetesLocker;
 pub use locker::{with_acquire, with_acquire_blocking, LockGuard, LockHandle, Locker};
 pub use name::{LockName, NameError, MAX_NAME_LEN};
 pub use options::{AcquireOptions, Holder, Mode, Wait, WaitInfo};
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

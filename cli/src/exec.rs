@@ -21,11 +21,7 @@ use crate::target::Target;
 use crate::{code, error_chain, ExecArgs, Failure};
 
 pub(crate) fn run(target: Target, args: ExecArgs) -> Result<u8, Failure> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot start the runtime: {e}")))?;
-    rt.block_on(run_async(target, args))
+    crate::runtime()?.block_on(run_async(target, args))
 }
 
 fn wait_policy(args: &ExecArgs) -> Wait {
@@ -37,7 +33,7 @@ fn wait_policy(args: &ExecArgs) -> Wait {
 }
 
 async fn run_async(target: Target, args: ExecArgs) -> Result<u8, Failure> {
-    let locker = target.locker()?;
+    let locker = target.locker().await?;
     let mode = if args.shared {
         Mode::Shared
     } else {

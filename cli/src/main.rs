@@ -43,7 +43,9 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct TargetArgs {
-    /// Where locks live, as a URL: `file:DIR` (flock on lock files in DIR). [env: LOCKGATE_LOCKER]
+    /// Where locks live, as a URL: `file:DIR` (flock on lock files in DIR), or
+    /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME` (annotations of a Kubernetes object; an
+    /// empty NAMESPACE means cluster-scoped). [env: LOCKGATE_LOCKER]
     #[arg(long, global = true, value_name = "URL", conflicts_with = "dir")]
     locker: Option<String>,
     /// Shorthand for `--locker file:DIR`. [env: LOCKGATE_DIR; default: $XDG_RUNTIME_DIR/lockgate,
@@ -150,7 +152,9 @@ impl Failure {
 impl From<lockgate::Error> for Failure {
     fn from(e: lockgate::Error) -> Self {
         let code = match e {
-            lockgate::Error::InvalidName(_) => code::USAGE,
+            lockgate::Error::InvalidName(_)
+            | lockgate::Error::InvalidConfig(_)
+            | lockgate::Error::UnknownResource { .. } => code::USAGE,
             _ => code::UNAVAILABLE,
         };
         Self::new(code, error_chain(&e))
@@ -205,7 +209,54 @@ fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot start the runtime: {e}")))
+}
+
+fn kubernetes_status(target: &Target, json: bool) -> Result<u8, Failure> {
+    let records = runtime()?
+        .block_on(async { Ok::<_, Failure>(target.kubernetes_locker().await?.status().await?) })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &records).map_err(|e| Failure::output(e.into()))?;
+        writeln!(out).map_err(Failure::output)?;
+        return Ok(0);
+    }
+    writeln!(
+        out,
+        "{:<10} {:>7} {:>10}  {:<36}  NAME",
+        "MODE", "HOLDERS", "EXPIRES IN", "UUID"
+    )
+    .map_err(Failure::output)?;
+    for r in &records {
+        let line = match (&r.error, &r.mode) {
+            (Some(e), _) => format!(
+                "{:<10} {:>7} {:>10}  {:<36}  corrupt record in {}: {e}",
+                "?", "-", "-", "-", r.key
+            ),
+            (None, mode) => format!(
+                "{:<10} {:>7} {:>10}  {:<36}  {:?}",
+                mode.map(|m| m.to_string()).unwrap_or_default(),
+                r.holders,
+                r.expires_in_secs
+                    .map(|s| format!("{s}s"))
+                    .unwrap_or_default(),
+                r.uuid.as_deref().unwrap_or("-"),
+                r.name.as_deref().unwrap_or("")
+            ),
+        };
+        writeln!(out, "{line}").map_err(Failure::output)?;
+    }
+    Ok(0)
+}
+
 fn status(target: Target, json: bool) -> Result<u8, Failure> {
+    if matches!(target, Target::Kubernetes { .. }) {
+        return kubernetes_status(&target, json);
+    }
     let file = target.file_locker()?;
     let locks = file.status()?;
     let mut out = std::io::stdout().lock();

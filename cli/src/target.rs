@@ -4,7 +4,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 
 use lockgate::file::Naming;
-use lockgate::{FileLocker, Locker};
+use lockgate::kubernetes::{self, LeaseConfig};
+use lockgate::{FileLocker, KubernetesLocker, Locker};
 
 use crate::{code, Failure};
 
@@ -13,6 +14,13 @@ use crate::{code, Failure};
 pub(crate) enum Target {
     /// A directory of lock files.
     File { dir: PathBuf, naming: Naming },
+    /// Annotations of a Kubernetes object.
+    Kubernetes {
+        context: Option<String>,
+        namespace: Option<String>,
+        resource: String,
+        name: String,
+    },
 }
 
 impl Target {
@@ -76,13 +84,14 @@ impl Target {
                     naming,
                 })
             }
-            "kubernetes" | "http" | "https" => Err(Failure::new(
+            "kubernetes" => parse_kubernetes(url, rest),
+            "http" | "https" => Err(Failure::new(
                 code::USAGE,
-                format!("the {scheme} locker is not built into this lockgate; supported: file:DIR"),
+                format!("the {scheme} locker is not built into this lockgate yet; supported: file:DIR, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"),
             )),
             _ => Err(Failure::new(
                 code::USAGE,
-                format!("unknown locker scheme {scheme:?} in {url:?}; supported: file:DIR"),
+                format!("unknown locker scheme {scheme:?} in {url:?}; supported: file:DIR, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"),
             )),
         }
     }
@@ -91,13 +100,79 @@ impl Target {
     pub(crate) fn file_locker(&self) -> Result<FileLocker, Failure> {
         match self {
             Target::File { dir, naming } => Ok(FileLocker::with_naming(dir, *naming)?),
+            Target::Kubernetes { .. } => Err(Failure::new(
+                code::USAGE,
+                "this command needs a file locker (--dir or --locker file:DIR)",
+            )),
         }
     }
 
-    /// The locker this target names.
-    pub(crate) fn locker(&self) -> Result<Locker, Failure> {
-        Ok(Locker::new(self.file_locker()?))
+    /// The Kubernetes locker this target names. Must run inside the Tokio runtime.
+    pub(crate) async fn kubernetes_locker(&self) -> Result<KubernetesLocker, Failure> {
+        let Target::Kubernetes {
+            context,
+            namespace,
+            resource,
+            name,
+        } = self
+        else {
+            return Err(Failure::new(
+                code::USAGE,
+                "this command needs a kubernetes:// locker",
+            ));
+        };
+        let config = LeaseConfig::default();
+        let client = kubernetes::client(context.as_deref(), config.request_timeout).await?;
+        let target = match (resource.as_str(), namespace) {
+            ("configmaps", Some(ns)) => kubernetes::Target::configmap(ns.clone(), name.clone()),
+            _ => {
+                kubernetes::Target::discover(&client, resource, namespace.clone(), name.clone())
+                    .await?
+            }
+        };
+        Ok(KubernetesLocker::new(client, target, config)?)
     }
+
+    /// The locker this target names. Must run inside the Tokio runtime.
+    pub(crate) async fn locker(&self) -> Result<Locker, Failure> {
+        match self {
+            Target::File { .. } => Ok(Locker::new(self.file_locker()?)),
+            Target::Kubernetes { .. } => Ok(Locker::new(self.kubernetes_locker().await?)),
+        }
+    }
+}
+
+/// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME`; an empty NAMESPACE is cluster-scoped.
+fn parse_kubernetes(url: &str, rest: &str) -> Result<Target, Failure> {
+    let bad = |why: &str| {
+        Failure::new(
+            code::USAGE,
+            format!(
+                "locker {url:?} {why}; expected kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"
+            ),
+        )
+    };
+    let rest = rest
+        .strip_prefix("//")
+        .ok_or_else(|| bad("does not start with kubernetes://"))?;
+    let (context, path) = match rest.split_once('@') {
+        Some((c, p)) if !c.is_empty() => (Some(c.to_owned()), p),
+        Some(_) => return Err(bad("has an empty context")),
+        None => (None, rest),
+    };
+    let parts: Vec<&str> = path.split('/').collect();
+    let [namespace, resource, name] = parts.as_slice() else {
+        return Err(bad("does not have three parts"));
+    };
+    if resource.is_empty() || name.is_empty() {
+        return Err(bad("names no resource or no object"));
+    }
+    Ok(Target::Kubernetes {
+        context,
+        namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+        resource: resource.to_string(),
+        name: name.to_string(),
+    })
 }
 
 /// `$XDG_RUNTIME_DIR/lockgate`, else `/tmp/lockgate-UID`: private to the user, created 0700. An
@@ -153,6 +228,33 @@ mod tests {
                     naming: Naming::Sha256
                 }
             );
+        }
+    }
+
+    #[test]
+    fn parses_kubernetes_urls() {
+        let k = |c: Option<&str>, ns: Option<&str>, r: &str, n: &str| Target::Kubernetes {
+            context: c.map(Into::into),
+            namespace: ns.map(Into::into),
+            resource: r.into(),
+            name: n.into(),
+        };
+        let cases = [
+            (
+                "kubernetes://default/configmaps/locks",
+                k(None, Some("default"), "configmaps", "locks"),
+            ),
+            (
+                "kubernetes://prod@ci/leases.coordination.k8s.io/l",
+                k(Some("prod"), Some("ci"), "leases.coordination.k8s.io", "l"),
+            ),
+            (
+                "kubernetes:///widgets.v1alpha1.example.com/w",
+                k(None, None, "widgets.v1alpha1.example.com", "w"),
+            ),
+        ];
+        for (url, want) in cases {
+            assert_eq!(Target::parse(url, Naming::Sha256).unwrap(), want, "{url}");
         }
     }
 

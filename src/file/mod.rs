@@ -53,7 +53,7 @@ impl Naming {
     /// ```
     pub fn file_name(self, name: &str) -> String {
         match self {
-            Naming::Sha256 => hex(&Sha256::digest(name.as_bytes())),
+            Naming::Sha256 => crate::hex(&Sha256::digest(name.as_bytes())),
             Naming::LegacyMurmur3 => {
                 let h = murmur3::murmur3_32(&mut io::Cursor::new(name.as_bytes()), 0)
                     .expect("reading from memory cannot fail");
@@ -72,16 +72,6 @@ impl Naming {
             Naming::LegacyMurmur3 => (1..=8).contains(&file_name.len()) && hexdigits,
         }
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
-    s
 }
 
 /// A locker over a directory of lock files, for processes on one host.
