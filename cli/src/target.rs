@@ -264,7 +264,12 @@ mod tests {
             "file:",
             "nonsense",
             "ftp://x",
-            "kubernetes://ns/configmaps/cm",
+            "kubernetes://ns/configmaps",
+            "kubernetes://ns//cm",
+            "kubernetes://@ns/configmaps/cm",
+            "kubernetes:ns/configmaps/cm",
+            "kubernetes://a/b/c/d",
+            "http://127.0.0.1:1",
         ] {
             assert_eq!(
                 Target::parse(url, Naming::Sha256).unwrap_err().code,
