@@ -35,11 +35,10 @@ pub async fn client(limited: bool) -> kube::Client {
     let path = required_env(key);
     let kubeconfig =
         kube::config::Kubeconfig::read_from(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .unwrap_or_else(|e| panic!("{path}: {e}"));
-    config.read_timeout = Some(Duration::from_secs(30));
-    kube::Client::try_from(config).expect("kube client")
+    lockgate::kubernetes::client_from_config(config, Duration::from_secs(10)).expect("kube client")
 }
 
 /// A name no other test run has used (there is no garbage collector in the environment).

@@ -1,0 +1,677 @@
+//! The Kubernetes locker against the real API server: semantics, exclusion across processes,
+//! crashes, lost leases, RBAC, bad records, and interop with Go lockgate.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use lockgate::kubernetes::{annotation_key, KubernetesLocker, LeaseConfig, Target};
+use lockgate::{AcquireError, AcquireOptions, Error, Locker, Mode};
+use lockgate_testenv::{client, expect_line, go_peer, required_env, rust_cli, unique};
+use serde_json::json;
+
+async fn configmap(ns: &str) -> String {
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, ns);
+    let name = unique("locks");
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            // Annotations that are not ours must survive every lock operation.
+            annotations: Some([("example.com/keep".to_owned(), "me".to_owned())].into()),
+            ..Default::default()
+        },
+        data: Some([("payload".to_owned(), "untouched".to_owned())].into()),
+        ..Default::default()
+    };
+    api.create(&PostParams::default(), &cm).await.unwrap();
+    name
+}
+
+async fn locker_with(ns: &str, cm: &str, limited: bool, config: LeaseConfig) -> Locker {
+    let k =
+        KubernetesLocker::new(client(limited).await, Target::configmap(ns, cm), config).unwrap();
+    Locker::new(k)
+}
+
+async fn locker(cm: &str) -> Locker {
+    locker_with("default", cm, false, LeaseConfig::default()).await
+}
+
+fn ex() -> AcquireOptions {
+    AcquireOptions::exclusive()
+}
+
+fn nb(mode: Mode) -> AcquireOptions {
+    AcquireOptions::default().mode(mode).non_blocking()
+}
+
+async fn annotations(cm: &str) -> std::collections::BTreeMap<String, String> {
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    api.get(cm)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Semantics
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusive_and_shared_semantics() {
+    let cm = configmap("default").await;
+    // Two lockers stand for two processes.
+    let (a, b) = (locker(&cm).await, locker(&cm).await);
+
+    let g = a.acquire("sem", ex()).await.unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_str(&annotations(&cm).await[&annotation_key("sem")]).unwrap();
+    assert_eq!(
+        (
+            rec["lockName"].as_str(),
+            rec["IsShared"].as_bool(),
+            rec["SharedHoldersCount"].as_i64()
+        ),
+        (Some("sem"), Some(false), Some(1))
+    );
+    for mode in [Mode::Exclusive, Mode::Shared] {
+        let e = b.acquire("sem", nb(mode)).await.unwrap_err();
+        assert!(matches!(e, AcquireError::WouldBlock { .. }), "{e:?}");
+    }
+    let start = Instant::now();
+    let e = b
+        .acquire("sem", ex().timeout(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AcquireError::TimedOut { .. }), "{e:?}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(500) && start.elapsed() < Duration::from_secs(3)
+    );
+    g.release().await.unwrap();
+    assert!(
+        !annotations(&cm).await.contains_key(&annotation_key("sem")),
+        "released: record removed"
+    );
+
+    // Shared holders overlap (Go's shared record: one UUID, a count); exclusive waits for all.
+    let s1 = a.acquire("sem", AcquireOptions::shared()).await.unwrap();
+    let s2 = b.acquire("sem", nb(Mode::Shared)).await.unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_str(&annotations(&cm).await[&annotation_key("sem")]).unwrap();
+    assert_eq!(
+        (
+            rec["IsShared"].as_bool(),
+            rec["SharedHoldersCount"].as_i64()
+        ),
+        (Some(true), Some(2))
+    );
+    assert!(matches!(
+        b.acquire("sem", nb(Mode::Exclusive)).await,
+        Err(AcquireError::WouldBlock { .. })
+    ));
+    s1.release().await.unwrap();
+    assert!(matches!(
+        b.acquire("sem", nb(Mode::Exclusive)).await,
+        Err(AcquireError::WouldBlock { .. })
+    ));
+    s2.release().await.unwrap();
+    b.acquire("sem", nb(Mode::Exclusive))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    // Other annotations and fields were never touched.
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let obj = api.get(&cm).await.unwrap();
+    assert_eq!(obj.metadata.annotations.unwrap()["example.com/keep"], "me");
+    assert_eq!(obj.data.unwrap()["payload"], "untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_waiter_gets_the_lock_when_it_is_released() {
+    let cm = configmap("default").await;
+    let (a, b) = (locker(&cm).await, locker(&cm).await);
+    let g = a.acquire("handoff", ex()).await.unwrap();
+    let waiter = tokio::spawn(async move {
+        let g = b
+            .acquire("handoff", ex().timeout(Duration::from_secs(20)))
+            .await
+            .unwrap();
+        let at = Instant::now();
+        g.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await; // let it start waiting (not needed for correctness)
+    let released = Instant::now();
+    g.release().await.unwrap();
+    let granted = waiter.await.unwrap();
+    let latency = granted - released;
+    eprintln!("kubernetes handoff: {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "handoff took {latency:?}: waiting must follow the watch, not poll"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_pending_acquire_leaves_nothing_behind() {
+    let cm = configmap("default").await;
+    let (a, b) = (locker(&cm).await, locker(&cm).await);
+    let g = a.acquire("cancel", ex()).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_millis(300), b.acquire("cancel", ex())).await;
+    assert!(r.is_err(), "still waiting");
+    g.release().await.unwrap();
+    // The cancelled waiter did not take the lock afterwards.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!annotations(&cm)
+        .await
+        .contains_key(&annotation_key("cancel")));
+    a.acquire("cancel", nb(Mode::Exclusive))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_increase_with_every_grant() {
+    let cm = configmap("default").await;
+    let l = locker(&cm).await;
+    let mut last = 0;
+    for _ in 0..5 {
+        let g = l.acquire("fence", ex()).await.unwrap();
+        let t = g.fencing_token().expect("a token");
+        assert!(t > last, "{t} after {last}");
+        last = t;
+        g.release().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_on_one_object_do_not_conflict() {
+    let cm = configmap("default").await;
+    let l = locker(&cm).await;
+    // Many locks of one object taken at once: each write is conditional on its own record only.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let l = l.clone();
+            tokio::spawn(async move {
+                l.acquire(&format!("many-{i}"), nb(Mode::Exclusive))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut guards = Vec::new();
+    for t in tasks {
+        guards.push(t.await.unwrap());
+    }
+    assert_eq!(
+        annotations(&cm)
+            .await
+            .keys()
+            .filter(|k| k.starts_with("lockgate.io/"))
+            .count(),
+        16
+    );
+    for g in guards {
+        g.release().await.unwrap();
+    }
+    assert_eq!(
+        annotations(&cm)
+            .await
+            .keys()
+            .filter(|k| k.starts_with("lockgate.io/"))
+            .count(),
+        0
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_by_someone_else_fires_the_lost_signal() {
+    let cm = configmap("default").await;
+    let config = LeaseConfig {
+        ttl: Duration::from_secs(6),
+        renew_period: Duration::from_secs(1),
+        renew_deadline: Duration::from_secs(4),
+        request_timeout: Duration::from_secs(2),
+    };
+    let l = locker_with("default", &cm, false, config).await;
+    let g = l.acquire("stolen", ex()).await.unwrap();
+    assert!(!g.is_lost());
+    // Somebody overwrites the record with their own.
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let record = json!({"uuid": "thief", "lockName": "stolen", "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
+    let patch =
+        json!({"metadata": {"annotations": {annotation_key("stolen"): record.to_string()}}});
+    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost within a renewal");
+    assert_eq!(reason, lockgate::LostReason::Taken);
+    assert!(g.is_lost());
+    let e = g.release().await.unwrap_err();
+    assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
+    // The thief's record is untouched by our failed release.
+    assert!(annotations(&cm).await[&annotation_key("stolen")].contains("thief"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_renewed_while_held() {
+    let cm = configmap("default").await;
+    let config = LeaseConfig {
+        ttl: Duration::from_secs(4),
+        renew_period: Duration::from_secs(1),
+        renew_deadline: Duration::from_secs(3),
+        request_timeout: Duration::from_secs(2),
+    };
+    let (a, b) = (
+        locker_with("default", &cm, false, config).await,
+        locker_with("default", &cm, false, config).await,
+    );
+    let g = a.acquire("renewed", ex()).await.unwrap();
+    // Held for well over a TTL: renewals keep the record changing, so nobody takes it over.
+    let e = b
+        .acquire("renewed", ex().timeout(Duration::from_secs(9)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AcquireError::TimedOut { .. }), "{e:?}");
+    assert!(!g.is_lost());
+    g.release().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_situations_are_typed_errors() {
+    // A missing object.
+    let l = locker(&unique("missing")).await;
+    let e = l.acquire("x", ex()).await.unwrap_err();
+    assert!(
+        matches!(&e, AcquireError::Failed(Error::ResourceMissing { resource }) if resource.starts_with("configmaps default/missing-")),
+        "{e:?}"
+    );
+
+    // A missing ConfigMap created on demand.
+    let name = unique("created");
+    let k = KubernetesLocker::new(
+        client(false).await,
+        Target::configmap("default", &name),
+        LeaseConfig::default(),
+    )
+    .unwrap()
+    .create_missing(true);
+    Locker::new(k)
+        .acquire("x", ex())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    annotations(&name).await;
+
+    // A corrupt record is reported and left alone.
+    let cm = configmap("default").await;
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let patch = json!({"metadata": {"annotations": {annotation_key("corrupt"): "not a record"}}});
+    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let l = locker(&cm).await;
+    let e = l.acquire("corrupt", ex()).await.unwrap_err();
+    let AcquireError::Failed(Error::CorruptRecord { key, .. }) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(key, &annotation_key("corrupt"));
+    assert_eq!(
+        annotations(&cm).await[&annotation_key("corrupt")],
+        "not a record"
+    );
+
+    // Full annotations.
+    let big: String = "x".repeat(250 * 1024);
+    let patch = json!({"metadata": {"annotations": {"example.com/big": big}}});
+    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let mut full = None;
+    for i in 0..200 {
+        match l
+            .acquire(&format!("fill-{i}-{}", "n".repeat(900)), ex())
+            .await
+        {
+            Ok(g) => std::mem::forget(g),
+            Err(e) => {
+                full = Some(e);
+                break;
+            }
+        }
+    }
+    let e = full.expect("the annotations fill up");
+    assert!(
+        matches!(e, AcquireError::Failed(Error::AnnotationsFull { .. })),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("256 KiB"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limited_user_locks_its_object_and_is_refused_elsewhere() {
+    let l = locker_with(
+        "lockgate-limited",
+        "lockgate-limited",
+        true,
+        LeaseConfig::default(),
+    )
+    .await;
+    let name = unique("limited");
+    let g = l.acquire(&name, ex()).await.unwrap();
+    let other = locker_with(
+        "lockgate-limited",
+        "lockgate-limited",
+        true,
+        LeaseConfig::default(),
+    )
+    .await;
+    assert!(matches!(
+        other.acquire(&name, nb(Mode::Shared)).await,
+        Err(AcquireError::WouldBlock { .. })
+    ));
+    // Waiting works through the limited user's watch permission.
+    let waiter = tokio::spawn({
+        let name = name.clone();
+        async move {
+            other
+                .acquire(&name, ex().timeout(Duration::from_secs(15)))
+                .await
+                .map(|g| g.fencing_token())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    g.release().await.unwrap();
+    assert!(waiter.await.unwrap().unwrap().is_some());
+
+    let admin: Api<ConfigMap> = Api::namespaced(client(false).await, "lockgate-limited");
+    let cm = unique("not-allowed");
+    admin
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(cm.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let l = locker_with("lockgate-limited", &cm, true, LeaseConfig::default()).await;
+    let e = l.acquire("x", ex()).await.unwrap_err();
+    let AcquireError::Failed(Error::Forbidden { verb, resource, .. }) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(*verb, "patch");
+    assert!(resource.contains(&cm), "{resource}");
+    assert!(
+        e.to_string()
+            .starts_with("forbidden to patch configmaps lockgate-limited/"),
+        "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// `lockgate exec --locker kubernetes://...` holding `name` around `sh -c 'echo locked; read'`.
+fn rust_hold(locker: &str, args: &[&str], name: &str) -> Child {
+    let mut c = Command::new(rust_cli())
+        .args(["--locker", locker, "exec"])
+        .args(args)
+        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    expect_line(&mut c, "locked");
+    c
+}
+
+fn go_hold(locker: &str, args: &[&str], name: &str) -> Child {
+    let mut c = Command::new(go_peer())
+        .args(["exec", "-q", "--locker", locker])
+        .args(args)
+        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    expect_line(&mut c, "locked");
+    c
+}
+
+fn exit_code(mut cmd: Command) -> i32 {
+    cmd.env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::null())
+        .status()
+        .unwrap()
+        .code()
+        .unwrap()
+}
+
+fn rust_try(locker: &str, args: &[&str], name: &str) -> i32 {
+    let mut c = Command::new(rust_cli());
+    c.args(["--locker", locker, "exec", "-q", "-n"])
+        .args(args)
+        .args([name, "--", "true"]);
+    exit_code(c)
+}
+
+fn go_try(locker: &str, args: &[&str], name: &str) -> i32 {
+    let mut c = Command::new(go_peer());
+    c.args(["exec", "-q", "--locker", locker, "-n"])
+        .args(args)
+        .args([name, "--", "true"]);
+    exit_code(c)
+}
+
+fn release(mut c: Child) {
+    drop(c.stdin.take());
+    assert!(c.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_never_lose_updates() {
+    let cm = configmap("default").await;
+    let locker = format!("kubernetes://default/configmaps/{cm}");
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("counter");
+    std::fs::write(&counter, "0").unwrap();
+    let procs = 8;
+    let cycles: usize = std::env::var("LOCKGATE_K8S_STRESS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    // Each process runs `lockgate exec` in a loop: read-modify-write of the counter under the lock.
+    let script = format!(
+        "for i in $(seq {cycles}); do {cli} --locker {locker} exec -q -w 120 counter -- sh -c 'n=$(cat {c}); echo $((n+1)) > {c}' || exit 1; done",
+        cli = rust_cli().display(),
+        c = counter.display()
+    );
+    let start = Instant::now();
+    let children: Vec<Child> = (0..procs)
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", &script])
+                .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(tokio::task::spawn_blocking(move || c.wait().unwrap())
+            .await
+            .unwrap()
+            .success());
+    }
+    let n: usize = std::fs::read_to_string(&counter)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!(
+        "{procs} processes x {cycles} cycles in {:?}",
+        start.elapsed()
+    );
+    assert_eq!(n, procs * cycles, "lost updates");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holders_lock_is_taken_over_within_ttl() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let mut holder = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || rust_hold(&url, &[], "crash")
+    })
+    .await
+    .unwrap();
+    let l = locker(&cm).await;
+    assert!(matches!(
+        l.acquire("crash", nb(Mode::Exclusive)).await,
+        Err(AcquireError::WouldBlock { .. })
+    ));
+    let waiting = Instant::now();
+    holder.kill().unwrap(); // SIGKILL
+    holder.wait().unwrap();
+    let g = l
+        .acquire("crash", ex().timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let took = waiting.elapsed();
+    eprintln!("takeover after SIGKILL: {took:?}");
+    assert!(
+        took <= Duration::from_secs(11),
+        "took {took:?}, TTL is 10 s"
+    );
+    g.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_go_exclude_each_other() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || {
+        // Go holds: Rust is refused, then gets it once Go releases.
+        let go = go_hold(&u, &[], "interop");
+        assert_eq!(rust_try(&u, &[], "interop"), 1);
+        assert_eq!(rust_try(&u, &["-s"], "interop"), 1);
+        release(go);
+        assert_eq!(rust_try(&u, &[], "interop"), 0);
+        // Rust holds: Go is refused.
+        let rust = rust_hold(&u, &[], "interop");
+        assert_eq!(go_try(&u, &[], "interop"), 1);
+        assert_eq!(go_try(&u, &["-s"], "interop"), 1);
+        release(rust);
+        assert_eq!(go_try(&u, &[], "interop"), 0);
+        // Shared holders of both mix in Go's shared record.
+        let go = go_hold(&u, &["-s"], "interop");
+        let rust = rust_hold(&u, &["-s"], "interop");
+        assert_eq!(go_try(&u, &[], "interop"), 1);
+        assert_eq!(rust_try(&u, &[], "interop"), 1);
+        release(go);
+        assert_eq!(
+            rust_try(&u, &[], "interop"),
+            1,
+            "the Rust reader still holds"
+        );
+        release(rust);
+        assert_eq!(go_try(&u, &[], "interop"), 0);
+    })
+    .await
+    .unwrap();
+    assert!(!annotations(&cm)
+        .await
+        .contains_key(&annotation_key("interop")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_waiter_gets_a_go_holders_lock_on_release() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let u = url.clone();
+    let go = tokio::task::spawn_blocking(move || go_hold(&u, &[], "go-first"))
+        .await
+        .unwrap();
+    let l = locker(&cm).await;
+    let waiter = tokio::spawn(async move {
+        let g = l
+            .acquire("go-first", ex().timeout(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let at = Instant::now();
+        g.release().await.unwrap();
+        at
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let released = Instant::now();
+    tokio::task::spawn_blocking(move || release(go))
+        .await
+        .unwrap();
+    let latency = waiter.await.unwrap().saturating_duration_since(released);
+    eprintln!("handoff Go -> Rust: {latency:?}");
+    assert!(latency < Duration::from_secs(3), "{latency:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_side_takes_over_the_others_expired_lease() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    // A killed Go holder: Rust takes over once the record stood still for a TTL.
+    let u = url.clone();
+    let mut go = tokio::task::spawn_blocking(move || go_hold(&u, &[], "expire"))
+        .await
+        .unwrap();
+    go.kill().unwrap(); // SIGKILL
+    go.wait().unwrap();
+    let l = locker(&cm).await;
+    let start = Instant::now();
+    let g = l
+        .acquire("expire", ex().timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() <= Duration::from_secs(11),
+        "{:?}",
+        start.elapsed()
+    );
+    // Now Rust "crashes": drop the locker without releasing, stopping renewals.
+    std::mem::forget(g);
+    drop(l);
+    // Go takes over after ExpireAtTimestamp (it polls every 2 s).
+    let u = url.clone();
+    let code = tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(go_peer());
+        c.args([
+            "exec", "-q", "--locker", &u, "-w", "30", "expire", "--", "true",
+        ]);
+        exit_code(c)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "Go took over the expired Rust lease");
+}
