@@ -646,7 +646,7 @@ impl Inner {
         self.ensure_renewer();
         tracing::debug!(lock = name.as_str(), object = %self.store.describe, token = ?after.rv, "kubernetes lock acquired");
         Box::new(KubeLease {
-            inner: Arc::downgrade(self),
+            inner: Arc::clone(self),
             runtime: self.runtime.clone(),
             name: name.as_str().to_owned(),
             key: key.to_owned(),
@@ -868,7 +868,8 @@ async fn renew_loop(owner: Weak<Inner>, wakeup: Arc<Notify>) {
 
 /// One member's hold of a Kubernetes lock.
 struct KubeLease {
-    inner: Weak<Inner>,
+    /// Keeps the locker alive until the lease is released.
+    inner: Arc<Inner>,
     runtime: tokio::runtime::Handle,
     name: String,
     key: String,
@@ -896,14 +897,7 @@ impl KubeLease {
             self.key.clone(),
             self.member,
         );
-        async move {
-            match inner.upgrade() {
-                Some(inner) => inner.release(&name, &key, member).await,
-                None => Err(Error::Unsupported(
-                    "the KubernetesLocker was dropped before the release",
-                )),
-            }
-        }
+        async move { inner.release(&name, &key, member).await }
     }
 }
 

@@ -659,9 +659,14 @@ async fn each_side_takes_over_the_others_expired_lease() {
         "{:?}",
         start.elapsed()
     );
-    // Now Rust "crashes": drop the locker without releasing, stopping renewals.
-    std::mem::forget(g);
-    drop(l);
+    g.release().await.unwrap();
+    // A killed Rust holder: Go takes over once the record's ExpireAtTimestamp has passed.
+    let u = url.clone();
+    let mut rust = tokio::task::spawn_blocking(move || rust_hold(&u, &[], "expire"))
+        .await
+        .unwrap();
+    rust.kill().unwrap(); // SIGKILL
+    rust.wait().unwrap();
     // Go takes over after ExpireAtTimestamp (it polls every 2 s).
     let u = url.clone();
     let code = tokio::task::spawn_blocking(move || {
