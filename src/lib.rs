@@ -85,7 +85,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests (they include the Kubernetes locker).
+#[cfg(all(doctest, feature = "kubernetes"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

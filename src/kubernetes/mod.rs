@@ -323,6 +323,7 @@ impl KubernetesLocker {
             describe: target.describe(),
             timeout: config.request_timeout,
             create_missing: false,
+            had_annotations: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -514,12 +515,9 @@ impl Inner {
         let start = Instant::now();
         let deadline = opts.wait.deadline(start);
         let key = annotation_key(name.as_str());
-        // Start optimistic: assume the lock is free and the annotations map exists, which makes
-        // an uncontended acquisition one request.
-        let mut current = Snapshot {
-            annotations: Some(Default::default()),
-            rv: None,
-        };
+        // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
+        // request; a wrong guess costs a failed `test` and a GET.
+        let mut current = self.store.assumed();
         let mut observed = None;
         let mut notified = false;
         let mut conflicts = 0u32;

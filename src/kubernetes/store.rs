@@ -73,6 +73,9 @@ pub(crate) struct Store {
     pub timeout: Duration,
     /// The ConfigMap to create when the object is missing, if enabled.
     pub create_missing: bool,
+    /// Whether the object had an annotations map when we last saw it: a blind first write must
+    /// know whether to add a key or the whole map (the API server drops an emptied map).
+    pub had_annotations: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn pointer(key: &str) -> String {
@@ -83,6 +86,25 @@ fn pointer(key: &str) -> String {
 }
 
 impl Store {
+    fn seen(&self, snap: Snapshot) -> Snapshot {
+        self.had_annotations.store(
+            snap.annotations.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        snap
+    }
+
+    /// What a blind first write should assume: the lock absent, the annotations map as last seen.
+    pub fn assumed(&self) -> Snapshot {
+        let exists = self
+            .had_annotations
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Snapshot {
+            annotations: exists.then(Default::default),
+            rv: None,
+        }
+    }
+
     /// The kube error as the user's error, naming the object and the verb.
     pub fn error(&self, verb: &'static str, e: kube::Error) -> Error {
         match e {
@@ -177,7 +199,7 @@ impl Store {
             let sent = self.api.patch(&self.name, &params, &patch);
             match tokio::time::timeout(self.timeout, sent).await {
                 Err(_) => return Err(self.timed_out("patch").into()),
-                Ok(Ok(obj)) => return Ok(Snapshot::from_object(&obj)),
+                Ok(Ok(obj)) => return Ok(self.seen(Snapshot::from_object(&obj))),
                 Ok(Err(kube::Error::Api(s))) => match s.code {
                     409 => return Err(WriteError::Conflict),
                     422 => {

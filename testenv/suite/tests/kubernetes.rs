@@ -680,3 +680,68 @@ async fn each_side_takes_over_the_others_expired_lease() {
     .unwrap();
     assert_eq!(code, 0, "Go took over the expired Rust lease");
 }
+
+/// `lockgate exec` whose lease is taken away: the command gets SIGTERM, `lockgate` exits 75.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_tells_the_command_when_the_lease_is_lost() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let mut holder = Command::new(rust_cli())
+        .args(["--locker", &url, "exec", "lost", "--", "sh", "-c"])
+        .arg("trap 'echo got-term; exit 0' TERM; echo locked; while :; do sleep 0.1; done")
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder = tokio::task::spawn_blocking(move || {
+        expect_line(&mut holder, "locked");
+        holder
+    })
+    .await
+    .unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let record = json!({"uuid": "thief", "lockName": "lost", "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
+    let patch = json!({"metadata": {"annotations": {annotation_key("lost"): record.to_string()}}});
+    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let out = tokio::task::spawn_blocking(move || {
+        let status = holder.wait().unwrap();
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        use std::io::Read;
+        holder
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        holder
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (status, stdout, stderr)
+    })
+    .await
+    .unwrap();
+    let (status, stdout, stderr) = out;
+    assert_eq!(status.code(), Some(75), "{stderr}");
+    assert!(
+        stdout.contains("got-term"),
+        "the command was not told: {stdout}"
+    );
+    assert!(
+        stderr.contains("lease of lock \"lost\" was lost"),
+        "{stderr}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "noticed after {:?}",
+        start.elapsed()
+    );
+}
