@@ -4,6 +4,7 @@
 //! [`annotation_key(NAME)`](annotation_key) holding Go's JSON lease record. See `PROTOCOL.md` for
 //! the record, every state transition and the lease rules.
 
+mod queue;
 mod record;
 mod store;
 
@@ -251,9 +252,14 @@ impl Target {
 ///
 /// # Fairness
 ///
-/// Not queued across processes yet: when a lock is freed, every waiter is told by its watch and
-/// the first write wins. Shared holders join an existing shared record, so a steady stream of
-/// shared holders can keep an exclusive waiter waiting.
+/// First come, first served, across processes: a waiter registers in the record's queue (Go
+/// lockgate v0.2's `QueueMembers`) and takes a freed lock only when nobody who arrived before it
+/// still waits; a shared request joins a shared record only when no exclusive request waits
+/// before it, so a stream of shared holders cannot starve an exclusive waiter. Consecutive
+/// shared waiters are granted together. Arrival order is by the waiters' wall clocks (skew
+/// between hosts can reorder waiters, never break exclusion). A waiter that gives up leaves the
+/// queue; one that crashes stops refreshing its place and is skipped a TTL later. Go lockgate
+/// v0.1.1 does not know the queue and neither honours nor keeps it.
 #[derive(Clone)]
 pub struct KubernetesLocker {
     inner: Arc<Inner>,
@@ -378,6 +384,7 @@ impl KubernetesLocker {
                         Mode::Exclusive
                     }),
                     holders: r.shared_holders,
+                    waiters: r.queue.len(),
                     uuid: Some(r.uuid),
                     expires_in_secs: Some(r.expire_at - now),
                     error: None,
@@ -387,6 +394,7 @@ impl KubernetesLocker {
                     name: None,
                     mode: None,
                     holders: 0,
+                    waiters: 0,
                     uuid: None,
                     expires_in_secs: None,
                     error: Some(e.to_string()),
@@ -408,6 +416,8 @@ pub struct RecordStatus {
     pub mode: Option<Mode>,
     /// How many holders the record counts.
     pub holders: i64,
+    /// How many waiters are queued in it.
+    pub waiters: usize,
     /// The lease UUID.
     pub uuid: Option<String>,
     /// Seconds until the writer's `ExpireAtTimestamp`, by this host's clock.
@@ -422,9 +432,20 @@ pub struct RecordStatus {
 /// What to do about the record we see.
 enum Step {
     /// Write this change; on success we hold the lock with this record.
-    Write(Change, Record),
-    /// Somebody holds it: wait.
-    Wait(Record),
+    Grant(Change, Record),
+    /// Write this change to join (or refresh our place in) the queue.
+    Enqueue(Change),
+    /// Somebody holds it, or is ahead of us: wait until this instant at the latest (for a
+    /// record or a queue member to go stale, or to refresh our place).
+    Wait(Record, Option<Instant>),
+}
+
+/// One acquisition's view of the queue.
+struct Queuer {
+    id: String,
+    observer: queue::Observer,
+    /// When our entry was last written.
+    refreshed: Option<Instant>,
 }
 
 impl Inner {
@@ -441,6 +462,7 @@ impl Inner {
     }
 
     /// Decides, from the current value of the annotation, what to do.
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &self,
         name: &LockName,
@@ -448,7 +470,10 @@ impl Inner {
         mode: Mode,
         current: Option<&str>,
         observed: &mut Option<(String, Instant)>,
+        me: &mut Queuer,
+        may_wait: bool,
     ) -> Result<Step, Error> {
+        let ttl = self.config.ttl;
         let Some(value) = current else {
             let rec = Record::new(name.as_str(), mode == Mode::Shared, self.ttl_secs());
             let change = Change {
@@ -456,40 +481,73 @@ impl Inner {
                 expected: None,
                 new: Some(rec.to_value()),
             };
-            return Ok(Step::Write(change, rec));
+            return Ok(Step::Grant(change, rec));
         };
         let rec = Record::parse(value).map_err(|e| self.corrupt(key, e))?;
-        // The expiry clock: how long this exact record has stood still, by our clock.
+        // The expiry clock: how long the lease (the record without its queue, which waiters
+        // change) has stood still, by our clock.
+        let lease = rec.lease_part();
         match observed {
-            Some((v, _)) if v == value => {}
-            _ => *observed = Some((value.to_owned(), Instant::now())),
+            Some((v, _)) if *v == lease => {}
+            _ => *observed = Some((lease, Instant::now())),
         }
-        let unchanged_for = observed
+        let since = observed
             .as_ref()
-            .map(|(_, t)| t.elapsed())
-            .unwrap_or_default();
-        if unchanged_for >= self.config.ttl {
+            .map(|(_, t)| *t)
+            .unwrap_or_else(Instant::now);
+        // Free: released with waiters queued (count 0), or left to expire.
+        let free = rec.shared_holders <= 0 || since.elapsed() >= ttl;
+        let live = me
+            .observer
+            .live(&rec.queue, &me.id, ttl, 3 * ttl, unix_now());
+        let mine = rec.queue.get(&me.id);
+        let ahead = queue::ahead(&live, mine);
+        let allowed = queue::may_proceed(mode, &ahead);
+        let change = |new: &Record| Change {
+            key: key.to_owned(),
+            expected: Some(value.to_owned()),
+            new: Some(new.to_value()),
+        };
+        if free && allowed {
             let mut new = Record::new(name.as_str(), mode == Mode::Shared, self.ttl_secs());
             new.other = rec.other.clone();
-            let change = Change {
-                key: key.to_owned(),
-                expected: Some(value.to_owned()),
-                new: Some(new.to_value()),
-            };
-            return Ok(Step::Write(change, new));
+            // Keep the live waiters' places; drop ours and the dead.
+            new.queue = live.iter().map(|m| (m.id.clone(), (*m).clone())).collect();
+            return Ok(Step::Grant(change(&new), new));
         }
-        if mode == Mode::Shared && rec.is_shared {
+        if !free && mode == Mode::Shared && rec.is_shared && allowed {
             let mut joined = rec.clone();
             joined.shared_holders += 1;
             joined.expire_at = unix_now() + self.ttl_secs();
-            let change = Change {
-                key: key.to_owned(),
-                expected: Some(value.to_owned()),
-                new: Some(joined.to_value()),
-            };
-            return Ok(Step::Write(change, joined));
+            joined.queue.remove(&me.id);
+            return Ok(Step::Grant(change(&joined), joined));
         }
-        Ok(Step::Wait(rec))
+        if may_wait
+            && (mine.is_none()
+                || me
+                    .refreshed
+                    .is_none_or(|t| t.elapsed() >= self.config.renew_period))
+        {
+            let mut queued = rec.clone();
+            let member = queue::Member {
+                id: me.id.clone(),
+                arrived: mine.map_or_else(unix_now, |m| m.arrived),
+                expire_at: unix_now() + self.ttl_secs(),
+                shared: mode == Mode::Shared,
+                other: mine.map(|m| m.other.clone()).unwrap_or_default(),
+            };
+            queued.queue.insert(me.id.clone(), member);
+            return Ok(Step::Enqueue(change(&queued)));
+        }
+        let wake = [
+            (!free).then_some(since + ttl),
+            me.refreshed.map(|t| t + self.config.renew_period),
+            me.observer.next_expiry(ttl),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Ok(Step::Wait(rec, wake))
     }
 
     /// The shared watch of the object, started on first use.
@@ -522,34 +580,35 @@ impl Inner {
         let mut notified = false;
         let mut conflicts = 0u32;
         let mut rx: Option<watch::Receiver<Option<Snapshot>>> = None;
+        let mut me = Queuer {
+            id: queue::new_id(),
+            observer: Default::default(),
+            refreshed: None,
+        };
+        // Takes our place in the queue back if we leave without the lock (timeout, error,
+        // cancellation).
+        let mut cleanup = QueueCleanup {
+            inner: Arc::clone(self),
+            key: key.clone(),
+            id: me.id.clone(),
+            armed: false,
+        };
+        let may_wait = !opts.wait.is_non_blocking();
         loop {
-            match self.step(name, &key, opts.mode, current.get(&key), &mut observed)? {
-                Step::Write(change, rec) => {
-                    let sent = Instant::now();
-                    match self
-                        .store
-                        .write(std::slice::from_ref(&change), current.annotations.is_some())
-                        .await
-                    {
-                        Ok(after) => return Ok(self.granted(name, &key, rec, change, after, sent)),
-                        Err(WriteError::Failed(e)) => return Err(e.into()),
-                        Err(WriteError::Conflict) => {
-                            conflicts += 1;
-                            if conflicts > 2 {
-                                // Repeated conflicts: back off a little, with jitter.
-                                let jitter = u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 50);
-                                let pause = Duration::from_millis((5 << conflicts.min(6)) + jitter);
-                                if deadline.is_some_and(|d| Instant::now() + pause >= d) {
-                                    return Err(timed_out(name, start));
-                                }
-                                tokio::time::sleep(pause).await;
-                            }
-                            current = self.store.get().await?;
-                        }
-                    }
-                }
-                Step::Wait(rec) => {
-                    if opts.wait.is_non_blocking() {
+            let step = self.step(
+                name,
+                &key,
+                opts.mode,
+                current.get(&key),
+                &mut observed,
+                &mut me,
+                may_wait,
+            )?;
+            let (change, granted) = match step {
+                Step::Grant(change, rec) => (change, Some(rec)),
+                Step::Enqueue(change) => (change, None),
+                Step::Wait(rec, wake) => {
+                    if !may_wait {
                         return Err(AcquireError::WouldBlock {
                             name: name.as_str().to_owned(),
                         });
@@ -573,13 +632,18 @@ impl Inner {
                         });
                     }
                     let rx = rx.get_or_insert_with(|| self.watch());
-                    // Wake up when the object changes, when the record we see may be taken over,
-                    // or at the deadline.
-                    let expiry = observed
-                        .as_ref()
-                        .map(|(_, t)| *t + self.config.ttl)
-                        .unwrap_or(start);
-                    let wake = deadline.map_or(expiry, |d| d.min(expiry));
+                    // Wake up when the object changes, when something we see may go stale, or
+                    // at the deadline.
+                    let wake = match (wake, deadline) {
+                        (Some(w), Some(d)) => Some(w.min(d)),
+                        (w, d) => w.or(d),
+                    };
+                    let sleep = async {
+                        match wake {
+                            Some(w) => tokio::time::sleep_until(w.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         changed = rx.changed() => {
                             if changed.is_err() {
@@ -596,15 +660,111 @@ impl Inner {
                                 Some(s) => current = s,
                             }
                         }
-                        _ = tokio::time::sleep_until(wake.into()) => {
+                        _ = sleep => {
                             if deadline.is_some_and(|d| Instant::now() >= d) {
                                 return Err(timed_out(name, start));
                             }
                         }
                     }
+                    continue;
+                }
+            };
+            let sent = Instant::now();
+            match self
+                .store
+                .write(std::slice::from_ref(&change), current.annotations.is_some())
+                .await
+            {
+                Ok(after) => match granted {
+                    Some(rec) => {
+                        cleanup.armed = false;
+                        return Ok(self.granted(name, &key, rec, change, after, sent));
+                    }
+                    None => {
+                        cleanup.armed = true;
+                        me.refreshed = Some(sent);
+                        conflicts = 0;
+                        current = after;
+                    }
+                },
+                Err(WriteError::Failed(e)) => return Err(e.into()),
+                Err(WriteError::Conflict) => {
+                    conflicts += 1;
+                    if conflicts > 2 {
+                        // Repeated conflicts: back off a little, with jitter.
+                        let jitter = u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 50);
+                        let pause = Duration::from_millis((5 << conflicts.min(6)) + jitter);
+                        if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+                            return Err(timed_out(name, start));
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                    current = match rx.as_mut() {
+                        // Waiting already: the watch brings the change that beat us, without
+                        // a GET from every waiter.
+                        Some(rx) => self.newer_than(rx, &current).await?,
+                        None => self.store.get().await?,
+                    };
                 }
             }
         }
+    }
+
+    /// A state of the object newer than `seen`, from the watch (a GET if it brings none soon).
+    async fn newer_than(
+        &self,
+        rx: &mut watch::Receiver<Option<Snapshot>>,
+        seen: &Snapshot,
+    ) -> Result<Snapshot, Error> {
+        let newer = |s: &Option<Snapshot>| match (s, seen.rv) {
+            (Some(s), Some(rv)) => s.rv.is_some_and(|r| r > rv),
+            _ => false,
+        };
+        let wait = async {
+            loop {
+                if let Some(s) = rx
+                    .borrow_and_update()
+                    .clone()
+                    .filter(|s| newer(&Some(s.clone())))
+                {
+                    return Some(s);
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(1), wait).await {
+            Ok(Some(s)) => Ok(s),
+            _ => self.store.get().await,
+        }
+    }
+
+    /// Removes waiter `id` from the queue of `key`, if it is there.
+    async fn dequeue(&self, key: &str, id: &str) -> Result<(), Error> {
+        for _ in 0..5 {
+            let snap = self.store.get().await?;
+            let Some(value) = snap.get(key) else {
+                return Ok(());
+            };
+            let Ok(mut rec) = Record::parse(value) else {
+                return Ok(());
+            };
+            if rec.queue.remove(id).is_none() {
+                return Ok(());
+            }
+            let change = Change {
+                key: key.to_owned(),
+                expected: Some(value.to_owned()),
+                new: Some(rec.to_value()),
+            };
+            match self.store.write(std::slice::from_ref(&change), true).await {
+                Ok(_) => return Ok(()),
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Failed(e)) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     fn granted(
@@ -797,11 +957,20 @@ impl Inner {
             if rec.uuid != uuid {
                 return Err(lost(LostReason::Taken));
             }
-            let new = (rec.shared_holders > 1).then(|| {
+            let new = if rec.shared_holders > 1 {
                 let mut left = rec.clone();
                 left.shared_holders -= 1;
-                left.to_value()
-            });
+                Some(left.to_value())
+            } else if !rec.queue.is_empty() {
+                // Waiters are queued: keep their places in a free record (count 0, expired for
+                // Go peers) rather than removing it.
+                let mut free = rec.clone();
+                free.shared_holders = 0;
+                free.expire_at = unix_now() - 1;
+                Some(free.to_value())
+            } else {
+                None
+            };
             let change = Change {
                 key: key.to_owned(),
                 expected: Some(value.clone()),
@@ -963,6 +1132,28 @@ impl Backend for KubernetesLocker {
         self.inner
             .runtime
             .block_on(async move { inner.acquire(&name, &opts).await })
+    }
+}
+
+/// Leaves the queue when an acquisition ends without the lock.
+struct QueueCleanup {
+    inner: Arc<Inner>,
+    key: String,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for QueueCleanup {
+    fn drop(&mut self) {
+        if self.armed {
+            let (inner, key, id) = (Arc::clone(&self.inner), self.key.clone(), self.id.clone());
+            self.inner.runtime.spawn(async move {
+                if let Err(e) = inner.dequeue(&key, &id).await {
+                    // Our entry stops being refreshed and counts as dead after a TTL anyway.
+                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot leave the queue");
+                }
+            });
+        }
     }
 }
 

@@ -1,6 +1,14 @@
 //! The lease record Go lockgate stores in an annotation, and the annotation key.
 
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::queue::Member;
+
+fn null_is_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Member>, D::Error> {
+    Ok(Option::<BTreeMap<String, Member>>::deserialize(d)?.unwrap_or_default())
+}
 use sha3::{Digest, Sha3_224};
 
 /// The prefix of every lock annotation key.
@@ -21,8 +29,8 @@ pub fn annotation_key(name: &str) -> String {
     )
 }
 
-/// Go lockgate's `LockLeaseRecord`, field for field. Fields this version does not use (Go's
-/// `QueueMembers`) are kept as they were read and written back unchanged.
+/// Go lockgate's `LockLeaseRecord`, field for field, with v0.2's `QueueMembers`. Fields this
+/// version does not know are kept as they were read and written back unchanged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Record {
     pub uuid: String,
@@ -34,6 +42,14 @@ pub(crate) struct Record {
     pub shared_holders: i64,
     #[serde(rename = "IsShared")]
     pub is_shared: bool,
+    /// Waiters, by acquirer id (Go v0.2's `QueueMembers`; Go writes `null` for none).
+    #[serde(
+        rename = "QueueMembers",
+        default,
+        deserialize_with = "null_is_empty",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub queue: BTreeMap<String, Member>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
@@ -47,12 +63,21 @@ impl Record {
             expire_at: unix_now() + ttl_secs,
             shared_holders: 1,
             is_shared: shared,
+            queue: BTreeMap::new(),
             other: Default::default(),
         }
     }
 
     pub fn parse(value: &str) -> Result<Self, serde_json::Error> {
         serde_json::from_str(value)
+    }
+
+    /// The lease without the queue: what a holder's renewals change and waiters do not.
+    pub fn lease_part(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.uuid, self.expire_at, self.shared_holders, self.is_shared
+        )
     }
 
     pub fn to_value(&self) -> String {
@@ -91,6 +116,9 @@ mod tests {
         assert_eq!((r.shared_holders, r.is_shared, r.expire_at), (2, true, 5));
         let back: serde_json::Value = serde_json::from_str(&r.to_value()).unwrap();
         assert_eq!(back, serde_json::from_str::<serde_json::Value>(go).unwrap());
+        assert_eq!(r.queue["a"].arrived, 1);
+        let go_null = r#"{"uuid":"u","lockName":"n","ExpireAtTimestamp":5,"SharedHoldersCount":1,"IsShared":false,"QueueMembers":null}"#;
+        assert!(Record::parse(go_null).unwrap().queue.is_empty());
         assert!(Record::parse("{not json").is_err());
         assert!(
             Record::parse(r#"{"uuid":"u"}"#).is_err(),

@@ -2,6 +2,7 @@
 //! crashes, lost leases, RBAC, bad records, and interop with Go lockgate.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -743,5 +744,125 @@ async fn exec_tells_the_command_when_the_lease_is_lost() {
         start.elapsed() < Duration::from_secs(8),
         "noticed after {:?}",
         start.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fairness
+
+async fn queue_len(cm: &str, name: &str) -> usize {
+    annotations(cm)
+        .await
+        .get(&annotation_key(name))
+        .map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap())
+        .and_then(|r| r["QueueMembers"].as_object().map(|q| q.len()))
+        .unwrap_or(0)
+}
+
+async fn wait_for_queue(cm: &str, name: &str, len: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue_len(cm, name).await != len {
+        assert!(Instant::now() < deadline, "the queue never reached {len}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_cannot_starve_a_queued_writer() {
+    let cm = configmap("default").await;
+    let (r1, w, r2) = (locker(&cm).await, locker(&cm).await, locker(&cm).await);
+    let reader = r1.acquire("rw", AcquireOptions::shared()).await.unwrap();
+    let writer = tokio::spawn(async move {
+        let g = w
+            .acquire("rw", ex().timeout(Duration::from_secs(20)))
+            .await
+            .unwrap();
+        let at = Instant::now();
+        g.release().await.unwrap();
+        at
+    });
+    wait_for_queue(&cm, "rw", 1).await;
+    // A later reader may not join the shared record while a writer waits before it.
+    assert!(matches!(
+        r2.acquire("rw", nb(Mode::Shared)).await,
+        Err(AcquireError::WouldBlock { .. })
+    ));
+    let r2_task = tokio::spawn(async move {
+        let g = r2
+            .acquire(
+                "rw",
+                AcquireOptions::shared().timeout(Duration::from_secs(20)),
+            )
+            .await
+            .unwrap();
+        let at = Instant::now();
+        g.release().await.unwrap();
+        at
+    });
+    wait_for_queue(&cm, "rw", 2).await;
+    reader.release().await.unwrap();
+    let (w_at, r2_at) = (writer.await.unwrap(), r2_task.await.unwrap());
+    assert!(w_at < r2_at, "the writer came first");
+    assert!(
+        !annotations(&cm).await.contains_key(&annotation_key("rw")),
+        "nothing left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_in_arrival_order() {
+    let cm = configmap("default").await;
+    let holder = locker(&cm).await;
+    let g = holder.acquire("fifo", ex()).await.unwrap();
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let l = locker(&cm).await;
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            let g = l
+                .acquire("fifo", ex().timeout(Duration::from_secs(30)))
+                .await
+                .unwrap();
+            order.lock().unwrap().push(i);
+            g.release().await.unwrap();
+        }));
+        // Each waiter is queued before the next one arrives.
+        wait_for_queue(&cm, "fifo", i + 1).await;
+    }
+    g.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_leaves_the_queue() {
+    let cm = configmap("default").await;
+    let (a, b, c) = (locker(&cm).await, locker(&cm).await, locker(&cm).await);
+    let g = a.acquire("leave", ex()).await.unwrap();
+    let e = b
+        .acquire("leave", ex().timeout(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AcquireError::TimedOut { .. }));
+    wait_for_queue(&cm, "leave", 0).await;
+    let waiter = tokio::spawn(async move {
+        c.acquire("leave", ex().timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+        Instant::now()
+    });
+    wait_for_queue(&cm, "leave", 1).await;
+    let released = Instant::now();
+    g.release().await.unwrap();
+    let took = waiter.await.unwrap() - released;
+    assert!(
+        took < Duration::from_secs(2),
+        "the departed waiter held up the next one: {took:?}"
     );
 }
