@@ -579,6 +579,7 @@ impl Inner {
         let mut observed = None;
         let mut notified = false;
         let mut conflicts = 0u32;
+        let mut outages = 0u32;
         let mut rx: Option<watch::Receiver<Option<Snapshot>>> = None;
         let mut me = Queuer {
             id: queue::new_id(),
@@ -682,11 +683,26 @@ impl Inner {
                     }
                     None => {
                         cleanup.armed = true;
+                        outages = 0;
                         me.refreshed = Some(sent);
                         conflicts = 0;
                         current = after;
                     }
                 },
+                // The API server is unreachable (restarting, overloaded): a waiting acquisition
+                // keeps trying until its deadline; a non-blocking one reports it.
+                Err(WriteError::Failed(e @ Error::Unreachable { .. })) if may_wait => {
+                    outages += 1;
+                    let pause = Duration::from_millis(100 << outages.min(4));
+                    tracing::warn!(lock = name.as_str(), error = %crate::error::chain(&e), ?pause, "API server unreachable; retrying");
+                    if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+                        return Err(e.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    if let Ok(fresh) = self.store.get().await {
+                        current = fresh;
+                    }
+                }
                 Err(WriteError::Failed(e)) => return Err(e.into()),
                 Err(WriteError::Conflict) => {
                     conflicts += 1;
@@ -699,12 +715,20 @@ impl Inner {
                         }
                         tokio::time::sleep(pause).await;
                     }
-                    current = match rx.as_mut() {
+                    let fresh = match rx.as_mut() {
                         // Waiting already: the watch brings the change that beat us, without
                         // a GET from every waiter.
-                        Some(rx) => self.newer_than(rx, &current).await?,
-                        None => self.store.get().await?,
+                        Some(rx) => self.newer_than(rx, &current).await,
+                        None => self.store.get().await,
                     };
+                    match fresh {
+                        Ok(fresh) => current = fresh,
+                        Err(Error::Unreachable { .. }) if may_wait => {
+                            // Handled like a failed write on the next round.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
         }
