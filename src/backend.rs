@@ -79,31 +79,52 @@ pub enum LostReason {
 pub struct LostSignal(watch::Receiver<Option<LostReason>>);
 
 /// The sending side of a [`LostSignal`], kept by a backend.
-#[derive(Debug)]
-pub struct LostNotifier(watch::Sender<Option<LostReason>>);
+pub struct LostNotifier {
+    tx: watch::Sender<Option<LostReason>>,
+    /// The acquisition's on-lost hook and lock name.
+    hook: Option<(String, crate::options::OnLost)>,
+}
+
+impl fmt::Debug for LostNotifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LostNotifier")
+            .field("lost", &*self.tx.borrow())
+            .finish_non_exhaustive()
+    }
+}
 
 impl LostNotifier {
     /// A notifier and its signal.
     pub fn new() -> (Self, LostSignal) {
         let (tx, rx) = watch::channel(None);
-        (Self(tx), LostSignal(rx))
+        (Self { tx, hook: None }, LostSignal(rx))
     }
 
-    /// Marks the lease lost. Only the first reason is kept.
+    /// A notifier that also runs the on-lost hook of `opts` (if any) for the lock `name`.
+    pub fn with_hook(name: &str, opts: &AcquireOptions) -> (Self, LostSignal) {
+        let (mut n, s) = Self::new();
+        n.hook = opts.on_lost.clone().map(|h| (name.to_owned(), h));
+        (n, s)
+    }
+
+    /// Marks the lease lost and runs the on-lost hook. Only the first reason is kept.
     pub fn notify(&self, reason: LostReason) {
-        self.0.send_if_modified(|r| {
+        let first = self.tx.send_if_modified(|r| {
             if r.is_none() {
-                *r = Some(reason);
+                *r = Some(reason.clone());
                 true
             } else {
                 false
             }
         });
+        if let (true, Some((name, hook))) = (first, &self.hook) {
+            hook(name, &reason);
+        }
     }
 
     /// Another signal for the same lease.
     pub fn subscribe(&self) -> LostSignal {
-        LostSignal(self.0.subscribe())
+        LostSignal(self.tx.subscribe())
     }
 }
 

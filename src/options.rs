@@ -125,6 +125,7 @@ pub struct WaitInfo<'a> {
 }
 
 type OnWait = Arc<dyn Fn(&WaitInfo<'_>) + Send + Sync>;
+pub(crate) type OnLost = Arc<dyn Fn(&str, &crate::LostReason) + Send + Sync>;
 
 /// Options of one acquisition: mode, waiting policy, and an on-wait hook.
 ///
@@ -144,6 +145,7 @@ pub struct AcquireOptions {
     pub(crate) mode: Mode,
     pub(crate) wait: Wait,
     pub(crate) on_wait: Option<OnWait>,
+    pub(crate) on_lost: Option<OnLost>,
 }
 
 impl AcquireOptions {
@@ -193,6 +195,18 @@ impl AcquireOptions {
         self
     }
 
+    /// Calls `hook` with the lock name and the reason if the lease of the acquired lock is lost
+    /// (leased backends only; file locks cannot be lost). It runs on the backend's renewal task,
+    /// so it must be quick: signal your work to stop. [`LockGuard::lost`](crate::LockGuard::lost)
+    /// is the same event as a future.
+    pub fn on_lost(
+        mut self,
+        hook: impl Fn(&str, &crate::LostReason) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_lost = Some(Arc::new(hook));
+        self
+    }
+
     /// The requested mode.
     pub fn get_mode(&self) -> Mode {
         self.mode
@@ -217,6 +231,7 @@ impl fmt::Debug for AcquireOptions {
             .field("mode", &self.mode)
             .field("wait", &self.wait)
             .field("on_wait", &self.on_wait.as_ref().map(|_| "<hook>"))
+            .field("on_lost", &self.on_lost.as_ref().map(|_| "<hook>"))
             .finish()
     }
 }

@@ -280,6 +280,8 @@ struct Inner {
     /// Kept alive for lockers made for blocking use.
     _own_runtime: Option<tokio::runtime::Runtime>,
     held: Mutex<HashMap<String, Held>>,
+    /// Lost members still to be told.
+    pending_lost: Mutex<Vec<(LostNotifier, LostReason)>>,
     renew_wakeup: Arc<Notify>,
     renewer_started: std::sync::atomic::AtomicBool,
     watch: Mutex<Option<watch::Receiver<Option<Snapshot>>>>,
@@ -338,6 +340,7 @@ impl KubernetesLocker {
                 runtime,
                 _own_runtime: own,
                 held: Mutex::default(),
+                pending_lost: Mutex::default(),
                 renew_wakeup: Arc::new(Notify::new()),
                 renewer_started: Default::default(),
                 watch: Mutex::default(),
@@ -679,7 +682,7 @@ impl Inner {
                 Ok(after) => match granted {
                     Some(rec) => {
                         cleanup.armed = false;
-                        return Ok(self.granted(name, &key, rec, change, after, sent));
+                        return Ok(self.granted(name, opts, &key, rec, change, after, sent));
                     }
                     None => {
                         cleanup.armed = true;
@@ -791,9 +794,11 @@ impl Inner {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn granted(
         self: &Arc<Self>,
         name: &LockName,
+        opts: &AcquireOptions,
         key: &str,
         rec: Record,
         change: Change,
@@ -801,7 +806,7 @@ impl Inner {
         sent: Instant,
     ) -> Box<dyn Lease> {
         let value = change.new.expect("a grant writes a record");
-        let (notifier, signal) = LostNotifier::new();
+        let (notifier, signal) = LostNotifier::with_hook(name.as_str(), opts);
         let member = self
             .next_member
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -816,15 +821,18 @@ impl Inner {
             if entry.uuid != rec.uuid {
                 // Our older membership was lost and someone's record replaced it; this grant
                 // starts afresh.
-                for (_, n) in entry.members.drain() {
-                    n.notify(LostReason::Taken);
-                }
+                let mut pending = self
+                    .pending_lost
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                pending.extend(entry.members.drain().map(|(_, n)| (n, LostReason::Taken)));
                 entry.uuid = rec.uuid.clone();
             }
             entry.value = value;
             entry.renewed_at = sent;
             entry.members.insert(member, notifier);
         }
+        self.flush_lost();
         self.ensure_renewer();
         tracing::debug!(lock = name.as_str(), object = %self.store.describe, token = ?after.rv, "kubernetes lock acquired");
         Box::new(KubeLease {
@@ -850,13 +858,28 @@ impl Inner {
         self.renew_wakeup.notify_one();
     }
 
-    /// Marks every member of `key` lost and forgets the key.
+    /// Marks every member of `key` lost and forgets the key. The members are told by
+    /// [`flush_lost`](Self::flush_lost), outside the `held` lock, since their hooks run user code.
     fn lose(&self, held: &mut HashMap<String, Held>, key: &str, reason: LostReason) {
         if let Some(h) = held.remove(key) {
             tracing::warn!(object = %self.store.describe, key, %reason, "lease lost");
-            for (_, n) in h.members {
-                n.notify(reason.clone());
-            }
+            let mut pending = self
+                .pending_lost
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            pending.extend(h.members.into_values().map(|n| (n, reason.clone())));
+        }
+    }
+
+    fn flush_lost(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .pending_lost
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for (n, reason) in pending {
+            n.notify(reason);
         }
     }
 
@@ -1041,7 +1064,11 @@ impl Drop for Inner {
 async fn renew_loop(owner: Weak<Inner>, wakeup: Arc<Notify>) {
     loop {
         let next = match owner.upgrade() {
-            Some(inner) => inner.renew_round().await,
+            Some(inner) => {
+                let next = inner.renew_round().await;
+                inner.flush_lost();
+                next
+            }
             None => return,
         };
         match next {

@@ -246,7 +246,10 @@ async fn a_lease_taken_by_someone_else_fires_the_lost_signal() {
         request_timeout: Duration::from_secs(2),
     };
     let l = locker_with("default", &cm, false, config).await;
-    let g = l.acquire("stolen", ex()).await.unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opts =
+        ex().on_lost(move |name, reason| tx.send((name.to_owned(), reason.clone())).unwrap());
+    let g = l.acquire("stolen", opts).await.unwrap();
     assert!(!g.is_lost());
     // Somebody overwrites the record with their own.
     let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
@@ -261,6 +264,11 @@ async fn a_lease_taken_by_someone_else_fires_the_lost_signal() {
         .expect("lost within a renewal");
     assert_eq!(reason, lockgate::LostReason::Taken);
     assert!(g.is_lost());
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(1)).unwrap(),
+        ("stolen".to_owned(), lockgate::LostReason::Taken),
+        "the on-lost hook ran"
+    );
     let e = g.release().await.unwrap_err();
     assert!(matches!(e, Error::LeaseLost { .. }), "{e}");
     // The thief's record is untouched by our failed release.
