@@ -88,3 +88,67 @@ pub fn expect_line(child: &mut std::process::Child, want: &str) -> String {
         }
     }
 }
+
+/// Runs `program` (the Rust `lockgate` or the Go peer) as
+/// `exec --locker LOCKER ARGS... NAME -- sh -c 'echo locked; read'`, returning once it holds the
+/// lock; it keeps it until its stdin is closed ([`release`]).
+pub fn hold(
+    program: &std::path::Path,
+    locker: &str,
+    args: &[&str],
+    name: &str,
+) -> std::process::Child {
+    let mut c = std::process::Command::new(program)
+        .args(["exec", "--locker", locker])
+        .args(args)
+        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn a holder");
+    expect_line(&mut c, "locked");
+    c
+}
+
+/// Exit code of `program exec --locker LOCKER -q -n ARGS... NAME -- true`: 0 free, 1 busy.
+pub fn try_lock(program: &std::path::Path, locker: &str, args: &[&str], name: &str) -> i32 {
+    std::process::Command::new(program)
+        .args(["exec", "--locker", locker, "-q", "-n"])
+        .args(args)
+        .args([name, "--", "true"])
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(std::process::Stdio::null())
+        .status()
+        .expect("run a try")
+        .code()
+        .expect("exited")
+}
+
+/// Lets a [`hold`]er go and checks it exited 0.
+pub fn release(mut c: std::process::Child) {
+    drop(c.stdin.take());
+    let status = c.wait().expect("wait for the holder");
+    assert!(status.success(), "holder exited with {status}");
+}
+
+/// A new ConfigMap in `namespace`, with one foreign annotation and one data key that lock
+/// operations must leave alone.
+pub async fn configmap(namespace: &str) -> String {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client(false).await, namespace);
+    let name = unique("locks");
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            annotations: Some([("example.com/keep".to_owned(), "me".to_owned())].into()),
+            ..Default::default()
+        },
+        data: Some([("payload".to_owned(), "untouched".to_owned())].into()),
+        ..Default::default()
+    };
+    api.create(&Default::default(), &cm)
+        .await
+        .expect("create a ConfigMap");
+    name
+}

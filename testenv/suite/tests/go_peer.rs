@@ -7,73 +7,30 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, PostParams};
-use lockgate_testenv::{client, expect_line, go_peer, required_env, rust_cli, unique};
+use kube::api::Api;
+use lockgate_testenv::{
+    client, configmap as new_configmap, expect_line, go_peer, hold, release, rust_cli, try_lock,
+};
 use sha3::Digest;
 
-/// `lockgate-go exec --locker LOCKER ARGS... -- sh -c 'echo locked; read _'`: holds until stdin closes.
 fn go_hold(locker: &str, args: &[&str], name: &str) -> Child {
-    let mut c = Command::new(go_peer())
-        .args(["exec", "--locker", locker])
-        .args(args)
-        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
-        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    expect_line(&mut c, "locked");
-    c
+    hold(&go_peer(), locker, args, name)
 }
 
-fn release(mut c: Child) {
-    drop(c.stdin.take());
-    let status = c.wait().unwrap();
-    assert!(status.success(), "holder exited with {status}");
-}
-
-/// Exit code of a non-blocking `exec ... -- true` by the Go peer.
 fn go_try(locker: &str, args: &[&str], name: &str) -> i32 {
-    Command::new(go_peer())
-        .args(["exec", "-q", "--locker", locker, "-n"])
-        .args(args)
-        .args([name, "--", "true"])
-        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
-        .stdin(Stdio::null())
-        .status()
-        .unwrap()
-        .code()
-        .unwrap()
+    try_lock(&go_peer(), locker, args, name)
 }
 
-/// Exit code of a non-blocking `exec ... -- true` by the Rust CLI on a lock directory.
+fn file(dir: &Path) -> String {
+    format!("file:{}", dir.display())
+}
+
 fn rust_try(dir: &Path, args: &[&str], name: &str) -> i32 {
-    Command::new(rust_cli())
-        .arg("--dir")
-        .arg(dir)
-        .args(["exec", "-q", "-n"])
-        .args(args)
-        .args([name, "--", "true"])
-        .stdin(Stdio::null())
-        .status()
-        .unwrap()
-        .code()
-        .unwrap()
+    try_lock(&rust_cli(), &file(dir), args, name)
 }
 
 fn rust_hold(dir: &Path, args: &[&str], name: &str) -> Child {
-    let mut c = Command::new(rust_cli())
-        .arg("--dir")
-        .arg(dir)
-        .arg("exec")
-        .args(args)
-        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    expect_line(&mut c, "locked");
-    c
+    hold(&rust_cli(), &file(dir), args, name)
 }
 
 #[test]
@@ -176,17 +133,7 @@ fn a_rust_waiter_gets_a_go_holders_lock_on_release() {
 }
 
 async fn configmap(namespace: &str) -> String {
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, namespace);
-    let name = unique("go-peer");
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &cm).await.unwrap();
-    name
+    new_configmap(namespace).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,20 +13,7 @@ use lockgate_testenv::{client, expect_line, go_peer, required_env, rust_cli, uni
 use serde_json::json;
 
 async fn configmap(ns: &str) -> String {
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, ns);
-    let name = unique("locks");
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            // Annotations that are not ours must survive every lock operation.
-            annotations: Some([("example.com/keep".to_owned(), "me".to_owned())].into()),
-            ..Default::default()
-        },
-        data: Some([("payload".to_owned(), "untouched".to_owned())].into()),
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &cm).await.unwrap();
-    name
+    lockgate_testenv::configmap(ns).await
 }
 
 async fn locker_with(ns: &str, cm: &str, limited: bool, config: LeaseConfig) -> Locker {
@@ -443,33 +430,12 @@ async fn the_limited_user_locks_its_object_and_is_refused_elsewhere() {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// `lockgate exec --locker kubernetes://...` holding `name` around `sh -c 'echo locked; read'`.
 fn rust_hold(locker: &str, args: &[&str], name: &str) -> Child {
-    let mut c = Command::new(rust_cli())
-        .args(["--locker", locker, "exec"])
-        .args(args)
-        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
-        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    expect_line(&mut c, "locked");
-    c
+    lockgate_testenv::hold(&rust_cli(), locker, args, name)
 }
 
 fn go_hold(locker: &str, args: &[&str], name: &str) -> Child {
-    let mut c = Command::new(go_peer())
-        .args(["exec", "-q", "--locker", locker])
-        .args(args)
-        .args([name, "--", "sh", "-c", "echo locked; read _ || true"])
-        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    expect_line(&mut c, "locked");
-    c
+    lockgate_testenv::hold(&go_peer(), locker, args, name)
 }
 
 fn exit_code(mut cmd: Command) -> i32 {
@@ -482,25 +448,14 @@ fn exit_code(mut cmd: Command) -> i32 {
 }
 
 fn rust_try(locker: &str, args: &[&str], name: &str) -> i32 {
-    let mut c = Command::new(rust_cli());
-    c.args(["--locker", locker, "exec", "-q", "-n"])
-        .args(args)
-        .args([name, "--", "true"]);
-    exit_code(c)
+    lockgate_testenv::try_lock(&rust_cli(), locker, args, name)
 }
 
 fn go_try(locker: &str, args: &[&str], name: &str) -> i32 {
-    let mut c = Command::new(go_peer());
-    c.args(["exec", "-q", "--locker", locker, "-n"])
-        .args(args)
-        .args([name, "--", "true"]);
-    exit_code(c)
+    lockgate_testenv::try_lock(&go_peer(), locker, args, name)
 }
 
-fn release(mut c: Child) {
-    drop(c.stdin.take());
-    assert!(c.wait().unwrap().success());
-}
+use lockgate_testenv::release;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_never_lose_updates() {
