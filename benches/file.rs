@@ -265,23 +265,35 @@ fn waiters(path: &Path) -> usize {
         .count()
 }
 
-fn handoff_run(dir: &Path, mut waiter: Child, rounds: usize) -> Vec<Duration> {
+/// How the holder knows the waiter is waiting before it releases.
+enum Ready {
+    /// The waiter blocks in the kernel: wait until /proc/locks shows it.
+    Blocked,
+    /// The waiter polls: release after a pause that moves across its poll period.
+    Polling,
+}
+
+fn handoff_run(dir: &Path, mut waiter: Child, rounds: usize, ready: Ready) -> Vec<Duration> {
     let path = dir.join(Naming::Sha256.file_name("handoff"));
     let locker = Locker::new(FileLocker::new(dir).unwrap());
     let mut stdin = waiter.stdin.take().unwrap();
     let mut stdout = BufReader::new(waiter.stdout.take().unwrap());
     let mut samples = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
+    for i in 0..rounds {
         let g = locker
             .acquire_blocking("handoff", AcquireOptions::exclusive())
             .unwrap();
         writeln!(stdin, "go").unwrap();
         stdin.flush().unwrap();
-        // Wait until the waiter is blocked in the kernel on our lock.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while waiters(&path) == 0 {
-            assert!(Instant::now() < deadline, "the waiter never blocked");
-            std::thread::yield_now();
+        match ready {
+            Ready::Blocked => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while waiters(&path) == 0 {
+                    assert!(Instant::now() < deadline, "the waiter never blocked");
+                    std::thread::yield_now();
+                }
+            }
+            Ready::Polling => std::thread::sleep(Duration::from_millis(50 + (i as u64 * 37) % 500)),
         }
         let released = mono_ns();
         drop(g);
@@ -329,11 +341,11 @@ fn handoff(dir: &Path, rounds: usize) {
     };
     row(
         "raw blocking flock(2)",
-        &handoff_run(dir, spawn("raw"), rounds),
+        &handoff_run(dir, spawn("raw"), rounds, Ready::Blocked),
     );
     row(
         "lockgate `acquire_blocking`",
-        &handoff_run(dir, spawn("lockgate"), rounds),
+        &handoff_run(dir, spawn("lockgate"), rounds, Ready::Blocked),
     );
     if let Some(go) = go_peer() {
         let go_rounds = 20; // Go polls every 500 ms: a handoff costs up to half a second.
@@ -349,43 +361,10 @@ fn handoff(dir: &Path, rounds: usize) {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let s = handoff_run_polling(dir, child, go_rounds);
+        let s = handoff_run(dir, child, go_rounds, Ready::Polling);
         row(&format!("Go lockgate v0.1.1 ({go_rounds} handoffs)"), &s);
     }
     println!();
-}
-
-/// Like `handoff_run`, for a waiter that polls instead of blocking in the kernel: release once
-/// it has started waiting (after its first failed try).
-fn handoff_run_polling(dir: &Path, mut waiter: Child, rounds: usize) -> Vec<Duration> {
-    let locker = Locker::new(FileLocker::new(dir).unwrap());
-    let mut stdin = waiter.stdin.take().unwrap();
-    let mut stdout = BufReader::new(waiter.stdout.take().unwrap());
-    let mut samples = Vec::with_capacity(rounds);
-    for i in 0..rounds {
-        let g = locker
-            .acquire_blocking("handoff", AcquireOptions::exclusive())
-            .unwrap();
-        writeln!(stdin, "go").unwrap();
-        stdin.flush().unwrap();
-        // Spread the release over the poll period.
-        std::thread::sleep(Duration::from_millis(50 + (i as u64 * 37) % 500));
-        let released = mono_ns();
-        drop(g);
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let granted: u64 = line
-            .trim()
-            .strip_prefix("granted ")
-            .expect("granted line")
-            .parse()
-            .unwrap();
-        samples.push(Duration::from_nanos(granted.saturating_sub(released)));
-    }
-    drop(stdin);
-    waiter.wait().unwrap();
-    samples.sort();
-    samples
 }
 
 // ---------------------------------------------------------------------------------------------
