@@ -115,7 +115,7 @@ pub enum Error {
     /// The object that holds the locks does not exist.
     #[cfg(feature = "kubernetes")]
     #[error(
-        "{resource} not found (create it first, or let the locker create a missing ConfigMap)"
+        "{resource} not found: create it first (a locker can create a missing ConfigMap: `create_missing`, `--create-missing`)"
     )]
     ResourceMissing {
         /// The object, e.g. `configmaps default/locks`.

@@ -55,6 +55,9 @@ struct TargetArgs {
     /// Name lock files with werf's legacy murmur3 hash instead of SHA-256 (file lockers only).
     #[arg(long, global = true)]
     legacy_names: bool,
+    /// Create the ConfigMap of a `kubernetes://NAMESPACE/configmaps/NAME` locker when missing.
+    #[arg(long, global = true)]
+    create_missing: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,7 +204,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
-    let target = Target::resolve(cli.target.locker, cli.target.dir, cli.target.legacy_names)?;
+    let mut target = Target::resolve(cli.target.locker, cli.target.dir, cli.target.legacy_names)?;
+    if let Target::Kubernetes { create_missing, .. } = &mut target {
+        *create_missing = cli.target.create_missing;
+    }
     match cli.command {
         Command::Exec(args) => exec::run(target, args),
         Command::Status { json } => status(target, json),
@@ -225,27 +231,34 @@ fn kubernetes_status(target: &Target, json: bool) -> Result<u8, Failure> {
         writeln!(out).map_err(Failure::output)?;
         return Ok(0);
     }
+    let row = |mode: &str, holders: &str, waiting: &str, expires: &str, uuid: &str, name: &str| {
+        format!("{mode:<10} {holders:>7} {waiting:>7} {expires:>10}  {uuid:<36}  {name}")
+    };
     writeln!(
         out,
-        "{:<10} {:>7} {:>10}  {:<36}  NAME",
-        "MODE", "HOLDERS", "EXPIRES IN", "UUID"
+        "{}",
+        row("MODE", "HOLDERS", "WAITING", "EXPIRES IN", "UUID", "NAME")
     )
     .map_err(Failure::output)?;
     for r in &records {
         let line = match (&r.error, &r.mode) {
-            (Some(e), _) => format!(
-                "{:<10} {:>7} {:>10}  {:<36}  corrupt record in {}: {e}",
-                "?", "-", "-", "-", r.key
+            (Some(e), _) => row(
+                "?",
+                "-",
+                "-",
+                "-",
+                "-",
+                &format!("corrupt record in {}: {e}", r.key),
             ),
-            (None, mode) => format!(
-                "{:<10} {:>7} {:>10}  {:<36}  {:?}",
-                mode.map(|m| m.to_string()).unwrap_or_default(),
-                r.holders,
-                r.expires_in_secs
+            (None, mode) => row(
+                &mode.map(|m| m.to_string()).unwrap_or_default(),
+                &r.holders.to_string(),
+                &r.waiters.to_string(),
+                &r.expires_in_secs
                     .map(|s| format!("{s}s"))
                     .unwrap_or_default(),
                 r.uuid.as_deref().unwrap_or("-"),
-                r.name.as_deref().unwrap_or("")
+                &format!("{:?}", r.name.as_deref().unwrap_or("")),
             ),
         };
         writeln!(out, "{line}").map_err(Failure::output)?;

@@ -20,6 +20,7 @@ pub(crate) enum Target {
         namespace: Option<String>,
         resource: String,
         name: String,
+        create_missing: bool,
     },
 }
 
@@ -114,6 +115,7 @@ impl Target {
             namespace,
             resource,
             name,
+            create_missing,
         } = self
         else {
             return Err(Failure::new(
@@ -130,7 +132,7 @@ impl Target {
                     .await?
             }
         };
-        Ok(KubernetesLocker::new(client, target, config)?)
+        Ok(KubernetesLocker::new(client, target, config)?.create_missing(*create_missing))
     }
 
     /// The locker this target names. Must run inside the Tokio runtime.
@@ -172,6 +174,7 @@ fn parse_kubernetes(url: &str, rest: &str) -> Result<Target, Failure> {
         namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
         resource: resource.to_string(),
         name: name.to_string(),
+        create_missing: false,
     })
 }
 
@@ -238,6 +241,7 @@ mod tests {
             namespace: ns.map(Into::into),
             resource: r.into(),
             name: n.into(),
+            create_missing: false,
         };
         let cases = [
             (
