@@ -4,7 +4,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 
 use lockgate::file::Naming;
-use lockgate::kubernetes::{self, LeaseConfig};
+use lockgate::kubernetes::LeaseConfig;
 use lockgate::{FileLocker, KubernetesLocker, Locker};
 
 use crate::{code, Failure};
@@ -123,16 +123,15 @@ impl Target {
                 "this command needs a kubernetes:// locker",
             ));
         };
-        let config = LeaseConfig::default();
-        let client = kubernetes::client(context.as_deref(), config.request_timeout).await?;
-        let target = match (resource.as_str(), namespace) {
-            ("configmaps", Some(ns)) => kubernetes::Target::configmap(ns.clone(), name.clone()),
-            _ => {
-                kubernetes::Target::discover(&client, resource, namespace.clone(), name.clone())
-                    .await?
-            }
-        };
-        Ok(KubernetesLocker::new(client, target, config)?.create_missing(*create_missing))
+        let locker = KubernetesLocker::connect(
+            context.as_deref(),
+            resource,
+            namespace.clone(),
+            name,
+            LeaseConfig::default(),
+        )
+        .await?;
+        Ok(locker.create_missing(*create_missing))
     }
 
     /// The locker this target names. Must run inside the Tokio runtime.

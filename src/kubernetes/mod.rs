@@ -128,6 +128,21 @@ pub fn client_from_config(config: kube::Config, timeout: Duration) -> Result<kub
     Ok(kube::Client::new(service, config.default_namespace))
 }
 
+async fn resolve(
+    context: Option<&str>,
+    resource: &str,
+    namespace: Option<String>,
+    name: &str,
+    timeout: Duration,
+) -> Result<(kube::Client, Target), Error> {
+    let client = client(context, timeout).await?;
+    let target = match (resource, namespace) {
+        ("configmaps", Some(ns)) => Target::configmap(ns, name),
+        (_, namespace) => Target::discover(&client, resource, namespace, name).await?,
+    };
+    Ok((client, target))
+}
+
 /// Which object holds the locks.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -311,6 +326,67 @@ impl KubernetesLocker {
             Error::Unsupported("KubernetesLocker::new must be called inside a Tokio runtime")
         })?;
         Self::build(client, target, config, runtime, None)
+    }
+
+    /// A locker over the object `name` of `resource` (as kubectl names it: `configmaps`,
+    /// `leases.coordination.k8s.io`, ...) in `namespace` (`None`: cluster-scoped), with a client
+    /// configured as kubectl's is ([`client`]). What `--locker kubernetes://...` does.
+    ///
+    /// # Errors
+    ///
+    /// As [`client`], [`Target::discover`] and [`new`](Self::new).
+    pub async fn connect(
+        context: Option<&str>,
+        resource: &str,
+        namespace: Option<String>,
+        name: &str,
+        config: LeaseConfig,
+    ) -> Result<Self, Error> {
+        let (client, target) =
+            resolve(context, resource, namespace, name, config.request_timeout).await?;
+        Self::new(client, target, config)
+    }
+
+    /// [`connect`](Self::connect) for programs without an async runtime: the locker runs on a
+    /// small runtime of its own (one worker thread), and its blocking API
+    /// ([`Locker::acquire_blocking`](crate::Locker::acquire_blocking),
+    /// [`LockGuard::release_blocking`](crate::LockGuard::release_blocking)) works from any
+    /// thread that is not inside a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect); [`Error::Unsupported`] inside a Tokio runtime.
+    pub fn connect_blocking(
+        context: Option<&str>,
+        resource: &str,
+        namespace: Option<String>,
+        name: &str,
+        config: LeaseConfig,
+    ) -> Result<Self, Error> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::Unsupported(
+                "connect_blocking called inside a Tokio runtime; use connect().await",
+            ));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lockgate-kubernetes")
+            .enable_all()
+            .build()
+            .map_err(|source| Error::System {
+                op: "start the Kubernetes locker's runtime",
+                source,
+            })?;
+        // The client is made on the runtime that will drive it.
+        let (client, target) = runtime.block_on(resolve(
+            context,
+            resource,
+            namespace,
+            name,
+            config.request_timeout,
+        ))?;
+        let handle = runtime.handle().clone();
+        Self::build(client, target, config, handle, Some(runtime))
     }
 
     fn build(
@@ -1058,6 +1134,11 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Let the renewer see that the locker is gone.
         self.renew_wakeup.notify_one();
+        // The last reference may go away on the runtime's own thread, where dropping a runtime
+        // would panic.
+        if let Some(rt) = self._own_runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 

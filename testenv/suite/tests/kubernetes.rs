@@ -829,3 +829,141 @@ async fn a_waiter_that_gives_up_leaves_the_queue() {
         "the departed waiter held up the next one: {took:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Any resource, and the blocking API
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_resource_namespaced_or_cluster_scoped_holds_locks() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use k8s_openapi::api::core::v1::Namespace;
+    let c = client(false).await;
+    let lease = unique("lease");
+    Api::<Lease>::namespaced(c.clone(), "default")
+        .create(
+            &PostParams::default(),
+            &Lease {
+                metadata: ObjectMeta {
+                    name: Some(lease.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let ns = unique("ns");
+    Api::<Namespace>::all(c.clone())
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for (resource, namespace, name) in [
+        (
+            "leases.coordination.k8s.io",
+            Some("default"),
+            lease.as_str(),
+        ),
+        (
+            "leases.v1.coordination.k8s.io",
+            Some("default"),
+            lease.as_str(),
+        ),
+        ("namespaces", None, ns.as_str()),
+    ] {
+        let target = Target::discover(&c, resource, namespace.map(Into::into), name)
+            .await
+            .unwrap();
+        let (a, b) = (
+            Locker::new(
+                KubernetesLocker::new(c.clone(), target.clone(), LeaseConfig::default()).unwrap(),
+            ),
+            Locker::new(
+                KubernetesLocker::new(client(false).await, target, LeaseConfig::default()).unwrap(),
+            ),
+        );
+        let g = a.acquire("any", ex()).await.unwrap();
+        assert!(
+            matches!(
+                b.acquire("any", nb(Mode::Exclusive)).await,
+                Err(AcquireError::WouldBlock { .. })
+            ),
+            "{resource}"
+        );
+        g.release().await.unwrap();
+        b.acquire("any", nb(Mode::Exclusive))
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    // Through the CLI: a cluster-scoped object has an empty namespace.
+    let url = format!("kubernetes:///namespaces/{ns}");
+    let code = tokio::task::spawn_blocking(move || rust_try(&url, &[], "cli"))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    // Wrong scope, unknown resource: usage errors that say why.
+    let e = Target::discover(&c, "namespaces", Some("default".into()), &ns)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cluster-scoped"), "{e}");
+    let e = Target::discover(&c, "leases.coordination.k8s.io", None, &lease)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("namespaced"), "{e}");
+    let e = Target::discover(
+        &c,
+        "widgets.v1alpha1.example.com",
+        Some("default".into()),
+        "w",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::UnknownResource { .. }), "{e}");
+}
+
+/// The blocking API, from a program with no async runtime of its own.
+#[test]
+fn the_blocking_api_works_without_a_runtime() {
+    let cm = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(configmap("default"));
+    let connect = || {
+        // connect_blocking configures its client as kubectl does: from $KUBECONFIG (the admin's).
+        required_env("KUBECONFIG");
+        Locker::new(
+            KubernetesLocker::connect_blocking(
+                None,
+                "configmaps",
+                Some("default".into()),
+                &cm,
+                LeaseConfig::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let (a, b) = (connect(), connect());
+    let g = a.acquire_blocking("blocking", ex()).unwrap();
+    assert!(matches!(
+        b.acquire_blocking("blocking", nb(Mode::Exclusive)),
+        Err(AcquireError::WouldBlock { .. })
+    ));
+    let waiter = std::thread::spawn(move || {
+        b.acquire_blocking("blocking", ex().timeout(Duration::from_secs(20)))
+            .map(|g| g.release_blocking())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    g.release_blocking().unwrap();
+    waiter.join().unwrap().unwrap().unwrap();
+    drop(a);
+}
