@@ -53,6 +53,8 @@
 //! # }
 //! ```
 #![warn(missing_docs)]
+// Without a backend the crate is only its API; helpers the backends share go unused.
+#![cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
 
 pub mod backend;
 mod error;
