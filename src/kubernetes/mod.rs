@@ -749,6 +749,11 @@ impl Inner {
                     continue;
                 }
             };
+            if granted.is_none() {
+                // Arm before writing: a cancellation while the write is in flight must still
+                // take our place back (removing an entry that is not there is a no-op).
+                cleanup.armed = true;
+            }
             let sent = Instant::now();
             match self
                 .store
@@ -761,7 +766,6 @@ impl Inner {
                         return Ok(self.granted(name, opts, &key, rec, change, after, sent));
                     }
                     None => {
-                        cleanup.armed = true;
                         outages = 0;
                         me.refreshed = Some(sent);
                         conflicts = 0;
@@ -843,31 +847,42 @@ impl Inner {
         }
     }
 
-    /// Removes waiter `id` from the queue of `key`, if it is there.
+    /// Removes waiter `id` from the queue of `key`. Our enqueue write may still be in flight
+    /// when the acquisition is cancelled, so an entry that is not there yet is looked for again
+    /// until a request timeout has passed.
     async fn dequeue(&self, key: &str, id: &str) -> Result<(), Error> {
-        for _ in 0..5 {
+        let give_up = Instant::now() + self.config.request_timeout + Duration::from_millis(500);
+        let mut pause = Duration::from_millis(50);
+        loop {
             let snap = self.store.get().await?;
-            let Some(value) = snap.get(key) else {
-                return Ok(());
-            };
-            let Ok(mut rec) = Record::parse(value) else {
-                return Ok(());
-            };
-            if rec.queue.remove(id).is_none() {
-                return Ok(());
-            }
-            let change = Change {
-                key: key.to_owned(),
-                expected: Some(value.to_owned()),
-                new: Some(rec.to_value()),
-            };
-            match self.store.write(std::slice::from_ref(&change), true).await {
-                Ok(_) => return Ok(()),
-                Err(WriteError::Conflict) => continue,
-                Err(WriteError::Failed(e)) => return Err(e),
+            let found = snap
+                .get(key)
+                .and_then(|v| Record::parse(v).ok().map(|r| (v.to_owned(), r)))
+                .filter(|(_, r)| r.queue.contains_key(id));
+            match found {
+                Some((value, mut rec)) => {
+                    rec.queue.remove(id);
+                    // A free record kept only for its waiters goes away with the last of them.
+                    let new =
+                        (rec.shared_holders > 0 || !rec.queue.is_empty()).then(|| rec.to_value());
+                    let change = Change {
+                        key: key.to_owned(),
+                        expected: Some(value),
+                        new,
+                    };
+                    match self.store.write(std::slice::from_ref(&change), true).await {
+                        Ok(_) => return Ok(()),
+                        Err(WriteError::Conflict) => continue,
+                        Err(WriteError::Failed(e)) => return Err(e),
+                    }
+                }
+                _ if Instant::now() >= give_up => return Ok(()),
+                _ => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(800));
+                }
             }
         }
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
