@@ -5,7 +5,7 @@
 //!   it as much as to lockgate: if lockgate is killed, the command keeps the lock until it (and
 //!   any child that inherited the descriptor) exits.
 //! - With a leased locker the command gets SIGTERM when lockgate dies (PR_SET_PDEATHSIG) and
-//!   when the lease is lost; lockgate then exits 75.
+//!   when the lease is lost, then SIGKILL if it is still running 2 s later; lockgate exits 75.
 //!
 //! SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to lockgate while the command runs are forwarded to
 //! it; lockgate exits with the command's status (128+N if it was killed by signal N).
@@ -13,12 +13,18 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
 
 use lockgate::{AcquireError, AcquireOptions, Mode, Wait};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::target::Target;
 use crate::{code, error_chain, ExecArgs, Failure};
+
+/// How long a command may run on after its lease was lost: the safety margin between the moment
+/// a holder learns of the loss and the moment another process may take the lock over (TTL minus
+/// renewal deadline with the default lease).
+const KILL_AFTER_LOST: Duration = Duration::from_secs(2);
 
 pub(crate) fn run(target: Target, args: ExecArgs) -> Result<u8, Failure> {
     crate::runtime()?.block_on(run_async(target, args))
@@ -121,6 +127,8 @@ async fn run_async(target: Target, args: ExecArgs) -> Result<u8, Failure> {
 
     let lost_signal = guard.lost_signal();
     let mut lost = None;
+    // After a lost lease: when the command, told with SIGTERM, gets SIGKILL if still running.
+    let mut kill_at: Option<tokio::time::Instant> = None;
     let status = loop {
         let mut lost_rx = lost_signal.clone();
         let forwarded = async {
@@ -145,6 +153,15 @@ async fn run_async(target: Target, args: ExecArgs) -> Result<u8, Failure> {
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
                 }
                 lost = Some(reason);
+                kill_at = Some(tokio::time::Instant::now() + KILL_AFTER_LOST);
+            }
+            _ = async { tokio::time::sleep_until(kill_at.expect("guarded")).await }, if kill_at.is_some() => {
+                eprintln!("lockgate: the command did not stop within {KILL_AFTER_LOST:?} of losing the lease; killing it");
+                if let Some(pid) = pid {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+                kill_at = None;
             }
         }
     };

@@ -972,3 +972,49 @@ fn the_blocking_api_works_without_a_runtime() {
     waiter.join().unwrap().unwrap().unwrap();
     drop(a);
 }
+
+/// A command that ignores SIGTERM after its lease is lost is killed: it must not go on acting
+/// without the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_kills_a_command_that_ignores_the_lost_lease() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let mut holder = Command::new(rust_cli())
+        .args(["--locker", &url, "exec", "stubborn", "--", "sh", "-c"])
+        .arg("trap '' TERM; echo locked; while :; do sleep 0.1; done")
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder = tokio::task::spawn_blocking(move || {
+        expect_line(&mut holder, "locked");
+        holder
+    })
+    .await
+    .unwrap();
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let record = json!({"uuid": "thief", "lockName": "stubborn", "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
+    let patch =
+        json!({"metadata": {"annotations": {annotation_key("stubborn"): record.to_string()}}});
+    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    let (status, stderr) = tokio::task::spawn_blocking(move || {
+        let status = holder.wait().unwrap();
+        let mut stderr = String::new();
+        use std::io::Read;
+        holder
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        (status, stderr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("killing it"), "{stderr}");
+}
