@@ -92,7 +92,15 @@ impl Naming {
 pub struct FileLocker {
     dir: PathBuf,
     naming: Naming,
+    /// Lock file paths by lock name: hashing a name and building its path is a good part of
+    /// the user-space cost of an uncontended acquisition.
+    paths: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<LockPath>>>,
+    >,
 }
+
+/// How many lock file paths a locker remembers before it starts afresh.
+const PATH_CACHE: usize = 4096;
 
 impl FileLocker {
     /// A locker over `dir`, which is created (mode 0755, with its parents) when missing.
@@ -124,7 +132,11 @@ impl FileLocker {
             }
             Err(source) => return Err(dir_error(&dir, source)),
         }
-        Ok(Self { dir, naming })
+        Ok(Self {
+            dir,
+            naming,
+            paths: Default::default(),
+        })
     }
 
     /// The lock directory.
@@ -142,7 +154,23 @@ impl FileLocker {
         self.dir.join(self.naming.file_name(name.as_str()))
     }
 
-    fn c_path(&self, name: &LockName) -> LockPath {
+    fn c_path(&self, name: &LockName) -> std::sync::Arc<LockPath> {
+        let mut paths = self
+            .paths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = paths.get(name.as_str()) {
+            return std::sync::Arc::clone(p);
+        }
+        if paths.len() >= PATH_CACHE {
+            paths.clear();
+        }
+        let p = std::sync::Arc::new(self.build_path(name));
+        paths.insert(name.as_str().to_owned(), std::sync::Arc::clone(&p));
+        p
+    }
+
+    fn build_path(&self, name: &LockName) -> LockPath {
         let dir = self.dir.as_os_str().as_bytes();
         let file = self.naming.file_name(name.as_str());
         let mut bytes = Vec::with_capacity(dir.len() + 1 + file.len() + 1);
@@ -456,6 +484,7 @@ impl Backend for FileLocker {
 }
 
 /// A lock file path, as the C string the system calls take.
+#[derive(Debug)]
 struct LockPath(Result<CString, Vec<u8>>);
 
 impl LockPath {
