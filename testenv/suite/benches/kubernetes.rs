@@ -8,11 +8,9 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, PostParams};
 use lockgate::kubernetes::{KubernetesLocker, LeaseConfig, Target};
 use lockgate::{AcquireError, AcquireOptions, Error, Locker};
-use lockgate_testenv::{client, go_peer, required_env, unique};
+use lockgate_testenv::{client, go_peer, required_env};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -30,17 +28,7 @@ async fn main() {
 }
 
 async fn configmap() -> String {
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
-    let name = unique("bench");
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &cm).await.unwrap();
-    name
+    lockgate_testenv::empty_configmap("default").await
 }
 
 async fn locker(cm: &str) -> Locker {
@@ -319,6 +307,35 @@ async fn rust_parallel(
     start.elapsed()
 }
 
+/// One table row each for Rust and Go: `n` contenders, each acquiring and releasing the lock
+/// `name(contender)` on `cm` (`each` times for Rust, `go_each` for Go).
+async fn side_by_side(
+    cm: &str,
+    n: usize,
+    each: usize,
+    go_each: usize,
+    name: fn(&str, usize) -> String,
+) {
+    let row = |who: &str, each: usize, t: Duration| {
+        let rate = (n * each) as f64 / t.as_secs_f64();
+        println!(
+            "| {who} | {n} × {each} | {:.2} s | {rate:.1} |",
+            t.as_secs_f64()
+        );
+    };
+    row(
+        "lockgate (Rust)",
+        each,
+        rust_parallel(n, each, cm, |i| name("rust", i)).await,
+    );
+    let cm = cm.to_owned();
+    let t = tokio::task::spawn_blocking(move || go_parallel(n, go_each, &cm, |i| name("go", i)))
+        .await
+        .unwrap();
+    row("Go lockgate v0.1.1", go_each, t);
+    println!();
+}
+
 async fn contention(quick: bool) {
     let (n, each) = (16, if quick { 5 } else { 20 });
     let go_each = if quick { 1 } else { 3 };
@@ -331,25 +348,10 @@ async fn contention(quick: bool) {
     println!();
     println!("| implementation | acquisitions | wall time | acquisitions/s |");
     println!("|---|---|---|---|");
-    let cm = configmap().await;
-    let t = rust_parallel(n, each, &cm, |_| "contended".into()).await;
-    println!(
-        "| lockgate (Rust) | {n} × {each} | {:.2} s | {:.1} |",
-        t.as_secs_f64(),
-        (n * each) as f64 / t.as_secs_f64()
-    );
-    let cm2 = cm.clone();
-    let t = tokio::task::spawn_blocking(move || {
-        go_parallel(n, go_each, &cm2, |_| "go-contended".into())
+    side_by_side(&configmap().await, n, each, go_each, |who, _| {
+        format!("{who}-contended")
     })
-    .await
-    .unwrap();
-    println!(
-        "| Go lockgate v0.1.1 | {n} × {go_each} | {:.2} s | {:.1} |",
-        t.as_secs_f64(),
-        (n * go_each) as f64 / t.as_secs_f64()
-    );
-    println!();
+    .await;
 }
 
 async fn distinct_locks(quick: bool) {
@@ -360,25 +362,10 @@ async fn distinct_locks(quick: bool) {
     println!();
     println!("| implementation | acquisitions | wall time | acquisitions/s |");
     println!("|---|---|---|---|");
-    let cm = configmap().await;
-    let t = rust_parallel(n, each, &cm, |i| format!("distinct-{i}")).await;
-    println!(
-        "| lockgate (Rust) | {n} × {each} | {:.2} s | {:.1} |",
-        t.as_secs_f64(),
-        (n * each) as f64 / t.as_secs_f64()
-    );
-    let cm2 = cm.clone();
-    let t = tokio::task::spawn_blocking(move || {
-        go_parallel(n, each, &cm2, |i| format!("go-distinct-{i}"))
+    side_by_side(&configmap().await, n, each, each, |who, i| {
+        format!("{who}-distinct-{i}")
     })
-    .await
-    .unwrap();
-    println!(
-        "| Go lockgate v0.1.1 | {n} × {each} | {:.2} s | {:.1} |",
-        t.as_secs_f64(),
-        (n * each) as f64 / t.as_secs_f64()
-    );
-    println!();
+    .await;
 }
 
 async fn renewals(secs: u64) {

@@ -135,16 +135,32 @@ pub fn release(mut c: std::process::Child) {
 /// A new ConfigMap in `namespace`, with one foreign annotation and one data key that lock
 /// operations must leave alone.
 pub async fn configmap(namespace: &str) -> String {
+    let annotations = [("example.com/keep".to_owned(), "me".to_owned())].into();
+    let data = [("payload".to_owned(), "untouched".to_owned())].into();
+    create_configmap(namespace, Some(annotations), Some(data)).await
+}
+
+/// A new ConfigMap in `namespace` with nothing in it (for benchmarks: nothing but the locks).
+pub async fn empty_configmap(namespace: &str) -> String {
+    create_configmap(namespace, None, None).await
+}
+
+async fn create_configmap(
+    namespace: &str,
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+    data: Option<std::collections::BTreeMap<String, String>>,
+) -> String {
     use k8s_openapi::api::core::v1::ConfigMap;
     let api: kube::Api<ConfigMap> = kube::Api::namespaced(client(false).await, namespace);
     let name = unique("locks");
+    let metadata = kube::api::ObjectMeta {
+        name: Some(name.clone()),
+        annotations,
+        ..Default::default()
+    };
     let cm = ConfigMap {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            annotations: Some([("example.com/keep".to_owned(), "me".to_owned())].into()),
-            ..Default::default()
-        },
-        data: Some([("payload".to_owned(), "untouched".to_owned())].into()),
+        metadata,
+        data,
         ..Default::default()
     };
     api.create(&Default::default(), &cm)

@@ -244,13 +244,7 @@ async fn a_lease_taken_by_someone_else_fires_the_lost_signal() {
     let g = l.acquire("stolen", opts).await.unwrap();
     assert!(!g.is_lost());
     // Somebody overwrites the record with their own.
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
-    let record = json!({"uuid": "thief", "lockName": "stolen", "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
-    let patch =
-        json!({"metadata": {"annotations": {annotation_key("stolen"): record.to_string()}}});
-    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
+    steal(&cm, "stolen").await;
     let reason = tokio::time::timeout(Duration::from_secs(5), g.lost())
         .await
         .expect("lost within a renewal");
@@ -651,13 +645,26 @@ async fn each_side_takes_over_the_others_expired_lease() {
 }
 
 /// `lockgate exec` whose lease is taken away: the command gets SIGTERM, `lockgate` exits 75.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_tells_the_command_when_the_lease_is_lost() {
+/// Overwrites the record of `name` on `cm` with somebody else's, as a thief would.
+async fn steal(cm: &str, name: &str) {
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let record = json!({"uuid": "thief", "lockName": name, "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
+    let patch = json!({"metadata": {"annotations": {annotation_key(name): record.to_string()}}});
+    api.patch(cm, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+}
+
+/// Runs `lockgate exec` holding `name` around `script` (which prints `locked` once running),
+/// steals the lease, and returns how `lockgate` exited, its output, and how long that took.
+async fn exec_with_stolen_lease(
+    name: &str,
+    script: &str,
+) -> (std::process::ExitStatus, String, String, Duration) {
     let cm = configmap("default").await;
     let url = format!("kubernetes://default/configmaps/{cm}");
     let mut holder = Command::new(rust_cli())
-        .args(["--locker", &url, "exec", "lost", "--", "sh", "-c"])
-        .arg("trap 'echo got-term; exit 0' TERM; echo locked; while :; do sleep 0.1; done")
+        .args(["--locker", &url, "exec", name, "--", "sh", "-c", script])
         .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -670,18 +677,12 @@ async fn exec_tells_the_command_when_the_lease_is_lost() {
     })
     .await
     .unwrap();
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
-    let record = json!({"uuid": "thief", "lockName": "lost", "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
-    let patch = json!({"metadata": {"annotations": {annotation_key("lost"): record.to_string()}}});
-    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
+    steal(&cm, name).await;
     let start = Instant::now();
-    let out = tokio::task::spawn_blocking(move || {
-        let status = holder.wait().unwrap();
-        let mut stdout = String::new();
-        let mut stderr = String::new();
+    tokio::task::spawn_blocking(move || {
         use std::io::Read;
+        let status = holder.wait().unwrap();
+        let (mut stdout, mut stderr) = (String::new(), String::new());
         holder
             .stdout
             .take()
@@ -694,11 +695,17 @@ async fn exec_tells_the_command_when_the_lease_is_lost() {
             .unwrap()
             .read_to_string(&mut stderr)
             .unwrap();
-        (status, stdout, stderr)
+        (status, stdout, stderr, start.elapsed())
     })
     .await
-    .unwrap();
-    let (status, stdout, stderr) = out;
+    .unwrap()
+}
+
+/// `lockgate exec` whose lease is taken away: the command gets SIGTERM, `lockgate` exits 75.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_tells_the_command_when_the_lease_is_lost() {
+    let script = "trap 'echo got-term; exit 0' TERM; echo locked; while :; do sleep 0.1; done";
+    let (status, stdout, stderr, took) = exec_with_stolen_lease("lost", script).await;
     assert_eq!(status.code(), Some(75), "{stderr}");
     assert!(
         stdout.contains("got-term"),
@@ -708,11 +715,17 @@ async fn exec_tells_the_command_when_the_lease_is_lost() {
         stderr.contains("lease of lock \"lost\" was lost"),
         "{stderr}"
     );
-    assert!(
-        start.elapsed() < Duration::from_secs(8),
-        "noticed after {:?}",
-        start.elapsed()
-    );
+    assert!(took < Duration::from_secs(8), "noticed after {took:?}");
+}
+
+/// A command that ignores SIGTERM after its lease is lost is killed: it must not go on acting
+/// without the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_kills_a_command_that_ignores_the_lost_lease() {
+    let script = "trap '' TERM; echo locked; while :; do sleep 0.1; done";
+    let (status, _, stderr, _) = exec_with_stolen_lease("stubborn", script).await;
+    assert_eq!(status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("killing it"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -971,50 +984,4 @@ fn the_blocking_api_works_without_a_runtime() {
     g.release_blocking().unwrap();
     waiter.join().unwrap().unwrap().unwrap();
     drop(a);
-}
-
-/// A command that ignores SIGTERM after its lease is lost is killed: it must not go on acting
-/// without the lock.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_kills_a_command_that_ignores_the_lost_lease() {
-    let cm = configmap("default").await;
-    let url = format!("kubernetes://default/configmaps/{cm}");
-    let mut holder = Command::new(rust_cli())
-        .args(["--locker", &url, "exec", "stubborn", "--", "sh", "-c"])
-        .arg("trap '' TERM; echo locked; while :; do sleep 0.1; done")
-        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut holder = tokio::task::spawn_blocking(move || {
-        expect_line(&mut holder, "locked");
-        holder
-    })
-    .await
-    .unwrap();
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
-    let record = json!({"uuid": "thief", "lockName": "stubborn", "ExpireAtTimestamp": 0, "SharedHoldersCount": 1, "IsShared": false});
-    let patch =
-        json!({"metadata": {"annotations": {annotation_key("stubborn"): record.to_string()}}});
-    api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
-    let (status, stderr) = tokio::task::spawn_blocking(move || {
-        let status = holder.wait().unwrap();
-        let mut stderr = String::new();
-        use std::io::Read;
-        holder
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        (status, stderr)
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.code(), Some(75), "{stderr}");
-    assert!(stderr.contains("killing it"), "{stderr}");
 }

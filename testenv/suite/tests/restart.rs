@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::Api;
 use lockgate::kubernetes::{KubernetesLocker, LeaseConfig, Target};
 use lockgate::{AcquireOptions, Locker};
-use lockgate_testenv::{client, required_env, unique};
+use lockgate_testenv::{client, configmap, required_env};
 
 /// One test, so that the restarts of the API server do not overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,16 +28,7 @@ async fn restart() {
 /// A holder keeps its lock through a restart (its lease outlasts it), and a waiter blocked
 /// across the restart gets the lock once the holder releases: the watch reconnects.
 async fn a_restart_mid_run_loses_no_lock() {
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
-    let name = unique("restart-locks");
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &cm).await.unwrap();
+    let name = configmap("default").await;
     // A lease that outlasts a restart (a few seconds here).
     let config = LeaseConfig {
         ttl: Duration::from_secs(30),
@@ -78,17 +69,7 @@ async fn a_restart_mid_run_loses_no_lock() {
 }
 
 async fn restarting_the_api_server_keeps_objects() {
-    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
-    let name = unique("restart");
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        data: Some([("k".to_owned(), "v".to_owned())].into()),
-        ..Default::default()
-    };
-    api.create(&PostParams::default(), &cm).await.unwrap();
+    let name = configmap("default").await;
     restart().await;
     // The script returns once /readyz answers 200; a new client sees the object.
     let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
@@ -96,5 +77,5 @@ async fn restarting_the_api_server_keeps_objects() {
         .get(&name)
         .await
         .expect("the object survived the restart");
-    assert_eq!(got.data.unwrap()["k"], "v");
+    assert_eq!(got.data.unwrap()["payload"], "untouched");
 }
