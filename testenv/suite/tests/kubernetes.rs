@@ -397,21 +397,8 @@ async fn the_limited_user_locks_its_object_and_is_refused_elsewhere() {
     g.release().await.unwrap();
     assert!(waiter.await.unwrap().unwrap().is_some());
 
-    let admin: Api<ConfigMap> = Api::namespaced(client(false).await, "lockgate-limited");
-    let cm = unique("not-allowed");
-    admin
-        .create(
-            &PostParams::default(),
-            &ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(cm.clone()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // An object in the same namespace, outside the limited user's Role.
+    let cm = configmap("lockgate-limited").await;
     let l = locker_with("lockgate-limited", &cm, true, LeaseConfig::default()).await;
     let e = l.acquire("x", ex()).await.unwrap_err();
     let AcquireError::Failed(Error::Forbidden { verb, resource, .. }) = &e else {
