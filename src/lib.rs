@@ -56,6 +56,7 @@
 // Without a backend the crate is only its API; helpers the backends share go unused.
 #![cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
 
+mod acquire;
 pub mod backend;
 mod error;
 #[cfg(feature = "file")]
@@ -65,6 +66,8 @@ pub mod kubernetes;
 mod locker;
 mod name;
 mod options;
+#[cfg(feature = "kubernetes")]
+mod session;
 
 pub use backend::{LostReason, LostSignal};
 pub use error::{AcquireError, Error, Result};
