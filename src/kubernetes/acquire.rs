@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::queue::{self, Member};
+use super::decide::Step;
+use super::queue;
 use super::record::{annotation_key, Record};
 use super::release::{Held, KubeLease};
 use super::store::{transient, Change, Snapshot, WriteError};
@@ -16,65 +17,37 @@ use crate::acquire::Attempt;
 use crate::backend::{Lease, LostNotifier};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Holder, Mode};
-
-/// What a locker saw of one lock's record, kept across acquisitions: an expiry clock needs a
-/// record to stand still for a TTL, and a non-blocking caller looks for an instant only.
-#[derive(Default)]
-pub(crate) struct Seen {
-    /// The lease part of the record (without the queue, which waiters change) and when this
-    /// locker first saw it.
-    lease: Option<(String, Instant)>,
-    members: queue::Observer,
-}
-
-/// What to do about the record we see.
-enum Step {
-    /// Write this change; on success we hold the lock with `record`. `fresh`: a new lease
-    /// (not a join of the current one).
-    Grant {
-        change: Change,
-        record: Record,
-        fresh: bool,
-    },
-    /// One of our grants whose answer was lost turned out to have landed.
-    Landed(Granted),
-    /// Write this change to join (or refresh our place in) the queue.
-    Enqueue(Change),
-    /// Somebody holds it, or is ahead of us: wait until this instant at the latest (for a
-    /// record or a queue member to go stale, or to refresh our place).
-    Wait(Record, Option<Instant>),
-}
+use crate::options::{AcquireOptions, Holder};
 
 /// A grant written, with what a lease needs to know of it.
 #[derive(Clone)]
 pub(crate) struct Granted {
-    record: Record,
+    pub(super) record: Record,
     /// The record's value in the store, as written.
-    value: String,
+    pub(super) value: String,
     /// When the granting write was sent.
-    sent: Instant,
-    token: Option<u64>,
-    fresh: bool,
+    pub(super) sent: Instant,
+    pub(super) token: Option<u64>,
+    pub(super) fresh: bool,
 }
 
 /// One acquisition in progress.
-struct Acquisition<'a> {
-    object: &'a Arc<Object>,
-    attempt: Attempt<'a>,
-    key: String,
+pub(super) struct Acquisition<'a> {
+    pub(super) object: &'a Arc<Object>,
+    pub(super) attempt: Attempt<'a>,
+    pub(super) key: String,
     /// Our acquirer id in the queue, and when our entry was last written.
-    id: String,
-    refreshed: Option<Instant>,
-    current: Snapshot,
-    feed: Option<Feed>,
+    pub(super) id: String,
+    pub(super) refreshed: Option<Instant>,
+    pub(super) current: Snapshot,
+    pub(super) feed: Option<Feed>,
     /// Grants whose answer was lost: any of them may have been applied.
-    maybe: Vec<Granted>,
+    pub(super) maybe: Vec<Granted>,
     /// Whether we may have an entry in the queue or a grant in the store to take back if we
     /// leave without the lock.
-    armed: bool,
-    conflicts: u32,
-    outages: u32,
+    pub(super) armed: bool,
+    pub(super) conflicts: u32,
+    pub(super) outages: u32,
 }
 
 pub(crate) async fn acquire(
@@ -180,132 +153,6 @@ impl Acquisition<'_> {
                 }
                 WriteError::Failed(e) | WriteError::Unknown(e) => return Err(e.into()),
             }
-        }
-    }
-
-    /// Decides, from the current value of the annotation, what to do.
-    fn step(&mut self) -> Result<Step, Error> {
-        let object = self.object;
-        let config = object.config;
-        let mode = self.attempt.mode();
-        let name = self.attempt.name.as_str();
-        let Some(value) = self.current.get(&self.key).map(str::to_owned) else {
-            let record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
-            return Ok(Step::Grant {
-                change: self.change(None, &record),
-                record,
-                fresh: true,
-            });
-        };
-        let rec = Record::parse(&value).map_err(|e| object.corrupt(&self.key, e))?;
-        if let Some(g) = self.maybe.iter().find(|g| g.record.same_write(&rec)) {
-            tracing::debug!(lock = name, "a grant whose answer was lost had landed");
-            return Ok(Step::Landed(Granted {
-                record: rec,
-                value,
-                ..g.clone()
-            }));
-        }
-        let server_now = object.store.server_now();
-        let ttl = config.ttl;
-        let (since, live, next_expiry) = {
-            let mut seen = object.seen();
-            let seen = seen.entry(self.key.clone()).or_default();
-            let lease = rec.lease_part();
-            match &seen.lease {
-                Some((v, _)) if *v == lease => {}
-                _ => seen.lease = Some((lease, Instant::now())),
-            }
-            let since = seen.lease.as_ref().map_or_else(Instant::now, |(_, t)| *t);
-            let live: Vec<Member> = seen
-                .members
-                .live(&rec.queue, &self.id, ttl, ttl, server_now)
-                .into_iter()
-                .cloned()
-                .collect();
-            (since, live, seen.members.next_expiry(ttl))
-        };
-        // Free: released with waiters queued (count 0). Expired: stood still for a TTL on our
-        // clock, or (for a record we have not watched that long) its expiry passed more than a
-        // TTL ago by the API server's clock.
-        let free = rec.shared_holders <= 0;
-        let stale = rec.expire_at.saturating_add(config.ttl_secs()) < server_now;
-        let expired = !free && (since.elapsed() >= ttl || stale);
-        let mine = rec.queue.get(&self.id);
-        let live_refs: Vec<&Member> = live.iter().collect();
-        let ahead = queue::ahead(&live_refs, mine);
-        let allowed = queue::may_proceed(mode, &ahead);
-        if (free || expired) && allowed {
-            let mut new = if free {
-                // Nobody holds it: the lease goes on under its uuid (Go v0.2 waiters that read
-                // the record a moment ago are not told it was replaced).
-                let mut r = rec.clone();
-                r.shared_holders = 1;
-                r.is_shared = mode == Mode::Shared;
-                r.expire_at = object.expire_at();
-                r
-            } else {
-                // A new uuid: the old holder, if alive, must find its lease gone.
-                let mut r = Record::new(name, mode == Mode::Shared, object.expire_at());
-                r.other = rec.other.clone();
-                r
-            };
-            // Keep the live waiters' places; drop ours and the dead.
-            new.queue = live.iter().map(|m| (m.id.clone(), m.clone())).collect();
-            let record = new.tagged();
-            return Ok(Step::Grant {
-                change: self.change(Some(value), &record),
-                record,
-                fresh: true,
-            });
-        }
-        if !free && !expired && mode == Mode::Shared && rec.is_shared && allowed {
-            let mut joined = rec.clone();
-            joined.shared_holders = joined.shared_holders.saturating_add(1);
-            joined.expire_at = object.expire_at();
-            joined.queue.remove(&self.id);
-            let record = joined.tagged();
-            return Ok(Step::Grant {
-                change: self.change(Some(value), &record),
-                record,
-                fresh: false,
-            });
-        }
-        let refresh_due = self
-            .refreshed
-            .is_none_or(|t| t.elapsed() >= config.renew_period);
-        if self.attempt.may_wait() && (mine.is_none() || refresh_due) {
-            let mut queued = rec.clone();
-            let member = Member {
-                id: self.id.clone(),
-                arrived: mine.map_or(server_now, |m| m.arrived),
-                expire_at: object.expire_at(),
-                shared: mode == Mode::Shared,
-                other: mine.map(|m| m.other.clone()).unwrap_or_default(),
-            };
-            queued.queue.insert(self.id.clone(), member);
-            return Ok(Step::Enqueue(Change {
-                key: self.key.clone(),
-                expected: Some(value),
-                new: Some(queued.to_value()),
-            }));
-        }
-        let wake = [
-            (!free).then_some(since + ttl),
-            self.refreshed.map(|t| t + config.renew_period),
-            next_expiry,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        Ok(Step::Wait(rec, wake))
-    }
-
-    fn change(&self, expected: Option<String>, record: &Record) -> Change {
-        Change {
-            key: self.key.clone(),
-            expected,
-            new: Some(record.to_value()),
         }
     }
 
@@ -516,78 +363,5 @@ async fn newer_than(object: &Object, feed: &mut Feed, seen: &Snapshot) -> Result
     match tokio::time::timeout(Duration::from_secs(1), wait).await {
         Ok(Some(s)) => Ok(s),
         _ => object.store.get().await,
-    }
-}
-
-impl Object {
-    /// Undoes what an acquisition that ended without the lock may have left: its queue entry
-    /// `id`, and grants in `maybe` whose answers were lost. Best effort: what it cannot undo
-    /// goes stale (an entry stops being refreshed, a grant is not renewed) within a TTL.
-    async fn take_back(&self, name: &str, key: &str, id: Option<&str>, maybe: &[Granted]) {
-        // A write still in flight may land a little later: look for a while.
-        let give_up = Instant::now() + self.config.request_timeout + Duration::from_millis(500);
-        let mut pause = Duration::from_millis(50);
-        let mut id = id;
-        let mut maybe = maybe.to_vec();
-        while id.is_some() || !maybe.is_empty() {
-            let snap = match self.store.get().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot clean up after an acquisition");
-                    return;
-                }
-            };
-            let Some(value) = snap.get(key) else {
-                if Instant::now() >= give_up {
-                    return;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(800));
-                continue;
-            };
-            let Ok(rec) = Record::parse(value) else {
-                return;
-            };
-            if let Some(g) = maybe.iter().find(|g| g.record.same_write(&rec)) {
-                // Our grant landed: release it like a holder would.
-                let held = Held {
-                    uuid: rec.uuid.clone(),
-                    value: value.to_owned(),
-                };
-                let until = g.sent + self.config.ttl;
-                if let Err(e) = self.release_record(name, key, held, until).await {
-                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot release an abandoned grant");
-                }
-                maybe.clear();
-                continue;
-            }
-            if let Some(me) = id.filter(|id| rec.queue.contains_key(*id)) {
-                let mut left = rec.clone();
-                left.queue.remove(me);
-                // A free record kept only for its waiters goes away with the last of them.
-                let new =
-                    (left.shared_holders > 0 || !left.queue.is_empty()).then(|| left.to_value());
-                let change = Change {
-                    key: key.to_owned(),
-                    expected: Some(value.to_owned()),
-                    new,
-                };
-                match self.store.write(std::slice::from_ref(&change), true).await {
-                    Ok(_) => id = None,
-                    Err(WriteError::Conflict) => {}
-                    Err(WriteError::Unknown(_)) => {}
-                    Err(WriteError::Failed(e)) => {
-                        tracing::debug!(key, error = %crate::error::chain(&e), "cannot leave the queue");
-                        return;
-                    }
-                }
-                continue;
-            }
-            if Instant::now() >= give_up {
-                return;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(800));
-        }
     }
 }

@@ -14,6 +14,7 @@
 mod acquire;
 mod client;
 mod config;
+mod decide;
 mod queue;
 mod record;
 mod release;
@@ -87,7 +88,7 @@ pub(crate) struct Object {
     /// The shared watch, once started.
     feed: Mutex<Option<watch::Feed>>,
     /// What this locker saw of each lock's record, kept across acquisitions.
-    seen: Mutex<HashMap<String, acquire::Seen>>,
+    seen: Mutex<HashMap<String, decide::Seen>>,
 }
 
 impl Object {
@@ -118,7 +119,7 @@ impl Object {
             .saturating_add(1)
     }
 
-    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, acquire::Seen>> {
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, decide::Seen>> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

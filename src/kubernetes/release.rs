@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::acquire::Granted;
 use super::record::Record;
 use super::store::{transient, Change, WriteError};
 use super::{KubeSession, Object};
@@ -241,5 +242,84 @@ impl Object {
             server_now.saturating_sub(1)
         };
         Some(free)
+    }
+}
+
+impl Object {
+    /// Undoes what an acquisition that ended without the lock may have left: its queue entry
+    /// `id`, and grants in `maybe` whose answers were lost. Best effort: what it cannot undo
+    /// goes stale (an entry stops being refreshed, a grant is not renewed) within a TTL.
+    pub(super) async fn take_back(
+        &self,
+        name: &str,
+        key: &str,
+        id: Option<&str>,
+        maybe: &[Granted],
+    ) {
+        // A write still in flight may land a little later: look for a while.
+        let give_up = Instant::now() + self.config.request_timeout + Duration::from_millis(500);
+        let mut pause = Duration::from_millis(50);
+        let mut id = id;
+        let mut maybe = maybe.to_vec();
+        while id.is_some() || !maybe.is_empty() {
+            let snap = match self.store.get().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot clean up after an acquisition");
+                    return;
+                }
+            };
+            let Some(value) = snap.get(key) else {
+                if Instant::now() >= give_up {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(800));
+                continue;
+            };
+            let Ok(rec) = Record::parse(value) else {
+                return;
+            };
+            if let Some(g) = maybe.iter().find(|g| g.record.same_write(&rec)) {
+                // Our grant landed: release it like a holder would.
+                let held = Held {
+                    uuid: rec.uuid.clone(),
+                    value: value.to_owned(),
+                };
+                let until = g.sent + self.config.ttl;
+                if let Err(e) = self.release_record(name, key, held, until).await {
+                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot release an abandoned grant");
+                }
+                maybe.clear();
+                continue;
+            }
+            if let Some(me) = id.filter(|id| rec.queue.contains_key(*id)) {
+                let mut left = rec.clone();
+                left.queue.remove(me);
+                // A free record kept only for its waiters goes away with the last of them.
+                let new =
+                    (left.shared_holders > 0 || !left.queue.is_empty()).then(|| left.to_value());
+                let change = Change {
+                    key: key.to_owned(),
+                    expected: Some(value.to_owned()),
+                    new,
+                };
+                match self.store.write(std::slice::from_ref(&change), true).await {
+                    Ok(_) => id = None,
+                    Err(WriteError::Conflict) => {}
+                    Err(WriteError::Unknown(_)) => {}
+                    Err(WriteError::Failed(e)) => {
+                        tracing::debug!(key, error = %crate::error::chain(&e), "cannot leave the queue");
+                        return;
+                    }
+                }
+                continue;
+            }
+            if Instant::now() >= give_up {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(800));
+        }
     }
 }
