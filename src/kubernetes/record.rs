@@ -43,13 +43,10 @@ pub(crate) struct Record {
     pub shared_holders: i64,
     #[serde(rename = "IsShared")]
     pub is_shared: bool,
-    /// Waiters, by acquirer id (Go v0.2's `QueueMembers`; Go writes `null` for none).
-    #[serde(
-        rename = "QueueMembers",
-        default,
-        deserialize_with = "null_is_empty",
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
+    /// Waiters, by acquirer id (Go v0.2's `QueueMembers`). Always written, `{}` when empty:
+    /// Go v0.2 panics ("assignment to entry in nil map") when a waiter with an acquirer id
+    /// queues in a record without it. Go v0.1.1 writes no such field; `null` reads as empty.
+    #[serde(rename = "QueueMembers", default, deserialize_with = "null_is_empty")]
     pub queue: BTreeMap<String, Member>,
     /// How many times Rust lockgate wrote this lease (our field; Go ignores it and drops it when
     /// it rewrites the record). Every renewal bumps it, so that every renewal changes the record
@@ -153,7 +150,13 @@ mod tests {
         assert_eq!(back, serde_json::from_str::<serde_json::Value>(go).unwrap());
         assert_eq!(r.queue["a"].arrived, 1);
         let go_null = r#"{"uuid":"u","lockName":"n","ExpireAtTimestamp":5,"SharedHoldersCount":1,"IsShared":false,"QueueMembers":null}"#;
-        assert!(Record::parse(go_null).unwrap().queue.is_empty());
+        let r = Record::parse(go_null).unwrap();
+        assert!(r.queue.is_empty());
+        assert!(
+            r.to_value().contains(r#""QueueMembers":{}"#),
+            "an empty queue is written as {{}}, never left out: {}",
+            r.to_value()
+        );
         assert!(Record::parse("{not json").is_err());
         assert!(
             Record::parse(r#"{"uuid":"u"}"#).is_err(),

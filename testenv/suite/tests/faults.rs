@@ -434,8 +434,8 @@ async fn short_timeout_attempts_take_over_a_crashed_holder() {
 async fn a_holder_with_a_frozen_clock_keeps_its_lease() {
     let cm = configmap("default").await;
     let url = format!("kubernetes://default/configmaps/{cm}");
-    // A wall clock frozen at the current time (so that TLS certificates stay valid); the
-    // monotonic clock runs, so timers work.
+    // A wall clock frozen at the current time (`-f` with an absolute time stands still; TLS
+    // certificates stay valid); the monotonic clock runs, so timers work.
     let now = String::from_utf8(
         Command::new("date")
             .arg("+%Y-%m-%d %H:%M:%S")
@@ -445,7 +445,7 @@ async fn a_holder_with_a_frozen_clock_keeps_its_lease() {
     )
     .unwrap();
     let mut holder = Command::new("faketime")
-        .arg(now.trim())
+        .args(["-f", now.trim()])
         .arg(rust_cli())
         .args([
             "--locker",
@@ -656,4 +656,138 @@ async fn extreme_numbers_in_records_do_not_panic() {
             assert!(r.is_ok(), "{name} {mode}: panicked: {r:?}");
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lost replies and a network that stops answering (through a controllable proxy)
+
+/// A locker whose requests go through `proxy`.
+async fn proxied(proxy: &lockgate_testenv::proxy::Proxy, cm: &str, config: LeaseConfig) -> Locker {
+    let k = KubernetesLocker::new(
+        proxy.client().await,
+        Target::configmap("default", cm),
+        config,
+    )
+    .unwrap();
+    Locker::new(k)
+}
+
+/// Holders count in the record of `name`.
+async fn holders(cm: &str, name: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_str(&record(cm, name).await?).unwrap();
+    v["SharedHoldersCount"].as_i64()
+}
+
+/// A shared holder whose release is applied but whose answer is lost must not decrement the
+/// count again: that would free the lock while another shared holder still holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_answer_is_lost_is_not_repeated() {
+    let cm = configmap("default").await;
+    let proxy = lockgate_testenv::proxy::Proxy::new().await;
+    // No renewal of A's during the test: its release is the only write in flight.
+    let slow = LeaseConfig {
+        ttl: Duration::from_secs(30),
+        renew_period: Duration::from_secs(20),
+        renew_deadline: Duration::from_secs(25),
+        request_timeout: Duration::from_secs(3),
+    };
+    let a = proxied(&proxy, &cm, slow).await;
+    let (b, c) = (
+        locker_with(&cm, LeaseConfig::default()).await,
+        locker_with(&cm, LeaseConfig::default()).await,
+    );
+    // B first, then A joins: A's view of the record is the current one.
+    let gb = b.acquire("shared", AcquireOptions::shared()).await.unwrap();
+    let ga = a.acquire("shared", nb(Mode::Shared)).await.unwrap();
+    assert_eq!(holders(&cm, "shared").await, Some(2));
+    proxy.lose_replies().await;
+    let release = tokio::spawn(ga.release());
+    // The decrement reaches the API server; its answer does not come back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holders(&cm, "shared").await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the release never reached the API server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.pass().await;
+    let released = tokio::time::timeout(Duration::from_secs(30), release)
+        .await
+        .expect("release hangs")
+        .unwrap();
+    eprintln!("release with a lost answer: {released:?}");
+    // B still holds a shared lock: the record must still count it, and C must be refused.
+    assert!(
+        holders(&cm, "shared").await.is_some_and(|n| n >= 1),
+        "the count was decremented twice: the lock looks free while B holds it"
+    );
+    assert!(
+        matches!(
+            c.acquire("shared", nb(Mode::Exclusive)).await,
+            Err(AcquireError::WouldBlock { .. })
+        ),
+        "an exclusive lock was granted while B holds a shared one"
+    );
+    gb.release().await.unwrap();
+}
+
+/// A holder cut off from the API server learns that its lease is lost no later than the renewal
+/// deadline after its last confirmed renewal was sent, whatever its request timeout: in
+/// particular before a waiter can take the lock over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lost_signal_comes_before_anyone_can_take_over() {
+    let cm = configmap("default").await;
+    let proxy = lockgate_testenv::proxy::Proxy::new().await;
+    // A long request timeout: a renewal hangs for 5 s before the client gives up on it.
+    let config = LeaseConfig {
+        ttl: Duration::from_secs(10),
+        renew_period: Duration::from_secs(2),
+        renew_deadline: Duration::from_secs(8),
+        request_timeout: Duration::from_secs(5),
+    };
+    let a = proxied(&proxy, &cm, config).await;
+    let lost_at = Arc::new(std::sync::Mutex::new(None));
+    let l = lost_at.clone();
+    let g = a
+        .acquire(
+            "partitioned",
+            AcquireOptions::exclusive().on_lost(move |_, _| {
+                *l.lock().unwrap() = Some(Instant::now());
+            }),
+        )
+        .await
+        .unwrap();
+    let cut = Instant::now();
+    proxy.black_hole().await;
+    let b = locker_with(&cm, LeaseConfig::default()).await;
+    let taken = b
+        .acquire(
+            "partitioned",
+            AcquireOptions::exclusive().timeout(Duration::from_secs(30)),
+        )
+        .await
+        .expect("the waiter never took over");
+    let taken_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), g.lost())
+        .await
+        .expect("the holder was never told");
+    let lost_at = lost_at.lock().unwrap().expect("the hook ran");
+    eprintln!(
+        "cut at 0, lost after {:?}, taken over after {:?}",
+        lost_at - cut,
+        taken_at - cut
+    );
+    // The last confirmed renewal was sent before the cut.
+    assert!(
+        lost_at <= cut + config.renew_deadline + Duration::from_millis(500),
+        "told {:?} after the cut, the renewal deadline is {:?}",
+        lost_at - cut,
+        config.renew_deadline
+    );
+    assert!(
+        lost_at < taken_at,
+        "the lock was taken over before the holder was told"
+    );
+    taken.release().await.unwrap();
 }
