@@ -47,6 +47,8 @@ pub(super) struct Acquisition<'a> {
     /// leave without the lock.
     pub(super) armed: bool,
     pub(super) conflicts: u32,
+    /// Whether idle free records were removed once already to make room.
+    pub(super) made_room: bool,
     pub(super) outages: u32,
 }
 
@@ -70,6 +72,7 @@ pub(crate) async fn acquire(
         armed: false,
         conflicts: 0,
         outages: 0,
+        made_room: false,
     };
     match a.run().await {
         Ok(g) => {
@@ -148,6 +151,13 @@ impl Acquisition<'_> {
             };
             match change {
                 WriteError::Conflict => self.conflicted().await?,
+                WriteError::Failed(e @ Error::AnnotationsFull { .. }) => {
+                    if self.made_room || self.object.make_room().await? == 0 {
+                        return Err(e.into());
+                    }
+                    self.made_room = true;
+                    self.reread().await?;
+                }
                 WriteError::Failed(e) if transient(&e) && self.attempt.may_wait() => {
                     self.outage(e).await?
                 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::acquire::{Acquisition, Granted};
-use super::queue::{self, Member};
+use super::queue::{self, Member, HOLDER_MARK};
 use super::record::Record;
 use super::store::Change;
 use crate::error::Error;
@@ -92,22 +92,36 @@ impl Acquisition<'_> {
         let ahead = queue::ahead(&live_refs, mine);
         let allowed = queue::may_proceed(mode, &ahead);
         if (free || expired) && allowed {
-            let mut new = if free {
-                // Nobody holds it: the lease goes on under its uuid (Go v0.2 waiters that read
-                // the record a moment ago are not told it was replaced).
+            let expire_at = object.expire_at();
+            // Keep the uuid of a free record only when no Go v0.2 process may be taking it over
+            // under that uuid: it is reserved (a live holder mark: Go sees it unexpired and
+            // never first in line), or we are first in line by Go's order too. Otherwise, and
+            // for takeovers of the expired, a new uuid: an old holder, or a Go take-over in
+            // flight, must find it changed.
+            let reserved = rec
+                .queue
+                .get(HOLDER_MARK)
+                .is_some_and(|m| m.expire_at > server_now.saturating_add(1));
+            let keep = free
+                && (reserved
+                    || mine.is_some_and(|m| queue::first_for_go(m, &rec.queue, server_now)));
+            let mut new = if keep {
                 let mut r = rec.clone();
                 r.shared_holders = 1;
                 r.is_shared = mode == Mode::Shared;
-                r.expire_at = object.expire_at();
+                r.expire_at = expire_at;
                 r
             } else {
-                // A new uuid: the old holder, if alive, must find its lease gone.
-                let mut r = Record::new(name, mode == Mode::Shared, object.expire_at());
+                let mut r = Record::new(name, mode == Mode::Shared, expire_at);
                 r.other = rec.other.clone();
                 r
             };
             // Keep the live waiters' places; drop ours and the dead.
             new.queue = live.iter().map(|m| (m.id.clone(), m.clone())).collect();
+            if keep {
+                new.queue
+                    .insert(HOLDER_MARK.to_owned(), Member::mark(expire_at));
+            }
             let record = new.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),
@@ -115,10 +129,9 @@ impl Acquisition<'_> {
                 fresh: true,
             });
         }
-        if !free && !expired && mode == Mode::Shared && rec.is_shared && allowed {
-            let mut joined = rec.clone();
+        if !expired && mode == Mode::Shared && rec.joinable() && allowed {
+            let mut joined = rec.renewed(object.expire_at());
             joined.shared_holders = joined.shared_holders.saturating_add(1);
-            joined.expire_at = object.expire_at();
             joined.queue.remove(&self.id);
             let record = joined.tagged();
             return Ok(Step::Grant {

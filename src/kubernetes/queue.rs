@@ -39,19 +39,55 @@ impl Member {
         }
     }
 
-    /// Arrival order: seconds first (what Go compares), then the id, which for Rust waiters
-    /// starts with the arrival time in nanoseconds.
-    pub fn order(&self) -> (i64, &str) {
-        (self.arrived, &self.id)
+    /// Arrival order: seconds first (what Go v0.2 compares), then Go members before Rust ones
+    /// (Go breaks ties at random, so a Rust waiter counts itself first only when it is strictly
+    /// older), then the id, which for Rust waiters starts with the arrival time in nanoseconds.
+    pub fn order(&self) -> (i64, bool, &str) {
+        (self.arrived, self.is_rust(), &self.id)
     }
 
     /// True for a member written by Rust lockgate (its id has the shape of [`new_id`]'s).
-    pub fn is_ours(&self) -> bool {
+    pub fn is_rust(&self) -> bool {
         let b = self.id.as_bytes();
         b.len() == 33
             && b[..20].iter().all(u8::is_ascii_digit)
             && b[20] == b'-'
-            && b[21..].iter().all(|c| c.is_ascii_hexdigit())
+            && b[21..].iter().all(u8::is_ascii_hexdigit)
+    }
+
+    /// Alive by Go v0.2's rule: its `ExpireAtTimestamp` not passed at `now` (unix seconds).
+    pub fn alive_for_go(&self, now: i64) -> bool {
+        self.expire_at >= now
+    }
+}
+
+/// True when the Rust member `head` is older (in whole seconds, what Go compares) than every
+/// Go member of `queue` alive by Go's rule: then no Go v0.2 process counts itself first in line.
+pub(crate) fn first_for_go(head: &Member, queue: &BTreeMap<String, Member>, now: i64) -> bool {
+    head.is_rust()
+        && queue
+            .values()
+            .filter(|m| m.id != HOLDER_MARK && !m.is_rust() && m.alive_for_go(now))
+            .all(|m| m.arrived > head.arrived)
+}
+
+/// The acquirer id of the holder mark: a queue entry, older than anyone (`AcquiredAtTimestamp`
+/// 1) and expiring with the lease, that a Rust holder keeps in a record it took over under the
+/// record's uuid while Go v0.2 processes may have been looking at it as expired. Go v0.2 re-reads
+/// such a record and takes it when it is the oldest queue member, without looking at the lease
+/// again; with the mark it never is. See PROTOCOL.md, "Go v0.2 peers".
+pub(crate) const HOLDER_MARK: &str = "lockgate-holder";
+
+impl Member {
+    /// The holder mark, expiring at `expire_at`.
+    pub fn mark(expire_at: i64) -> Self {
+        Self {
+            id: HOLDER_MARK.to_owned(),
+            arrived: 1,
+            expire_at,
+            shared: false,
+            other: Default::default(),
+        }
     }
 }
 
@@ -90,7 +126,7 @@ impl Observer {
         self.seen.retain(|id, _| queue.contains_key(id));
         let mut live: Vec<&Member> = queue
             .iter()
-            .filter(|(id, _)| id.as_str() != me)
+            .filter(|(id, _)| id.as_str() != me && id.as_str() != HOLDER_MARK)
             .filter(|(id, m)| {
                 let first = match self.seen.get(id.as_str()) {
                     Some((exp, t)) if *exp == m.expire_at => *t,
@@ -247,11 +283,12 @@ mod tests {
 
     #[test]
     fn ids_sort_in_arrival_order() {
-        assert!(member(&new_id(), 1, false).is_ours());
-        assert!(!member("go-acquirer", 1, false).is_ours());
         let a = new_id();
         std::thread::sleep(Duration::from_millis(2));
         let b = new_id();
         assert!(a < b);
+        assert!(member(&a, 1, false).is_rust());
+        assert!(!member("go-acquirer", 1, false).is_rust());
+        assert!(!member(HOLDER_MARK, 1, false).is_rust());
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use sha3::{Digest, Sha3_224};
 
-use super::queue::Member;
+use super::queue::{Member, HOLDER_MARK};
 
 fn null_is_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Member>, D::Error> {
     Ok(Option::<BTreeMap<String, Member>>::deserialize(d)?.unwrap_or_default())
@@ -77,12 +77,25 @@ impl Record {
         }
     }
 
-    /// The record renewed until `expire_at`: always a different value.
+    /// The record renewed until `expire_at`: always a different value (and the holder mark,
+    /// if any, renewed with it).
     pub fn renewed(&self, expire_at: i64) -> Self {
         let mut r = self.clone();
         r.expire_at = expire_at;
-        r.renewals = r.renewals.wrapping_add(1);
+        r.renewals = r.renewals.wrapping_add(1).max(1);
+        if let Some(m) = r.queue.get_mut(HOLDER_MARK) {
+            m.expire_at = expire_at;
+        }
         r
+    }
+
+    /// True when a shared request may join this shared record. Go v0.2 takes an expired or
+    /// released record over without setting `IsShared` (it keeps the old value), so a Go
+    /// process may hold exclusively a record that says shared. A record Rust last granted,
+    /// joined or renewed (it carries `Renewals`; Go drops the field when it rewrites the
+    /// record) has a trustworthy `IsShared`.
+    pub fn joinable(&self) -> bool {
+        self.is_shared && self.shared_holders > 0 && self.renewals > 0
     }
 
     /// The record with a fresh random `Renewals` tag: a grant or join writes one, so that the

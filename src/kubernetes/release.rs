@@ -4,11 +4,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::acquire::Granted;
+use super::queue::{first_for_go, Member, HOLDER_MARK};
 use super::record::Record;
 use super::store::{transient, Change, WriteError};
 use super::{KubeSession, Object};
 use crate::backend::{BoxFuture, Lease, LostReason, LostSignal};
 use crate::error::Error;
+
+/// How long a record released with nobody waiting stays reserved for Rust acquirers (who may
+/// take it under its uuid) before it looks expired to Go v0.2 (which polls every 2 s).
+const RESERVE_SECS: i64 = 2;
 
 /// What the session keeps of a Kubernetes lease: its uuid, and the record's value as this
 /// process last wrote or read it (the `test` value of the next write).
@@ -156,7 +161,7 @@ impl Object {
             if rec.uuid != held.uuid || rec.shared_holders <= 0 {
                 return Err(lost());
             }
-            let new = self.released(&rec).map(|r| r.to_value());
+            let new = Some(self.released(&rec).to_value());
             let change = Change {
                 key: key.to_owned(),
                 expected: Some(value.clone()),
@@ -217,35 +222,50 @@ impl Object {
         }
     }
 
-    /// The record after one holder of `rec` leaves; `None`: remove it.
-    fn released(&self, rec: &Record) -> Option<Record> {
-        let server_now = self.store.server_now();
+    /// The record after one holder of `rec` leaves (its count less one).
+    ///
+    /// The last holder leaves the record free (count 0, not shared, the same uuid), never
+    /// removed: Go v0.2 reads a record twice before it queues or takes over, and fails with "no
+    /// existing lock lease found" if it vanished in between, or "lock already leased" if its
+    /// uuid changed. How it is left depends on who is first in line:
+    /// - a Rust waiter, first by Go's order too: reserved for it — `ExpireAtTimestamp` a TTL
+    ///   ahead and the holder mark, so that Go v0.2 waits and the Rust waiter takes it under the
+    ///   same uuid;
+    /// - nobody: reserved for [`RESERVE_SECS`] (anyone on the Rust side may take it under the
+    ///   same uuid meanwhile), then expired for Go, which takes it at its next poll;
+    /// - a Go waiter: expired (`ExpireAtTimestamp` in the past), as Go v0.2 releases to its
+    ///   queue: the Go waiter takes it over.
+    pub(super) fn released(&self, rec: &Record) -> Record {
+        let now = self.store.server_now();
+        let mut left = rec.clone();
         if rec.shared_holders > 1 {
-            let mut left = rec.clone();
             left.shared_holders -= 1;
-            return Some(left);
+            return left;
         }
-        // Waiters by Go's liveness rule (their expiry not passed by the server's clock).
-        let head = rec
+        left.queue.remove(HOLDER_MARK);
+        left.shared_holders = 0;
+        left.is_shared = false;
+        let head = left
             .queue
             .values()
-            .filter(|m| m.expire_at >= server_now)
-            .min_by(|a, b| a.order().cmp(&b.order()))?;
-        let mut free = rec.clone();
-        free.shared_holders = 0;
-        free.expire_at = if head.is_ours() {
-            // A Rust waiter takes it from here within milliseconds: keep it looking held to Go
-            // peers, whose take-over of an expired record would race with it.
-            self.expire_at()
-        } else {
-            // A Go waiter is first: Go takes a record over only once it has expired.
-            server_now.saturating_sub(1)
+            .filter(|m| m.alive_for_go(now))
+            .min_by(|a, b| a.order().cmp(&b.order()));
+        let reserve = match head {
+            Some(head) if first_for_go(head, &left.queue, now) => Some(self.expire_at()),
+            Some(_) => None,
+            None => Some(now.saturating_add(RESERVE_SECS + 1)),
         };
-        Some(free)
+        match reserve {
+            Some(until) => {
+                left.expire_at = until;
+                left.queue
+                    .insert(HOLDER_MARK.to_owned(), Member::mark(until));
+            }
+            None => left.expire_at = now.saturating_sub(1),
+        }
+        left
     }
-}
 
-impl Object {
     /// Undoes what an acquisition that ended without the lock may have left: its queue entry
     /// `id`, and grants in `maybe` whose answers were lost. Best effort: what it cannot undo
     /// goes stale (an entry stops being refreshed, a grant is not renewed) within a TTL.
@@ -296,9 +316,12 @@ impl Object {
             if let Some(me) = id.filter(|id| rec.queue.contains_key(*id)) {
                 let mut left = rec.clone();
                 left.queue.remove(me);
-                // A free record kept only for its waiters goes away with the last of them.
-                let new =
-                    (left.shared_holders > 0 || !left.queue.is_empty()).then(|| left.to_value());
+                // A free record: give it to whoever is first now, as a release would.
+                if left.shared_holders <= 0 {
+                    left.shared_holders = 1;
+                    left = self.released(&left);
+                }
+                let new = Some(left.to_value());
                 let change = Change {
                     key: key.to_owned(),
                     expected: Some(value.to_owned()),
@@ -320,6 +343,44 @@ impl Object {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(800));
+        }
+    }
+
+    /// Makes room in a full object: removes the free records (released locks, count 0) that
+    /// have stood idle for a minute by the API server's clock with nobody queued. Returns how
+    /// many it removed.
+    pub(super) async fn make_room(&self) -> Result<usize, Error> {
+        let snap = self.store.get().await?;
+        let now = self.store.server_now();
+        let idle: Vec<Change> = snap
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(super::KEY_PREFIX))
+            .filter(|(_, v)| {
+                Record::parse(v).is_ok_and(|r| {
+                    r.shared_holders <= 0
+                        && r.expire_at.saturating_add(60) < now
+                        && r.queue.values().all(|m| m.expire_at < now)
+                })
+            })
+            .map(|(k, v)| Change {
+                key: k.clone(),
+                expected: Some(v.clone()),
+                new: None,
+            })
+            .collect();
+        if idle.is_empty() {
+            return Ok(0);
+        }
+        match self.store.write(&idle, true).await {
+            Ok(_) => {
+                tracing::info!(object = %self.store.describe, removed = idle.len(), "removed idle free lock records to make room");
+                Ok(idle.len())
+            }
+            // Somebody took one meanwhile: the caller tries again and may call again.
+            Err(WriteError::Conflict | WriteError::Unknown(_)) => Ok(0),
+            Err(WriteError::Failed(e)) => Err(e),
         }
     }
 }

@@ -1,0 +1,402 @@
+//! Mixed fleets: Rust lockgate and Go lockgate (v0.2.0, what werf requires, and v0.1.1) loop on
+//! one lock together. No Go-side error, no overlap, no lost update.
+//!
+//! Each Kubernetes fleet has one Go v0.2 process with an acquirer id: two of them fail each
+//! other ("lock already leased") on a busy object with no Rust process involved (Go v0.2's
+//! `changeLease` compares the uuid again after sleeping a second on a conflict, and its
+//! take-over always writes a new uuid); see PROTOCOL.md, "Go v0.2 peers".
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lockgate_testenv::{go_peer, go_peer_v01, required_env};
+
+/// The Rust twin of `lockgate-go loop`, built with this test suite.
+fn rust_loop() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let p = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("lockgate-loop");
+    assert!(
+        p.exists(),
+        "{p:?} is missing: run `cargo build --workspace` first"
+    );
+    p
+}
+
+/// One worker of a fleet: which program, and its extra arguments.
+struct Worker {
+    program: PathBuf,
+    label: &'static str,
+    args: Vec<String>,
+}
+
+fn rust(args: &[&str]) -> Worker {
+    Worker {
+        program: rust_loop(),
+        label: "rust",
+        args: args.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn go(args: &[&str]) -> Worker {
+    Worker {
+        program: go_peer(),
+        label: "go v0.2.0",
+        args: ["loop"].iter().chain(args).map(|s| s.to_string()).collect(),
+    }
+}
+
+fn go01(args: &[&str]) -> Worker {
+    Worker {
+        program: go_peer_v01(),
+        label: "go v0.1.1",
+        args: ["loop"].iter().chain(args).map(|s| s.to_string()).collect(),
+    }
+}
+
+/// Kills the fleet if the test fails half-way.
+struct Fleet(Vec<(String, Child)>);
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `workers` on the lock `name` of `locker`, `cycles` each, and checks every report: exit
+/// 0, no errors, no overlaps; then that the counter holds every increment.
+fn run_fleet(locker: &str, name: &str, cycles: u32, workers: Vec<Worker>, limit: Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("counter");
+    let start = Instant::now();
+    let mut fleet = Fleet(Vec::new());
+    for w in &workers {
+        let child = Command::new(&w.program)
+            .args(&w.args)
+            .args(["--locker", locker, "--cycles", &cycles.to_string()])
+            .arg("--counter")
+            .arg(&counter)
+            .arg(name)
+            .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        fleet.0.push((format!("{} {:?}", w.label, w.args), child));
+    }
+    let mut increments = 0;
+    let mut failures = Vec::new();
+    for (label, child) in &mut fleet.0 {
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{label} did not finish within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = take_output(child);
+        let report: serde_json::Value = out
+            .0
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_else(|| panic!("{label}: no report; stdout {:?} stderr {:?}", out.0, out.1));
+        eprintln!("{label}: {report}");
+        increments += report["increments"].as_u64().unwrap();
+        if !child.wait().unwrap().success() {
+            failures.push(format!("{label}: {report} {}", out.1));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "workers failed:\n{}",
+        failures.join("\n")
+    );
+    let n: u64 = read(&counter);
+    assert_eq!(
+        n, increments,
+        "lost updates: the counter says {n}, the workers made {increments}"
+    );
+    eprintln!(
+        "fleet of {} on {name}: {increments} increments in {:?}",
+        workers.len(),
+        start.elapsed()
+    );
+}
+
+fn take_output(child: &mut Child) -> (String, String) {
+    use std::io::Read;
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (out, err)
+}
+
+fn read(counter: &Path) -> u64 {
+    std::fs::read_to_string(counter)
+        .map(|s| s.trim().parse().unwrap_or(0))
+        .unwrap_or(0)
+}
+
+async fn configmap_url() -> String {
+    let cm = lockgate_testenv::configmap("default").await;
+    format!("kubernetes://default/configmaps/{cm}")
+}
+
+fn cycles() -> u32 {
+    std::env::var("LOCKGATE_FLEET_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_go_v02_share_a_configmap_lock_exclusively() {
+    let url = configmap_url().await;
+    tokio::task::spawn_blocking(move || {
+        run_fleet(
+            &url,
+            "fleet",
+            cycles(),
+            vec![
+                rust(&[]),
+                rust(&[]),
+                go(&["--acquirer-id", "auto"]),
+                go(&[]),
+            ],
+            Duration::from_secs(600),
+        )
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_go_v02_mix_shared_and_exclusive_on_a_configmap() {
+    let url = configmap_url().await;
+    tokio::task::spawn_blocking(move || {
+        run_fleet(
+            &url,
+            "mixed",
+            cycles(),
+            vec![
+                rust(&["--hold-ms", "20"]),
+                rust(&["-s", "--hold-ms", "20"]),
+                go(&["--acquirer-id", "auto", "--hold-ms", "20"]),
+                go(&["-s", "--hold-ms", "20"]),
+            ],
+            Duration::from_secs(600),
+        )
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_a_shared_go_v02_waiter_with_an_acquirer_id() {
+    let url = configmap_url().await;
+    tokio::task::spawn_blocking(move || {
+        run_fleet(
+            &url,
+            "shared-queued",
+            cycles(),
+            vec![
+                rust(&["--hold-ms", "20"]),
+                rust(&["-s", "--hold-ms", "20"]),
+                go(&["-s", "--acquirer-id", "auto", "--hold-ms", "20"]),
+                go(&["--hold-ms", "20"]),
+            ],
+            Duration::from_secs(600),
+        )
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_and_go_v01_share_a_configmap_lock() {
+    let url = configmap_url().await;
+    tokio::task::spawn_blocking(move || {
+        run_fleet(
+            &url,
+            "fleet",
+            cycles(),
+            vec![
+                rust(&[]),
+                rust(&["-s", "--hold-ms", "10"]),
+                go01(&[]),
+                go01(&["-s", "--hold-ms", "10"]),
+            ],
+            Duration::from_secs(600),
+        )
+    })
+    .await
+    .unwrap();
+}
+
+#[test]
+fn rust_and_go_v02_share_file_locks_while_both_collect_garbage() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file:{}", dir.path().display());
+    // Both garbage collectors run all the time, deleting every idle lock file at once.
+    let mut gcs = Fleet(vec![
+        (
+            "go gc".into(),
+            Command::new(go_peer())
+                .args([
+                    "gc",
+                    "--loop",
+                    "--interval-ms",
+                    "1",
+                    "--min-age",
+                    "0",
+                    "--locker",
+                    &url,
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ),
+        (
+            "rust gc".into(),
+            Command::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "while :; do {} --dir {} gc --older-than 0s >/dev/null || exit 1; done",
+                        lockgate_testenv::rust_cli().display(),
+                        dir.path().display()
+                    ),
+                ])
+                .spawn()
+                .unwrap(),
+        ),
+    ]);
+    run_fleet(
+        &url,
+        "collected",
+        cycles() * 5,
+        vec![rust(&[]), rust(&["-s"]), go(&[]), go(&["-s"])],
+        Duration::from_secs(300),
+    );
+    for (label, c) in &mut gcs.0 {
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "{label} stopped during the run"
+        );
+    }
+}
+
+/// Go v0.2 takes a released shared record over for an exclusive request without clearing
+/// `IsShared`: the record then says "shared" while a Go process holds it exclusively. A Rust
+/// shared request must not join it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_exclusive_holder_behind_a_shared_flag_is_not_joined() {
+    use lockgate::kubernetes::{annotation_key, KubernetesLocker, LeaseConfig, Target};
+    use lockgate::{AcquireError, AcquireOptions, Locker};
+    let cm = lockgate_testenv::configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let record = || async {
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(lockgate_testenv::client(false).await, "default");
+        let a = api
+            .get(&cm)
+            .await
+            .unwrap()
+            .metadata
+            .annotations
+            .unwrap_or_default();
+        a.get(&annotation_key("flag"))
+            .map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap())
+    };
+    // Go holds it shared; a Go exclusive waiter with an acquirer id queues behind.
+    let u = url.clone();
+    let shared = tokio::task::spawn_blocking(move || {
+        lockgate_testenv::hold(&go_peer(), &u, &["-s"], "flag")
+    })
+    .await
+    .unwrap();
+    let mut exclusive = Command::new(go_peer())
+        .args([
+            "exec",
+            "--locker",
+            &url,
+            "-q",
+            "--acquirer-id",
+            "auto",
+            "flag",
+            "--",
+            "sh",
+            "-c",
+            "echo locked; read _ || true",
+        ])
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !record()
+        .await
+        .is_some_and(|r| r["QueueMembers"].as_object().is_some_and(|q| !q.is_empty()))
+    {
+        assert!(Instant::now() < deadline, "the Go waiter never queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::spawn_blocking(move || lockgate_testenv::release(shared))
+        .await
+        .unwrap();
+    let mut exclusive = tokio::task::spawn_blocking(move || {
+        lockgate_testenv::expect_line(&mut exclusive, "locked");
+        exclusive
+    })
+    .await
+    .unwrap();
+    let r = record().await.expect("a record");
+    assert_eq!(
+        (r["IsShared"].as_bool(), r["SharedHoldersCount"].as_i64()),
+        (Some(true), Some(1)),
+        "precondition: Go left the shared flag on its exclusive lease: {r}"
+    );
+    let rust = Locker::new(
+        KubernetesLocker::new(
+            lockgate_testenv::client(false).await,
+            Target::configmap("default", &cm),
+            LeaseConfig::default(),
+        )
+        .unwrap(),
+    );
+    let e = rust
+        .acquire("flag", AcquireOptions::shared().non_blocking())
+        .await
+        .expect_err("joined a lock Go holds exclusively");
+    assert!(matches!(e, AcquireError::WouldBlock { .. }), "{e}");
+    drop(exclusive.stdin.take());
+    assert!(
+        tokio::task::spawn_blocking(move || exclusive.wait().unwrap())
+            .await
+            .unwrap()
+            .success()
+    );
+}
