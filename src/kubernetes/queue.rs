@@ -71,9 +71,10 @@ pub(crate) fn first_for_go(head: &Member, queue: &BTreeMap<String, Member>, now:
             .all(|m| m.arrived > head.arrived)
 }
 
-/// The acquirer id of the holder mark: a queue entry, older than anyone (`AcquiredAtTimestamp`
-/// 1) and expiring with the lease, that a Rust holder keeps in a record it took over under the
-/// record's uuid while Go v0.2 processes may have been looking at it as expired. Go v0.2 re-reads
+/// The acquirer id of the holder mark: a queue entry older than anyone (its
+/// `AcquiredAtTimestamp` is 1) and expiring with the lease, that a Rust holder keeps in a record
+/// it took over under the record's uuid while Go v0.2 processes may have been looking at it as
+/// expired. Go v0.2 re-reads
 /// such a record and takes it when it is the oldest queue member, without looking at the lease
 /// again; with the mark it never is. See PROTOCOL.md, "Go v0.2 peers".
 pub(crate) const HOLDER_MARK: &str = "lockgate-holder";
