@@ -282,20 +282,16 @@ impl FileLocker {
     }
 
     /// Tries to lock `file` without blocking; false when busy.
-    fn try_flock(file: &File, mode: Mode, path: &Path) -> Result<bool, Error> {
+    fn try_flock(file: &File, mode: Mode) -> io::Result<bool> {
         // SAFETY: flock on an open descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), op(mode) | libc::LOCK_NB) } == 0 {
             return Ok(true);
         }
-        let source = io::Error::last_os_error();
-        if source.kind() == io::ErrorKind::WouldBlock {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
             Ok(false)
         } else {
-            Err(Error::LockFile {
-                op: "lock",
-                path: path.to_owned(),
-                source,
-            })
+            Err(e)
         }
     }
 
@@ -310,7 +306,12 @@ impl FileLocker {
     ) -> Result<Result<Box<dyn Lease>, File>, AcquireError> {
         loop {
             let file = self.open(path)?;
-            if Self::try_flock(&file, opts.mode, &path.path())? {
+            let locked = Self::try_flock(&file, opts.mode).map_err(|source| Error::LockFile {
+                op: "lock",
+                path: path.path(),
+                source,
+            })?;
+            if locked {
                 match self.locked(name, file, path)? {
                     Some(lease) => return Ok(Ok(lease)),
                     None => continue,
@@ -325,7 +326,7 @@ impl FileLocker {
             if !Self::is_regular(&Self::stat(&file, path)?) {
                 return Err(Error::NotARegularFile { path: path.path() }.into());
             }
-            if !*notified {
+            if !*notified && opts.on_wait.is_some() {
                 *notified = true;
                 let holders = status::holders_of(&path.path()).unwrap_or_default();
                 opts.notify_wait(&WaitInfo {

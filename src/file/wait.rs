@@ -231,8 +231,11 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.cancel();
-            // Dropping the result closes a lock granted at the last moment.
-            drop(self.take_result());
+            if let Some(Ok(Some(file))) = self.take_result() {
+                // Closing the file frees the lock the kernel granted as the wait was cancelled.
+                drop(file);
+                tracing::debug!("closed a lock granted at the moment of cancellation");
+            }
         }
     }
 }
