@@ -873,11 +873,12 @@ fn directory_problems_are_typed_errors() {
         FileLocker::new("/proc/lockgate-cannot-exist"),
         Err(Error::LockDir { .. })
     ));
-    // A directory where lock files cannot be created (even by root).
+    // A directory where lock files cannot be created (even by root): the directory is the
+    // problem, not the lock file.
     let l = Locker::new(FileLocker::new("/proc/self").unwrap());
     let e = l.acquire_blocking("x", ex()).unwrap_err();
     assert!(
-        matches!(e, AcquireError::Failed(Error::LockFile { op: "open", .. })),
+        matches!(&e, AcquireError::Failed(Error::LockDir { path, .. }) if path == Path::new("/proc/self")),
         "{e:?}"
     );
     // The directory removed after the locker was made.
@@ -1049,6 +1050,51 @@ fn gc_removes_only_old_unused_lock_files() {
     assert!(fl.lock_path(&"held".try_into().unwrap()).exists());
     assert!(!fl.lock_path(&"stale".try_into().unwrap()).exists());
     drop(held);
+}
+
+/// gc's age is the time since a lock was last used, not since its file was created: flock(2)
+/// never touches a file's times, so acquisitions move the modification time up once it is an
+/// hour behind (and not more often: no write per acquisition).
+#[test]
+fn gc_age_counts_from_the_last_use() {
+    use std::time::SystemTime;
+    let dir = tempfile::tempdir().unwrap();
+    let fl = FileLocker::new(dir.path()).unwrap();
+    let l = Locker::new(fl.clone());
+    drop(l.acquire_blocking("used", ex()).unwrap());
+    drop(l.acquire_blocking("idle", ex()).unwrap());
+    let path = |n: &str| lock_path(dir.path(), n);
+    let set_mtime = |n: &str, t: SystemTime| {
+        std::fs::File::open(path(n))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    };
+    let mtime = |n: &str| std::fs::metadata(path(n)).unwrap().modified().unwrap();
+    let day = Duration::from_secs(86400);
+    let two_days_ago = SystemTime::now() - 2 * day;
+    set_mtime("used", two_days_ago);
+    set_mtime("idle", two_days_ago);
+    // Used now: its age starts again.
+    drop(
+        l.acquire_blocking("used", AcquireOptions::shared())
+            .unwrap(),
+    );
+    let age = SystemTime::now()
+        .duration_since(mtime("used"))
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_secs(60),
+        "age {age:?} after an acquisition"
+    );
+    // Within the hour, acquisitions leave the time alone.
+    let half_an_hour_ago = SystemTime::now() - Duration::from_secs(1800);
+    set_mtime("used", half_an_hour_ago);
+    drop(l.acquire_blocking("used", ex()).unwrap());
+    assert_eq!(mtime("used"), half_an_hour_ago);
+    let report = fl.gc(day).unwrap();
+    assert_eq!((report.removed, report.too_new, report.in_use), (1, 1, 0));
+    assert!(path("used").exists() && !path("idle").exists());
 }
 
 /// Acquisitions racing a collector that deletes lock files as fast as it can still exclude each

@@ -99,6 +99,9 @@ pub struct FileLocker {
     >,
 }
 
+/// How far (seconds) a lock file's modification time may lag behind its last acquisition.
+const AGE_REFRESH: u64 = 3600;
+
 /// How many lock file paths a locker remembers before it starts afresh.
 const PATH_CACHE: usize = 4096;
 
@@ -210,6 +213,18 @@ impl FileLocker {
                 Some(libc::ENOENT) | Some(libc::ENOTDIR) if !self.dir.is_dir() => {
                     dir_error(&self.dir, source)
                 }
+                // The lock file does not exist and cannot be created: the directory does not
+                // take new files (`/proc/1`, a read-only mount, no write permission, full).
+                Some(
+                    libc::ENOENT
+                    | libc::EACCES
+                    | libc::EPERM
+                    | libc::EROFS
+                    | libc::ENOSPC
+                    | libc::EDQUOT,
+                ) if std::fs::symlink_metadata(path.path()).is_err() => {
+                    dir_error(&self.dir, source)
+                }
                 Some(libc::EISDIR) => Error::NotARegularFile { path: path.path() },
                 _ => Error::LockFile {
                     op: "open",
@@ -263,9 +278,28 @@ impl FileLocker {
         }
         if held.st_size == 0 {
             Self::record_name(path, name);
+        } else {
+            Self::refresh_age(&file, &held);
         }
         tracing::trace!(lock = name.as_str(), "file lock acquired");
         Ok(Some(Box::new(FileLease { file })))
+    }
+
+    /// Keeps a lock file's modification time within [`AGE_REFRESH`] of its last acquisition, so
+    /// that [`gc`](Self::gc)'s age is the time since the lock was last used. flock(2) never
+    /// changes a file's times; writing them on every acquisition would cost a system call each,
+    /// so they are written only once they are an hour off (the `fstat` that the link-count check
+    /// makes anyway tells). Best effort: only the file's owner (or a writer) may set its times.
+    fn refresh_age(file: &File, held: &libc::stat) {
+        // SAFETY: time(NULL) cannot fail.
+        let now = unsafe { libc::time(std::ptr::null_mut()) };
+        if now.abs_diff(held.st_mtime) <= AGE_REFRESH {
+            return;
+        }
+        // SAFETY: futimens on an open descriptor; NULL sets both times to now.
+        if unsafe { libc::futimens(file.as_raw_fd(), std::ptr::null()) } != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "cannot refresh a lock file's age");
+        }
     }
 
     /// Records the lock name in a new (empty) lock file, so that `status` can show names. Best
@@ -369,10 +403,12 @@ impl FileLocker {
         status::status(self)
     }
 
-    /// Deletes lock files that are unused and whose last modification is older than
-    /// `older_than`. A file is deleted only while this process holds it exclusively, and every
-    /// acquisition checks after locking that its file is still linked, so collection never
-    /// breaks a lock taken by lockgate (Rust, or Go lockgate from v0.2).
+    /// Deletes lock files that nobody holds and that were not modified for `older_than`: not
+    /// acquired by Rust lockgate for that long (acquisitions keep the modification time within
+    /// an hour of the last one; Go lockgate's do not touch it, nor do those of users who may not
+    /// set the file's times). A file is deleted only while this process holds it exclusively,
+    /// and every acquisition checks after locking that its file is still linked, so collection
+    /// never breaks a lock taken by lockgate (Rust, or Go lockgate from v0.2), whatever the age.
     ///
     /// # Errors
     ///
