@@ -271,6 +271,24 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// The children of `pid`: (pid, command name) each, from /proc.
+pub fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let child: u32 = p.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_owned();
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then_some((child, comm))
+        })
+        .collect()
+}
+
 /// Waits until `cond` holds, checking with a short back-off; panics after `limit` with `what`.
 /// For conditions that nothing announces (a process's state, a kernel table): the check is
 /// cheap and the back-off short, so the wait ends within milliseconds of the condition.
