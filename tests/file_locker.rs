@@ -479,6 +479,43 @@ fn until_i_wait(dir: &Path, name: &str) {
     );
 }
 
+/// Blocking waits with a deadline are interrupted by a timer signal on the waiting thread; a
+/// signal that lands just before the thread enters flock(2) must not leave it blocked. Many
+/// short timeouts, also from a thread that blocks every signal, all end on time.
+#[test]
+fn short_timeouts_always_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = locker(dir.path());
+    let _g = l.acquire_blocking("short", ex()).unwrap();
+    let run = |l: Locker| {
+        for i in 0..300u64 {
+            let timeout = Duration::from_micros(i * 37 % 3000);
+            let start = Instant::now();
+            let e = l
+                .acquire_blocking("short", ex().timeout(timeout))
+                .unwrap_err();
+            assert!(e.is_contention(), "{e:?}");
+            let took = start.elapsed();
+            assert!(
+                took < timeout + Duration::from_secs(1),
+                "{took:?} for {timeout:?}"
+            );
+        }
+    };
+    let l2 = l.clone();
+    let blocked = std::thread::spawn(move || {
+        // SAFETY: blocking every signal on this thread only.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
+        }
+        run(l2);
+    });
+    run(l);
+    blocked.join().unwrap();
+}
+
 /// A timed acquisition first waits in the kernel, then gives up at its deadline and leaves: no
 /// waiter is left behind, and the lock is free for others at once.
 #[test]

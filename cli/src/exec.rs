@@ -24,7 +24,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use lockgate::{AcquireError, AcquireOptions, LockGuard, LostReason, Mode, Wait};
+use lockgate::{AcquireError, AcquireOptions, LockGuard, Locker, LostReason, Mode, Wait};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 
@@ -44,42 +44,23 @@ pub(crate) const KILL_AFTER: Duration = Duration::from_secs(2);
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 pub(crate) fn run(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
-    crate::runtime()?.block_on(run_async(locator, args))
-}
-
-fn wait_policy(args: &ExecArgs) -> Wait {
-    match args.timeout {
-        _ if args.non_blocking => Wait::NonBlocking,
-        Some(t) => Wait::Timeout(t),
-        None => Wait::Forever,
-    }
-}
-
-async fn run_async(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
-    let locker = locator.locker().await?;
-    let mode = if args.shared {
-        Mode::Shared
-    } else {
-        Mode::Exclusive
+    let rt = crate::runtime()?;
+    let (_locker, acquired) = match locator {
+        // A file lock is waited for on this very thread: the kernel wakes it at the release,
+        // with no hop through another thread (and a timer interrupts it for `-w`). Nothing
+        // else runs yet.
+        Locator::File { .. } => {
+            let locker = Locker::new(locator.file_locker()?);
+            let acquired = locker.acquire_blocking(&args.name, options(&args));
+            (locker, acquired)
+        }
+        Locator::Kubernetes { .. } => rt.block_on(async {
+            let locker = locator.locker().await?;
+            let acquired = locker.acquire(&args.name, options(&args)).await;
+            Ok::<_, Failure>((locker, acquired))
+        })?,
     };
-    let mut opts = AcquireOptions::default()
-        .mode(mode)
-        .wait(wait_policy(&args));
-    if !args.quiet {
-        opts = opts.on_wait(|info| {
-            let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
-            let held_by = if holders.is_empty() {
-                String::new()
-            } else {
-                format!(", held by {}", holders.join(", "))
-            };
-            eprintln!(
-                "lockgate: waiting for {} lock {:?}{held_by}",
-                info.mode, info.name
-            );
-        });
-    }
-    let guard = match locker.acquire(&args.name, opts).await {
+    let guard = match acquired {
         Ok(guard) => guard,
         Err(AcquireError::Failed(e)) => return Err(e.into()),
         Err(e) => {
@@ -89,9 +70,40 @@ async fn run_async(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
             return Ok(args.conflict_exit_code);
         }
     };
-    let ended = supervise(&guard, &args).await;
-    let released = guard.release().await;
-    exit_code(ended, released)
+    rt.block_on(async {
+        let ended = supervise(&guard, &args).await;
+        let released = guard.release().await;
+        exit_code(ended, released)
+    })
+}
+
+fn options(args: &ExecArgs) -> AcquireOptions {
+    let mode = if args.shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    };
+    let wait = match args.timeout {
+        _ if args.non_blocking => Wait::NonBlocking,
+        Some(t) => Wait::Timeout(t),
+        None => Wait::Forever,
+    };
+    let opts = AcquireOptions::default().mode(mode).wait(wait);
+    if args.quiet {
+        return opts;
+    }
+    opts.on_wait(|info| {
+        let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
+        let held_by = if holders.is_empty() {
+            String::new()
+        } else {
+            format!(", held by {}", holders.join(", "))
+        };
+        eprintln!(
+            "lockgate: waiting for {} lock {:?}{held_by}",
+            info.mode, info.name
+        );
+    })
 }
 
 /// How the command ended.

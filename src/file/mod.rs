@@ -507,10 +507,15 @@ impl Backend for FileLocker {
                 Ok(lease) => return Ok(lease),
                 Err(file) => file,
             };
+            // Block right here (no hop through another thread at the grant): without a deadline
+            // nothing interrupts the wait; with one, a timer for this thread does.
             let waited = match deadline {
-                // Nothing can interrupt this wait: block right here, no thread hop.
                 None => wait::flock_blocking(file, op(opts.mode)),
-                Some(_) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
+                Some(d) => match wait::flock_until(file, op(opts.mode), d) {
+                    Ok(waited) => waited,
+                    // No timer available: wait through a thread of its own.
+                    Err(file) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
+                },
             };
             let file = Self::wait_error(name, &path, start, waited)?;
             if let Some(lease) = self.locked(name, file, &path)? {
