@@ -576,14 +576,17 @@ fn handoff(dir: &Path, go: Option<&Path>, rounds: usize, go_rounds: usize, rng: 
     for (label, role) in [
         ("raw blocking flock(2)", "raw"),
         (
-            "lockgate `acquire_blocking`, no deadline (waits on the calling thread)",
+            "lockgate `acquire_blocking`, no deadline (flock on the calling thread; `exec`)",
             "blocking",
         ),
         (
-            "lockgate `acquire_blocking` with a timeout (waiter thread + signal; `exec -w`)",
+            "lockgate `acquire_blocking` with a timeout (flock on the calling thread, a timer signal at the deadline; `exec -w`)",
             "timed",
         ),
-        ("lockgate async `acquire` (waiter thread; `exec`)", "async"),
+        (
+            "lockgate async `acquire` (flock on a waiter thread that wakes the task)",
+            "async",
+        ),
     ] {
         let s = handoff_run(dir, spawn(role), rounds, Ready::Blocked, rng);
         row(label, &s);
