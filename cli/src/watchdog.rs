@@ -237,6 +237,24 @@ mod tests {
         std::process::exit(1);
     }
 
+    /// The helper process, killed when dropped (also when a test fails).
+    struct Helper(std::process::Child);
+
+    impl Helper {
+        /// Kills the helper with SIGKILL, as lockgate may be, and reaps it.
+        fn kill(&mut self) {
+            self.0.kill().unwrap();
+            self.0.wait().unwrap();
+        }
+    }
+
+    impl Drop for Helper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
     struct Group(Vec<u32>);
 
     impl Drop for Group {
@@ -257,9 +275,9 @@ mod tests {
         })
     }
 
-    /// Runs the helper; returns it, the pids the script printed (`pid N` lines) and, once the
-    /// helper said `until`, the rest of its output.
-    fn helper(role: &str, script: &str, until: &str) -> (std::process::Child, Group) {
+    /// Runs the helper until it says `until`; returns it and the pids the script printed (`pid
+    /// N` lines).
+    fn helper(role: &str, script: &str, until: &str) -> (Helper, Group) {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -274,6 +292,7 @@ mod tests {
             .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let out = child.stdout.take().unwrap();
+        let child = Helper(child);
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let _ = tx.send(line);
@@ -313,8 +332,7 @@ mod tests {
     #[test]
     fn lockgates_death_ends_the_commands_group() {
         let (mut helper, group) = helper("die", SCRIPT, "ready");
-        helper.kill().unwrap();
-        helper.wait().unwrap();
+        helper.kill();
         let took = wait_gone(&group.0, Duration::from_secs(10));
         assert!(
             took < super::KILL_AFTER,
@@ -328,8 +346,7 @@ mod tests {
         let script = format!("trap '' TERM; {SCRIPT}");
         let (mut helper, group) = helper("die", &script, "ready");
         let killed = Instant::now();
-        helper.kill().unwrap();
-        helper.wait().unwrap();
+        helper.kill();
         wait_gone(&group.0, Duration::from_secs(10));
         let took = killed.elapsed();
         assert!(
@@ -346,8 +363,7 @@ mod tests {
         let (background, command) = (group.0[0], group.0[1]);
         // The helper has reaped its watchdog: nothing is left to end the group.
         assert!(alive(background) && alive(command));
-        helper.kill().unwrap();
-        helper.wait().unwrap();
+        helper.kill();
         wait_gone(&[command], Duration::from_secs(10));
         assert!(alive(background), "the disarmed watchdog ended the group");
     }
