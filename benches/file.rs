@@ -313,6 +313,11 @@ fn uncontended(dir: &Path, go: Option<&Path>, n: usize, rounds: usize) {
             }),
         ),
         (
+            "raw open + flock + close, each cycle in `block_on` (what the async row's harness adds)"
+                .into(),
+            Box::new(|n| timed(n, || rt.block_on(async { raw_cycle(&path) }))),
+        ),
+        (
             "lockgate async `acquire` + `release`".into(),
             Box::new(|n| {
                 timed(n, || {

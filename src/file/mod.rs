@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::backend::{Backend, BoxFuture, Lease, LostSignal};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Mode, WaitInfo};
+use crate::options::{AcquireOptions, Mode, Wait, WaitInfo};
 
 pub use status::{GcReport, LockState, LockStatus};
 use wait::Waiter;
@@ -373,17 +373,27 @@ impl FileLocker {
         }
     }
 
+    /// When the acquisition started and its deadline; an acquisition that waits forever needs
+    /// neither (and skips reading the clock).
+    fn clock(opts: &AcquireOptions) -> (Option<Instant>, Option<Instant>) {
+        if opts.wait == Wait::Forever {
+            return (None, None);
+        }
+        let start = Instant::now();
+        (Some(start), opts.wait.deadline(start))
+    }
+
     fn wait_error(
         name: &LockName,
         path: &LockPath,
-        start: Instant,
+        start: Option<Instant>,
         r: io::Result<Option<File>>,
     ) -> Result<File, AcquireError> {
         match r {
             Ok(Some(file)) => Ok(file),
             Ok(None) => Err(AcquireError::TimedOut {
                 name: name.as_str().to_owned(),
-                waited: start.elapsed(),
+                waited: start.map_or(std::time::Duration::ZERO, |s| s.elapsed()),
             }),
             Err(source) => Err(Error::LockFile {
                 op: "lock",
@@ -475,8 +485,7 @@ impl Backend for FileLocker {
         opts: &'a AcquireOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>> {
         Box::pin(async move {
-            let start = Instant::now();
-            let deadline = opts.wait.deadline(start);
+            let (start, deadline) = Self::clock(opts);
             let path = self.c_path(name);
             let mut notified = false;
             loop {
@@ -498,8 +507,7 @@ impl Backend for FileLocker {
         name: &LockName,
         opts: &AcquireOptions,
     ) -> Result<Box<dyn Lease>, AcquireError> {
-        let start = Instant::now();
-        let deadline = opts.wait.deadline(start);
+        let (start, deadline) = Self::clock(opts);
         let path = self.c_path(name);
         let mut notified = false;
         loop {
