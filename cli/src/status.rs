@@ -97,47 +97,43 @@ fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
     let mut out = std::io::stdout().lock();
     if json {
         write_json(&mut out, &records)?;
-    } else {
-        kubernetes_table(&mut out, &records).map_err(Failure::output)?;
+        out.flush().map_err(Failure::output)?;
+        return Ok(0);
     }
-    out.flush().map_err(Failure::output)?;
-    Ok(0)
-}
-
-fn kubernetes_table(
-    out: &mut impl Write,
-    records: &[lockgate::kubernetes::RecordStatus],
-) -> std::io::Result<()> {
     let row = |mode: &str, holders: &str, waiting: &str, expires: &str, uuid: &str, name: &str| {
         format!("{mode:<10} {holders:>7} {waiting:>7} {expires:>10}  {uuid:<36}  {name}")
     };
-    writeln!(
-        out,
-        "{}",
-        row("MODE", "HOLDERS", "WAITING", "EXPIRES IN", "UUID", "NAME")
-    )?;
-    for r in records {
-        let line = match (&r.error, &r.mode) {
-            (Some(e), _) => row(
-                "?",
-                "-",
-                "-",
-                "-",
-                "-",
-                &format!("corrupt record in {}: {e}", r.key),
-            ),
-            (None, mode) => row(
-                &mode.map(|m| m.to_string()).unwrap_or_default(),
-                &r.holders.to_string(),
-                &r.waiters.to_string(),
-                &r.expires_in_secs
-                    .map(|s| format!("{s}s"))
-                    .unwrap_or_default(),
-                r.uuid.as_deref().unwrap_or("-"),
-                &format!("{:?}", r.name.as_deref().unwrap_or("")),
-            ),
-        };
-        writeln!(out, "{line}")?;
-    }
-    Ok(())
+    let mut table = || -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{}",
+            row("MODE", "HOLDERS", "WAITING", "EXPIRES IN", "UUID", "NAME")
+        )?;
+        for r in &records {
+            let line = match (&r.error, &r.mode) {
+                (Some(e), _) => row(
+                    "?",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    &format!("corrupt record in {}: {e}", r.key),
+                ),
+                (None, mode) => row(
+                    &mode.map(|m| m.to_string()).unwrap_or_default(),
+                    &r.holders.to_string(),
+                    &r.waiters.to_string(),
+                    &r.expires_in_secs
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_default(),
+                    r.uuid.as_deref().unwrap_or("-"),
+                    &format!("{:?}", r.name.as_deref().unwrap_or("")),
+                ),
+            };
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    };
+    table().map_err(Failure::output)?;
+    Ok(0)
 }
