@@ -143,6 +143,8 @@ fn exit_code(
 struct Signals {
     forwarded: Vec<(libc::c_int, Signal)>,
     child: Signal,
+    /// lockgate was continued (`fg`, `bg`): the command's group may get the terminal.
+    continued: Signal,
 }
 
 impl Signals {
@@ -158,6 +160,7 @@ impl Signals {
                 .map(|&sig| Ok((sig, handle(sig)?)))
                 .collect::<Result<_, Failure>>()?,
             child: handle(libc::SIGCHLD)?,
+            continued: handle(libc::SIGCONT)?,
         })
     }
 
@@ -188,7 +191,7 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
         command: &args.command,
         lock_fd,
         watchdog_fd: watchdog.as_ref().map(Watchdog::command_fd),
-        terminal: Terminal::foreground(),
+        terminal: Terminal::of_stdin(),
     });
     let mut job = match spawned {
         Ok(job) => job,
@@ -219,6 +222,7 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
         }
         tokio::select! {
             _ = signals.child.recv() => {}
+            _ = signals.continued.recv() => job.continued(),
             sig = Signals::next_forwarded(&mut signals.forwarded) => {
                 tracing::debug!(signal = sig, "forwarding a signal to the command's group");
                 job.signal(sig);
@@ -245,7 +249,7 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
     if forwarded || lost.is_some() || status.signal().is_some() {
         end_group(&job, kill_at, &mut signals).await;
     }
-    let interactive = job.interactive();
+    let from_terminal = job.ended_with_terminal();
     drop(job); // the terminal comes back
     if let Some(w) = watchdog {
         w.disarm();
@@ -254,7 +258,7 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
     // they would have reached lockgate's own process group too (a calling script, which then
     // stops): pass them on, now that the command has ended. lockgate itself handles them.
     if let (true, false, Some(sig @ (libc::SIGINT | libc::SIGQUIT))) =
-        (interactive, forwarded, status.signal())
+        (from_terminal, forwarded, status.signal())
     {
         // SAFETY: kill(2) on our own process group.
         unsafe { libc::kill(0, sig) };

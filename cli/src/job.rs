@@ -17,7 +17,7 @@ use std::process::ExitStatus;
 
 use crate::watchdog;
 
-/// The terminal `lockgate` runs in the foreground of.
+/// `lockgate`'s controlling terminal, on stdin.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Terminal {
     fd: RawFd,
@@ -26,20 +26,26 @@ pub(crate) struct Terminal {
 }
 
 impl Terminal {
-    /// The terminal on stdin, when `lockgate` is in its foreground process group (interactive
-    /// use); `None` otherwise (a pipe, a file, a background job, no terminal at all).
-    pub(crate) fn foreground() -> Option<Self> {
+    /// The terminal on stdin when it is `lockgate`'s controlling terminal (interactive use, in
+    /// the foreground or in the background); `None` otherwise (a pipe, a file, no terminal).
+    pub(crate) fn of_stdin() -> Option<Self> {
         let fd = libc::STDIN_FILENO;
-        // SAFETY: plain queries on a descriptor number.
+        // SAFETY: plain queries on a descriptor number. tcgetpgrp fails unless the terminal
+        // is our controlling terminal.
         unsafe {
             let own = libc::getpgrp();
-            (libc::isatty(fd) == 1 && libc::tcgetpgrp(fd) == own).then_some(Self { fd, own })
+            (libc::isatty(fd) == 1 && libc::tcgetpgrp(fd) >= 0).then_some(Self { fd, own })
         }
     }
 
-    fn is_foreground(&self) -> bool {
+    /// The terminal's foreground process group.
+    fn owner(&self) -> libc::pid_t {
         // SAFETY: tcgetpgrp on a descriptor number.
-        unsafe { libc::tcgetpgrp(self.fd) == self.own }
+        unsafe { libc::tcgetpgrp(self.fd) }
+    }
+
+    fn is_foreground(&self) -> bool {
+        self.owner() == self.own
     }
 
     /// Makes `group` the terminal's foreground process group.
@@ -47,10 +53,6 @@ impl Terminal {
         // SAFETY: tcsetpgrp with SIGTTOU blocked (a background group may then set it, as
         // shells do).
         with_sigttou_blocked(|| unsafe { libc::tcsetpgrp(self.fd, group) });
-    }
-
-    fn take_back(&self) {
-        self.give(self.own);
     }
 }
 
@@ -79,7 +81,7 @@ pub(crate) struct Spawn<'a> {
     /// A leased lock's watchdog: the command announces its group to it, and gets SIGTERM if
     /// `lockgate` dies.
     pub watchdog_fd: Option<RawFd>,
-    /// The terminal to hand to the command's group.
+    /// `lockgate`'s terminal: the command's group gets it while `lockgate` is in its foreground.
     pub terminal: Option<Terminal>,
 }
 
@@ -88,8 +90,10 @@ pub(crate) struct Spawn<'a> {
 pub(crate) struct Job {
     pid: libc::pid_t,
     terminal: Option<Terminal>,
-    /// The command got the terminal.
-    interactive: bool,
+    /// The command's group had the terminal when the command ended.
+    ended_with_terminal: bool,
+    /// Stopped by job control (and lockgate with it): to be continued with lockgate.
+    stopped: bool,
     reaped: bool,
 }
 
@@ -109,7 +113,8 @@ impl Job {
             terminal,
             ..
         } = how;
-        let tty = terminal.map(|t| t.fd);
+        // In the foreground, the terminal goes to the command's group at once.
+        let tty = terminal.filter(Terminal::is_foreground).map(|t| t.fd);
         // SAFETY: the closure only makes async-signal-safe system calls.
         unsafe {
             cmd.pre_exec(move || {
@@ -152,13 +157,14 @@ impl Job {
         // Also from here (see above); fails harmlessly once the command has called exec.
         // SAFETY: setpgid on our own child.
         unsafe { libc::setpgid(pid, pid) };
-        if let Some(t) = &terminal {
+        if let (Some(t), Some(_)) = (&terminal, tty) {
             t.give(pid);
         }
         Ok(Self {
             pid,
-            interactive: terminal.is_some(),
             terminal,
+            ended_with_terminal: false,
+            stopped: false,
             reaped: false,
         })
     }
@@ -168,9 +174,10 @@ impl Job {
         self.pid as u32
     }
 
-    /// True when the command ran with the terminal (lockgate was in its foreground).
-    pub(crate) fn interactive(&self) -> bool {
-        self.interactive
+    /// True when the command's group had the terminal when the command ended (so a signal that
+    /// ended it may have come from the terminal).
+    pub(crate) fn ended_with_terminal(&self) -> bool {
+        self.ended_with_terminal
     }
 
     /// Sends `sig` to the command's whole process group.
@@ -201,6 +208,7 @@ impl Job {
                 _ if libc::WIFSTOPPED(status) => self.stopped(libc::WSTOPSIG(status)),
                 _ => {
                     self.reaped = true;
+                    self.ended_with_terminal = self.terminal.is_some_and(|t| t.owner() == self.pid);
                     self.restore_terminal();
                     return Ok(Some(ExitStatus::from_raw(status)));
                 }
@@ -208,32 +216,49 @@ impl Job {
         }
     }
 
-    /// The command was stopped. From a terminal (Ctrl-Z, or reading the terminal from the
-    /// background), `lockgate` takes the terminal back and stops itself the same way, so that
-    /// the shell sees the job stop; when continued, it gives the terminal back (if it is in
-    /// the foreground again) and continues the command's group. Where lockgate cannot stop (an
-    /// orphaned process group, where the kernel discards job-control stops), that comes down
-    /// to continuing the command at once. Other stops (SIGSTOP from a debugger, say) are left
-    /// to whoever caused them.
+    /// The command was stopped. On a terminal (Ctrl-Z, or reading the terminal from the
+    /// background), `lockgate` stops itself the same way, so that the shell sees its job stop
+    /// and takes the terminal back; [`continued`](Self::continued) undoes it. Where lockgate
+    /// cannot stop (an orphaned process group: the kernel discards job-control stops), that
+    /// comes down to continuing the command at once. Other stops (SIGSTOP from a debugger, say)
+    /// are left to whoever caused them.
     fn stopped(&mut self, sig: libc::c_int) {
         let Some(t) = self.terminal else { return };
         if !matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
             return;
         }
         tracing::debug!(signal = sig, "the command was stopped; stopping too");
-        t.take_back();
+        self.stopped = true;
+        if t.owner() == self.pid {
+            t.give(t.own);
+        }
         // SAFETY: kill(2) on ourselves; the signal's action is the default (stop), and the
         // call returns once lockgate is continued.
         unsafe { libc::kill(libc::getpid(), sig) };
+        self.continued();
+    }
+
+    /// `lockgate` was continued (SIGCONT: `fg`, `bg`): the command's group gets the terminal if
+    /// lockgate is in the foreground now, and is continued if lockgate had stopped with it.
+    pub(crate) fn continued(&mut self) {
+        let Some(t) = self.terminal else { return };
+        if self.reaped {
+            return;
+        }
         if t.is_foreground() {
             t.give(self.pid);
         }
-        self.signal(libc::SIGCONT);
+        if std::mem::take(&mut self.stopped) {
+            self.signal(libc::SIGCONT);
+        }
     }
 
+    /// Takes the terminal back if the command's group has it.
     fn restore_terminal(&mut self) {
         if let Some(t) = self.terminal.take() {
-            t.take_back();
+            if t.owner() == self.pid {
+                t.give(t.own);
+            }
         }
     }
 

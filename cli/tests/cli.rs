@@ -983,3 +983,40 @@ fn on_a_terminal_ctrl_z_stops_and_fg_continues() {
     assert_eq!(field(&s.expect("resumed rc="), "rc"), 0);
     assert!(s.proc.wait().success());
 }
+
+/// Started in the background (`&`), lockgate leaves the terminal alone; the command stops when it
+/// reads the terminal, and lockgate with it; `fg` gives the command the terminal and continues
+/// it.
+#[test]
+fn on_a_terminal_a_background_exec_gets_the_terminal_on_fg() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = "echo re\"\"ady; read line; echo \"got $line\"";
+    let script = format!(
+        "set -m; '{}' --dir '{}' exec n -- sh -c '{}' & read go; fg; echo \"fg rc=$?\"",
+        lockgate_path(),
+        dir.path().display(),
+        inner.replace('\'', r"'\''"),
+    );
+    let mut s = Session::start("bash", &script);
+    s.expect("ready");
+    let stopped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            st.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .is_some_and(|state| state == "T")
+        })
+    };
+    let mut lockgate = 0;
+    wait_until("lockgate stopped with its command", PATIENCE, || {
+        lockgate = support::children_of(s.proc.id())
+            .into_iter()
+            .find(|c| c.1 == "lockgate")
+            .map_or(0, |c| c.0);
+        lockgate != 0 && stopped(lockgate)
+    });
+    s.type_in(b"go\n");
+    s.type_in(b"hello\n");
+    s.expect("got hello");
+    assert_eq!(field(&s.expect("fg rc="), "rc"), 0);
+    assert!(s.proc.wait().success());
+}
