@@ -340,8 +340,12 @@ fn uncontended(dir: &Path, go: Option<&Path>, n: usize, rounds: usize) {
                 // CPU: the process running n cycles less one running a single cycle (start-up).
                 let (wall, cpu) = go_bench(go, &locker_url, n);
                 let (_, start_up) = go_bench(go, &locker_url, 1);
+                assert!(
+                    cpu > start_up,
+                    "the Go peer used less CPU for {n} cycles ({cpu:?}) than for one ({start_up:?})"
+                );
                 Cost {
-                    cpu: cpu.saturating_sub(start_up) / (n as u32 - 1),
+                    cpu: (cpu - start_up) / (n as u32 - 1),
                     wall,
                 }
             }),
