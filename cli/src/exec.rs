@@ -287,8 +287,8 @@ async fn end_group(job: &Job, kill_at: Option<Instant>, signals: &mut Signals) {
             Instant::now() + KILL_AFTER
         }
     };
-    // Members of the group are not all our children: look again on every child event (orphans
-    // of a subreaper) and every 20 ms.
+    // Members of the group need not be lockgate's children, so nothing announces their end:
+    // look again every 20 ms (and on every child event).
     while job.group_alive() {
         tokio::select! {
             _ = tokio::time::sleep_until(kill_at) => {
