@@ -301,11 +301,14 @@ pub(super) fn status(locker: &FileLocker) -> Result<Vec<LockStatus>, Error> {
         }
     }
     let ids: std::collections::HashSet<(u64, u64)> = files.iter().map(|f| f.2).collect();
-    let mut locks =
+    let mut locks = if ids.is_empty() {
+        HashMap::new()
+    } else {
         proc_locks(|dev, ino| ids.contains(&(dev, ino))).map_err(|source| Error::System {
             op: "read /proc/locks",
             source,
-        })?;
+        })?
+    };
     let mut out = Vec::with_capacity(files.len());
     for (path, file_name, id) in files {
         let l = locks.remove(&id).unwrap_or_default();
