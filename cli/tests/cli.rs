@@ -845,6 +845,14 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Everything the session started, in whatever process group (lockgate, the command's
+        // group, a job-control shell's jobs), also when a test failed half-way.
+        support::kill_session(self.proc.id());
+    }
+}
+
 /// `key=value` pairs of a line as numbers.
 fn field(line: &str, key: &str) -> i64 {
     line.split_whitespace()

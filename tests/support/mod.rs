@@ -289,6 +289,31 @@ pub fn children_of(pid: u32) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// Kills (SIGKILL) every process of the session `sid`: what a test started in a session of its
+/// own, whatever process groups it made.
+pub fn kill_session(sid: u32) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp session ...
+        let session = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(3))
+            .and_then(|s| s.parse::<u32>().ok());
+        if session == Some(sid) {
+            // SAFETY: kill(2) on a process of the test's own session.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Waits until `cond` holds, checking with a short back-off; panics after `limit` with `what`.
 /// For conditions that nothing announces (a process's state, a kernel table): the check is
 /// cheap and the back-off short, so the wait ends within milliseconds of the condition.
