@@ -65,7 +65,8 @@ fn run_piped(cmd: &mut Command, pipe_stdout: bool) -> Output {
 }
 
 /// Starts `lockgate exec` holding `name` around a shell script; returns once the script runs.
-/// The script's first line is `running PID`.
+/// The script's first line is `running PID`. The command's process group is killed with the
+/// guard.
 fn hold(dir: &Path, args: &[&str], name: &str, script: &str) -> Proc {
     let mut p = Proc::spawn(lockgate(dir).arg("exec").args(args).arg(name).args([
         "--",
@@ -73,7 +74,8 @@ fn hold(dir: &Path, args: &[&str], name: &str, script: &str) -> Proc {
         "-c",
         &format!("echo running $$; {script}"),
     ]));
-    p.expect("running");
+    let shell = pid_in(&p.expect("running"));
+    p.also_kill_group(shell);
     p
 }
 

@@ -106,6 +106,8 @@ pub struct Proc {
     /// Its stdin, when it was piped. Dropping it closes the child's stdin.
     pub stdin: Option<ChildStdin>,
     kill_group: bool,
+    /// Other process groups to kill with it (what the child started in groups of their own).
+    groups: Vec<u32>,
     status: Option<ExitStatus>,
     name: String,
 }
@@ -145,6 +147,7 @@ impl Proc {
             stdin: child.stdin.take(),
             child: Some(child),
             kill_group: false,
+            groups: Vec::new(),
             status: None,
             name,
         }
@@ -155,6 +158,11 @@ impl Proc {
     pub fn group(mut self) -> Self {
         self.kill_group = true;
         self
+    }
+
+    /// Also kills the process group `pgid` when dropped.
+    pub fn also_kill_group(&mut self, pgid: u32) {
+        self.groups.push(pgid);
     }
 
     /// The child's pid.
@@ -231,6 +239,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        for &g in &self.groups {
+            // SAFETY: kill(2) on a group this test started.
+            unsafe { libc::kill(-(g as libc::pid_t), libc::SIGKILL) };
+        }
         let Some(mut child) = self.child.take() else {
             return;
         };
