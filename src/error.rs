@@ -102,6 +102,15 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
 
+    /// No usable Kubernetes client configuration was found (in-cluster service account,
+    /// `$KUBECONFIG`, `~/.kube/config`), or it is unusable.
+    #[cfg(feature = "kubernetes")]
+    #[error("no usable Kubernetes client configuration: {reason}")]
+    KubeConfig {
+        /// What is wrong, each cause once.
+        reason: String,
+    },
+
     /// The Kubernetes resource named for the locker is unknown or used with the wrong scope.
     #[cfg(feature = "kubernetes")]
     #[error("cannot use resource {resource:?}: {reason}")]
@@ -244,14 +253,18 @@ impl From<NameError> for AcquireError {
 /// `Result` with this crate's [`Error`] by default.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// `error: cause: cause`, for logs.
+/// `error: cause: cause`, for logs and messages, each cause once: a cause whose text the message
+/// already contains (errors that print their source themselves) is skipped.
 #[allow(dead_code)]
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         source = cause.source();
     }
     s

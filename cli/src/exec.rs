@@ -4,65 +4,63 @@
 //! - With a file locker the command inherits the lock file's descriptor, so the lock belongs to
 //!   it as much as to lockgate: if lockgate is killed, the command keeps the lock until it (and
 //!   any child that inherited the descriptor) exits.
-//! - With a leased locker the command gets SIGTERM when lockgate dies (PR_SET_PDEATHSIG) and
-//!   when the lease is lost, then SIGKILL if it is still running 2 s later; lockgate exits 75.
+//! - With a leased locker, when the lease is lost the command's process group gets SIGTERM, and
+//!   SIGKILL if anything of it still runs 2 s later; lockgate exits 75. If lockgate itself dies,
+//!   the watchdog (see `watchdog.rs`) does the same.
 //!
-//! SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to lockgate while the command runs are forwarded to
-//! it; lockgate exits with the command's status (128+N if it was killed by signal N).
+//! The command runs in a process group of its own (see `job.rs`). SIGINT, SIGTERM, SIGHUP and
+//! SIGQUIT sent to lockgate while the command runs are forwarded to that group; lockgate exits
+//! with the command's status (128+N if it was killed by signal N). When the command ended by a
+//! signal (forwarded, from the terminal, or its own), what is left of its group gets SIGTERM, and
+//! SIGKILL 2 s later: an interrupted job stops as a whole.
+//!
+//! Every path that acquired the lock releases it explicitly and waits for the release before
+//! lockgate exits: a leased lock merely dropped would be released by a task that dies with the
+//! runtime, and stay held for a TTL.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::time::Duration;
 
-use lockgate::{AcquireError, AcquireOptions, Mode, Wait};
-use tokio::signal::unix::{signal, SignalKind};
+use lockgate::{AcquireError, AcquireOptions, LockGuard, Locker, LostReason, Mode, Wait};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::Instant;
 
-use crate::target::Target;
-use crate::{code, error_chain, ExecArgs, Failure};
+use crate::args::ExecArgs;
+use crate::errors::{code, error_chain, Failure};
+use crate::job::{Job, Spawn, Terminal};
+use crate::locator::Locator;
+use crate::watchdog::Watchdog;
 
-/// How long a command may run on after its lease was lost: the safety margin between the moment
-/// a holder learns of the loss and the moment another process may take the lock over (TTL minus
-/// renewal deadline with the default lease).
-const KILL_AFTER_LOST: Duration = Duration::from_secs(2);
+/// How long a command may run on after it was told to stop (a lost lease, lockgate's death, an
+/// interrupted job) before it gets SIGKILL: the safety margin between the moment a holder learns
+/// of a loss and the moment another process may take the lock over (TTL minus renewal deadline
+/// with the default lease).
+pub(crate) const KILL_AFTER: Duration = Duration::from_secs(2);
 
-pub(crate) fn run(target: Target, args: ExecArgs) -> Result<u8, Failure> {
-    crate::runtime()?.block_on(run_async(target, args))
-}
+/// The signals forwarded to the command's group.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
-fn wait_policy(args: &ExecArgs) -> Wait {
-    match args.timeout {
-        _ if args.non_blocking => Wait::NonBlocking,
-        Some(t) => Wait::Timeout(t),
-        None => Wait::Forever,
-    }
-}
-
-async fn run_async(target: Target, args: ExecArgs) -> Result<u8, Failure> {
-    let locker = target.locker().await?;
-    let mode = if args.shared {
-        Mode::Shared
-    } else {
-        Mode::Exclusive
+pub(crate) fn run(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
+    let rt = crate::runtime()?;
+    let (_locker, acquired) = match locator {
+        // A file lock is waited for on this very thread: the kernel wakes it at the release,
+        // with no hop through another thread (and a timer interrupts it for `-w`). Nothing
+        // else runs yet.
+        Locator::File { .. } => {
+            let locker = Locker::new(locator.file_locker()?);
+            let acquired = locker.acquire_blocking(&args.name, options(&args));
+            (locker, acquired)
+        }
+        Locator::Kubernetes { .. } => rt.block_on(async {
+            let locker = locator.locker().await?;
+            let acquired = locker.acquire(&args.name, options(&args)).await;
+            Ok::<_, Failure>((locker, acquired))
+        })?,
     };
-    let mut opts = AcquireOptions::default()
-        .mode(mode)
-        .wait(wait_policy(&args));
-    if !args.quiet {
-        opts = opts.on_wait(|info| {
-            let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
-            let held_by = if holders.is_empty() {
-                String::new()
-            } else {
-                format!(", held by {}", holders.join(", "))
-            };
-            eprintln!(
-                "lockgate: waiting for {} lock {:?}{held_by}",
-                info.mode, info.name
-            );
-        });
-    }
-    let guard = match locker.acquire(&args.name, opts).await {
+    let guard = match acquired {
         Ok(guard) => guard,
         Err(AcquireError::Failed(e)) => return Err(e.into()),
         Err(e) => {
@@ -72,129 +70,233 @@ async fn run_async(target: Target, args: ExecArgs) -> Result<u8, Failure> {
             return Ok(args.conflict_exit_code);
         }
     };
+    rt.block_on(async {
+        let ended = supervise(&guard, &args).await;
+        let released = guard.release().await;
+        exit_code(ended, released)
+    })
+}
 
-    // Signals are caught from here on, so none can kill lockgate between spawn and wait.
-    let mut signals = Vec::new();
-    for kind in [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-        SignalKind::quit(),
-    ] {
-        let s = signal(kind)
-            .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
-        signals.push((kind.as_raw_value(), s));
-    }
-
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]);
-    let inherited_fd = guard.as_fd().map(|fd| fd.as_raw_fd());
-    // SAFETY: the closures only make async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            match inherited_fd {
-                // Keep the lock descriptor open across exec: the command co-owns the lock.
-                Some(fd) => {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                // A leased lock dies with lockgate: so must the command.
-                None => {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-            }
-            Ok(())
-        });
-    }
-    let program = args.command[0].to_string_lossy().into_owned();
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            let code = match e.kind() {
-                io::ErrorKind::NotFound => code::NOT_FOUND,
-                _ => code::NOT_EXECUTABLE,
-            };
-            drop(guard);
-            return Err(Failure::new(code, format!("cannot run {program:?}: {e}")));
-        }
+fn options(args: &ExecArgs) -> AcquireOptions {
+    let mode = if args.shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
     };
-    let pid = child.id();
-    tracing::debug!(lock = guard.name(), pid, "command started");
-
-    let lost_signal = guard.lost_signal();
-    let mut lost = None;
-    // After a lost lease: when the command, told with SIGTERM, gets SIGKILL if still running.
-    let mut kill_at: Option<tokio::time::Instant> = None;
-    let status = loop {
-        let mut lost_rx = lost_signal.clone();
-        let forwarded = async {
-            let futs = signals
-                .iter_mut()
-                .map(|(n, s)| Box::pin(async move { s.recv().await.map(|_| *n) }));
-            futures_select_all(futs).await
+    let wait = match args.timeout {
+        _ if args.non_blocking => Wait::NonBlocking,
+        Some(t) => Wait::Timeout(t),
+        None => Wait::Forever,
+    };
+    let opts = AcquireOptions::default().mode(mode).wait(wait);
+    if args.quiet {
+        return opts;
+    }
+    opts.on_wait(|info| {
+        let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
+        let held_by = if holders.is_empty() {
+            String::new()
+        } else {
+            format!(", held by {}", holders.join(", "))
         };
-        tokio::select! {
-            status = child.wait() => break status,
-            sig = forwarded => {
-                if let (Some(sig), Some(pid)) = (sig, pid) {
-                    // SAFETY: the child has not been reaped (its wait has not returned), so the
-                    // pid is still the child's.
-                    unsafe { libc::kill(pid as libc::pid_t, sig) };
-                }
+        eprintln!(
+            "lockgate: waiting for {} lock {:?}{held_by}",
+            info.mode, info.name
+        );
+    })
+}
+
+/// How the command ended.
+struct Ended {
+    status: ExitStatus,
+    lost: Option<LostReason>,
+}
+
+fn exit_code(
+    ended: Result<Ended, Failure>,
+    released: Result<(), lockgate::Error>,
+) -> Result<u8, Failure> {
+    let ended = match ended {
+        Ok(ended) => ended,
+        Err(f) => {
+            if let Err(e) = released {
+                eprintln!("lockgate: {}", error_chain(&e));
             }
-            reason = lost_rx.lost(), if lost.is_none() => {
-                eprintln!("lockgate: the lease of lock {:?} was lost ({reason}); terminating the command", guard.name());
-                if let Some(pid) = pid {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                }
-                lost = Some(reason);
-                kill_at = Some(tokio::time::Instant::now() + KILL_AFTER_LOST);
-            }
-            _ = async { tokio::time::sleep_until(kill_at.expect("guarded")).await }, if kill_at.is_some() => {
-                eprintln!("lockgate: the command did not stop within {KILL_AFTER_LOST:?} of losing the lease; killing it");
-                if let Some(pid) = pid {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                }
-                kill_at = None;
-            }
+            return Err(f);
         }
     };
-    let status = status
-        .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot wait for {program:?}: {e}")))?;
-    let release = guard.release().await;
-    if lost.is_some() {
+    if ended.lost.is_some() {
         return Ok(code::TEMPFAIL);
     }
-    if let Err(e) = release {
+    if let Err(e) = released {
         eprintln!("lockgate: {}", error_chain(&e));
         return Ok(code::UNAVAILABLE);
     }
-    Ok(match (status.code(), status.signal()) {
+    Ok(match (ended.status.code(), ended.status.signal()) {
         (Some(c), _) => c as u8,
         (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
         (None, None) => code::SOFTWARE,
     })
 }
 
-/// The first of several futures to complete.
-async fn futures_select_all<F, T>(futs: impl IntoIterator<Item = F>) -> T
-where
-    F: std::future::Future<Output = T> + Unpin,
-{
-    let mut futs: Vec<F> = futs.into_iter().collect();
-    std::future::poll_fn(move |cx| {
-        for f in futs.iter_mut() {
-            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
-                return std::task::Poll::Ready(v);
+/// The signals lockgate handles while the command runs.
+struct Signals {
+    forwarded: Vec<(libc::c_int, Signal)>,
+    child: Signal,
+    /// lockgate was continued (`fg`, `bg`): the command's group may get the terminal.
+    continued: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. From here on these signals no longer end lockgate, so none can
+    /// kill it between starting the command and waiting for it.
+    fn install() -> Result<Self, Failure> {
+        let handle = |sig: libc::c_int| {
+            signal(SignalKind::from_raw(sig)).map_err(|e| Failure::internal("handle signals", e))
+        };
+        Ok(Self {
+            forwarded: FORWARDED
+                .iter()
+                .map(|&sig| Ok((sig, handle(sig)?)))
+                .collect::<Result<_, Failure>>()?,
+            child: handle(libc::SIGCHLD)?,
+            continued: handle(libc::SIGCONT)?,
+        })
+    }
+
+    /// The next forwarded signal to arrive.
+    async fn next_forwarded(forwarded: &mut [(libc::c_int, Signal)]) -> libc::c_int {
+        std::future::poll_fn(|cx| {
+            for (sig, s) in forwarded.iter_mut() {
+                if s.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(*sig);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// Starts the command and waits for it (and for its group, when it was stopped by a signal).
+async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure> {
+    let mut signals = Signals::install()?;
+    let lock_fd = guard.as_fd().map(|fd| fd.as_raw_fd());
+    // A leased lock (no descriptor carries it) must not outlive lockgate in the command.
+    let watchdog = match lock_fd {
+        Some(_) => None,
+        None => Some(Watchdog::start().map_err(|e| Failure::internal("start the watchdog", e))?),
+    };
+    let spawned = Job::spawn(Spawn {
+        command: &args.command,
+        lock_fd,
+        watchdog_fd: watchdog.as_ref().map(Watchdog::command_fd),
+        terminal: Terminal::of_stdin(),
+    });
+    let mut job = match spawned {
+        Ok(job) => job,
+        Err(e) => {
+            if let Some(w) = watchdog {
+                w.disarm();
+            }
+            let program = args.command[0].to_string_lossy();
+            let code = match e.kind() {
+                io::ErrorKind::NotFound => code::NOT_FOUND,
+                _ => code::NOT_EXECUTABLE,
+            };
+            return Err(Failure::new(code, format!("cannot run {program:?}: {e}")));
+        }
+    };
+    tracing::debug!(lock = guard.name(), pid = job.pid(), "command started");
+
+    let mut lost_signal = guard.lost_signal();
+    let mut lost = None;
+    let mut forwarded = false;
+    // After a lost lease: when the group, told with SIGTERM, gets SIGKILL.
+    let mut kill_at: Option<Instant> = None;
+    let status = loop {
+        match job.poll() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(Failure::internal("wait for the command", e)),
+        }
+        tokio::select! {
+            _ = signals.child.recv() => {}
+            _ = signals.continued.recv() => job.continued(),
+            sig = Signals::next_forwarded(&mut signals.forwarded) => {
+                tracing::debug!(signal = sig, "forwarding a signal to the command's group");
+                job.signal(sig);
+                forwarded = true;
+            }
+            reason = lost_signal.lost(), if lost.is_none() => {
+                eprintln!(
+                    "lockgate: the lease of lock {:?} was lost ({reason}); terminating the command",
+                    guard.name()
+                );
+                job.signal(libc::SIGTERM);
+                lost = Some(reason);
+                kill_at = Some(Instant::now() + KILL_AFTER);
+            }
+            _ = sleep_until(kill_at), if kill_at.is_some() => {
+                eprintln!(
+                    "lockgate: the command did not stop within {KILL_AFTER:?} of losing the lease; killing it"
+                );
+                job.signal(libc::SIGKILL);
+                kill_at = None;
             }
         }
-        std::task::Poll::Pending
-    })
-    .await
+    };
+    if forwarded || lost.is_some() || status.signal().is_some() {
+        end_group(&job, kill_at, &mut signals).await;
+    }
+    let from_terminal = job.ended_with_terminal();
+    drop(job); // the terminal comes back
+    if let Some(w) = watchdog {
+        w.disarm();
+    }
+    // With the terminal, Ctrl-C and Ctrl-\ reached the command's group only. Without lockgate
+    // they would have reached lockgate's own process group too (a calling script, which then
+    // stops): pass them on, now that the command has ended. lockgate itself handles them.
+    if let (true, false, Some(sig @ (libc::SIGINT | libc::SIGQUIT))) =
+        (from_terminal, forwarded, status.signal())
+    {
+        // SAFETY: kill(2) on our own process group.
+        unsafe { libc::kill(0, sig) };
+    }
+    Ok(Ended { status, lost })
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ends what is left of the command's group once the command itself has ended: SIGTERM (unless
+/// it was sent already: then `kill_at` is set), then SIGKILL at `kill_at`.
+async fn end_group(job: &Job, kill_at: Option<Instant>, signals: &mut Signals) {
+    if !job.group_alive() {
+        return;
+    }
+    let kill_at = match kill_at {
+        Some(at) => at,
+        None => {
+            tracing::debug!("the command left processes behind; terminating them");
+            job.signal(libc::SIGTERM);
+            Instant::now() + KILL_AFTER
+        }
+    };
+    // Members of the group need not be lockgate's children, so nothing announces their end:
+    // look again every 20 ms (and on every child event).
+    while job.group_alive() {
+        tokio::select! {
+            _ = tokio::time::sleep_until(kill_at) => {
+                job.signal(libc::SIGKILL);
+                return;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = signals.child.recv() => {}
+        }
+    }
 }

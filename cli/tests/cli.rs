@@ -1,51 +1,82 @@
 //! The `lockgate` command, run as a real process on real lock files.
+//!
+//! Helper processes are this test binary re-run with `LOCKGATE_CLI_TEST_CHILD` set: the test
+//! `child_entry` then plays the role the environment describes and exits.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn lockgate(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lockgate"));
-    c.arg("--dir")
-        .arg(dir)
-        .env_remove("LOCKGATE_LOCKER")
-        .env_remove("LOCKGATE_DIR");
+use support::{alive, wait_until, KillOnDrop, Proc, PATIENCE};
+
+/// The `lockgate` under test: this build's, or `$LOCKGATE_TEST_BIN` (to run these tests against
+/// another build, e.g. an older one).
+fn bin() -> Command {
+    let exe = std::env::var_os("LOCKGATE_TEST_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_lockgate").into());
+    let mut c = Command::new(exe);
+    c.env_remove("LOCKGATE_LOCKER")
+        .env_remove("LOCKGATE_DIR")
+        .env_remove("LOCKGATE_LOG");
     c
 }
 
+fn lockgate(dir: &Path) -> Command {
+    let mut c = bin();
+    c.arg("--dir").arg(dir);
+    c
+}
+
+/// Runs `cmd` to completion (stdin empty), within [`PATIENCE`].
 fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null()).output().unwrap()
+    run_piped(cmd, true)
+}
+
+/// Runs `cmd` to completion, its stdout left as `cmd` has it (empty in the result).
+fn run_stdout_as_set(cmd: &mut Command) -> Output {
+    run_piped(cmd, false)
+}
+
+fn run_piped(cmd: &mut Command, pipe_stdout: bool) -> Output {
+    let mut p = Proc::spawn_with(cmd.stdin(Stdio::null()), false, pipe_stdout, true);
+    let stdout = p
+        .stdout
+        .take()
+        .map(|mut l| l.rest_within(PATIENCE))
+        .unwrap_or_default();
+    let stderr = p.stderr.take().unwrap().rest_within(PATIENCE);
+    let status = p.wait();
+    let join = |lines: Vec<String>| {
+        lines
+            .into_iter()
+            .map(|l| l + "\n")
+            .collect::<String>()
+            .into_bytes()
+    };
+    Output {
+        status,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    }
 }
 
 /// Starts `lockgate exec` holding `name` around a shell script; returns once the script runs.
-fn hold(dir: &Path, args: &[&str], name: &str, script: &str) -> Child {
-    let mut child = lockgate(dir)
-        .arg("exec")
-        .args(args)
-        .arg(name)
-        .args(["--", "sh", "-c", &format!("echo running $$; {script}")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    expect_line(&mut child, "running");
-    child
-}
-
-fn expect_line(child: &mut Child, want: &str) -> String {
-    let mut reader = BufReader::new(child.stdout.as_mut().unwrap());
-    loop {
-        let mut line = String::new();
-        assert!(
-            reader.read_line(&mut line).unwrap() > 0,
-            "ended before {want:?}"
-        );
-        if line.starts_with(want) {
-            return line.trim_end().to_owned();
-        }
-    }
+/// The script's first line is `running PID`. The command's process group is killed with the
+/// guard.
+fn hold(dir: &Path, args: &[&str], name: &str, script: &str) -> Proc {
+    let mut p = Proc::spawn(lockgate(dir).arg("exec").args(args).arg(name).args([
+        "--",
+        "sh",
+        "-c",
+        &format!("echo running $$; {script}"),
+    ]));
+    let shell = pid_in(&p.expect("running"));
+    p.also_kill_group(shell);
+    p
 }
 
 fn busy(dir: &Path, name: &str) -> bool {
@@ -60,15 +91,71 @@ fn busy(dir: &Path, name: &str) -> bool {
     }
 }
 
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+fn lock_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(lockgate::file::Naming::Sha256.file_name(name))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn child_entry() {
+    let Ok(role) = std::env::var("LOCKGATE_CLI_TEST_CHILD") else {
+        return;
+    };
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let locker = lockgate::Locker::new(lockgate::FileLocker::new(env("DIR")).unwrap());
+    let mut stdout = std::io::stdout();
+    match role.as_str() {
+        // Take COUNT exclusive locks named PREFIX0, PREFIX1, ..., hold them until stdin closes.
+        "hold-many" => {
+            let count: usize = env("COUNT").parse().unwrap();
+            let guards: Vec<_> = (0..count)
+                .map(|i| {
+                    let opts = lockgate::AcquireOptions::exclusive().non_blocking();
+                    locker
+                        .acquire_blocking(&format!("{}{i}", env("PREFIX")), opts)
+                        .unwrap()
+                })
+                .collect();
+            writeln!(stdout, "locked {}", std::process::id()).unwrap();
+            stdout.flush().unwrap();
+            let _ = std::io::stdin().read_line(&mut String::new());
+            drop(guards);
+        }
+        // Lock and unlock locks of its own as fast as it can until killed.
+        "churn" => {
+            writeln!(stdout, "churning").unwrap();
+            stdout.flush().unwrap();
+            let opts = lockgate::AcquireOptions::exclusive().non_blocking();
+            loop {
+                for i in 0..64 {
+                    drop(locker.acquire_blocking(&format!("churn-{i}"), opts.clone()));
+                }
+            }
+        }
+        other => panic!("unknown child role {other}"),
     }
+    std::process::exit(0);
+}
+
+fn child(role: &str, dir: &Path, extra: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child_entry",
+        "--nocapture",
+        "--test-threads=1",
+        "-q",
+    ])
+    .env("LOCKGATE_CLI_TEST_CHILD", role)
+    .env("DIR", dir)
+    .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Proc::spawn_with(&mut cmd, true, true, false)
 }
 
 #[test]
@@ -110,7 +197,7 @@ fn conflicts_and_timeouts() {
         out.stdout.is_empty(),
         "the command must not run without the lock"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("\"busy\""));
+    assert!(stderr(&out).contains("\"busy\""));
 
     let out = run(lockgate(dir.path()).args(["exec", "-n", "-E", "7", "busy", "--", "true"]));
     assert_eq!(out.status.code(), Some(7));
@@ -129,25 +216,20 @@ fn conflicts_and_timeouts() {
         took >= Duration::from_millis(300) && took < Duration::from_secs(3),
         "{took:?}"
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert!(
-        stderr.contains("waiting for exclusive lock \"busy\", held by pid"),
-        "{stderr}"
+        err.contains("waiting for exclusive lock \"busy\", held by pid"),
+        "{err}"
     );
-    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(err.contains("timed out"), "{err}");
 
     // Shared while exclusive is held: busy too. -q silences.
     let out =
         run(lockgate(dir.path()).args(["exec", "-s", "-w", "0.1", "-q", "busy", "--", "true"]));
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
 
-    drop(holder.stdin.take());
-    assert!(holder.wait().unwrap().success());
+    assert!(holder.finish().success());
     assert!(!busy(dir.path(), "busy"));
 }
 
@@ -162,54 +244,136 @@ fn shared_holders_run_together() {
         busy(dir.path(), "r"),
         "an exclusive request must wait for the readers"
     );
-    drop(a.stdin.take());
-    a.wait().unwrap();
+    assert!(a.finish().success());
 }
 
+/// A waiting `exec` runs its command within milliseconds of the release: far under the 500 ms
+/// poll of Go lockgate. The waiter is first seen blocked in the kernel (its `->` line).
 #[test]
-fn a_waiting_exec_runs_as_soon_as_the_holder_exits() {
+fn a_waiting_exec_runs_as_soon_as_the_lock_is_released() {
     let dir = tempfile::tempdir().unwrap();
-    let mut holder = hold(dir.path(), &[], "q", "read _ || true");
-    let mut waiter = lockgate(dir.path())
-        .args(["exec", "q", "--", "echo", "second"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The waiting line appears on stderr before the holder lets go.
-    let mut err = BufReader::new(waiter.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(
-        line.starts_with("lockgate: waiting for exclusive lock \"q\""),
-        "{line}"
-    );
-    let released = Instant::now();
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
-    expect_line(&mut waiter, "second");
-    let latency = released.elapsed();
-    assert!(waiter.wait().unwrap().success());
-    assert!(latency < Duration::from_secs(2), "{latency:?}");
+    let locker = lockgate::Locker::new(lockgate::FileLocker::new(dir.path()).unwrap());
+    let mut latencies = Vec::new();
+    for _ in 0..5 {
+        let guard = locker
+            .acquire_blocking("q", lockgate::AcquireOptions::exclusive())
+            .unwrap();
+        let mut waiter =
+            Proc::spawn(lockgate(dir.path()).args(["exec", "q", "--", "echo", "second"]));
+        // The waiting line appears on stderr while the lock is held.
+        let line = waiter.expect_err("lockgate:");
+        assert!(
+            line.starts_with("lockgate: waiting for exclusive lock \"q\""),
+            "{line}"
+        );
+        let pid = i64::from(waiter.id());
+        wait_until("the waiting exec blocked in flock(2)", PATIENCE, || {
+            support::proc_locks_of(&lock_path(dir.path(), "q")).contains(&(true, pid))
+        });
+        let released = Instant::now();
+        guard.release_blocking().unwrap();
+        waiter.expect("second");
+        latencies.push(released.elapsed());
+        assert!(waiter.wait().success());
+    }
+    latencies.sort();
+    eprintln!("release -> the waiting exec's command printed: {latencies:?}");
+    // The median: one sample may land on a descheduled process on a loaded machine. It includes
+    // starting `echo`.
+    assert!(latencies[2] < Duration::from_millis(100), "{latencies:?}");
 }
 
+/// The pid a script printed as `WORD PID`.
+fn pid_in(line: &str) -> u32 {
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+/// True when `pid` runs the program `name`.
+fn is_running(pid: u32, name: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+}
+
+/// Signals sent to lockgate reach the command's whole process group: a background grandchild
+/// dies too, whatever the signal (a non-interactive shell's background jobs ignore SIGINT and
+/// SIGQUIT; what the command leaves behind after a signal gets SIGTERM).
 #[test]
-fn signals_reach_the_command() {
+fn signals_reach_the_commands_process_group() {
     let dir = tempfile::tempdir().unwrap();
     for (sig, code) in [
         (libc::SIGTERM, 143),
         (libc::SIGINT, 130),
         (libc::SIGHUP, 129),
+        (libc::SIGQUIT, 131),
     ] {
-        let mut holder = hold(dir.path(), &[], "sig", "exec sleep 60");
-        unsafe { libc::kill(holder.id() as i32, sig) };
-        let status = holder.wait().unwrap();
+        let mut holder = hold(
+            dir.path(),
+            &[],
+            "sig",
+            "sleep 1000 & echo grandchild $!; wait",
+        );
+        let grandchild = pid_in(&holder.expect("grandchild"));
+        let _guard = KillOnDrop(grandchild);
+        // Once it runs `sleep`, the background job ignores SIGINT and SIGQUIT (before, it may
+        // not yet).
+        wait_until("the background job started sleep", PATIENCE, || {
+            is_running(grandchild, "sleep")
+        });
+        holder.signal(sig);
+        let status = holder.wait();
         assert_eq!(status.code(), Some(code), "signal {sig}");
+        wait_until(
+            &format!("the grandchild ended after signal {sig}"),
+            Duration::from_secs(10),
+            || !alive(grandchild),
+        );
         assert!(
             !busy(dir.path(), "sig"),
             "lock freed after the command ended"
         );
     }
+}
+
+/// SIGQUIT is forwarded like the others: the command sees it (and may handle it).
+#[test]
+fn sigquit_is_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = hold(
+        dir.path(),
+        &[],
+        "quit",
+        "trap 'echo caught QUIT; exit 7' QUIT; echo armed; while :; do sleep 0.05; done",
+    );
+    holder.expect("armed");
+    holder.signal(libc::SIGQUIT);
+    holder.expect("caught QUIT");
+    assert_eq!(holder.wait().code(), Some(7));
+}
+
+/// The command runs in a process group of its own (so that signals reach all of it), and
+/// lockgate itself stays out of it.
+#[test]
+fn the_command_leads_its_own_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = hold(
+        dir.path(),
+        &[],
+        "pg",
+        r#"s=$(cat /proc/$$/stat); s=${s##*) }; set -- $s; echo ids $$ $3; read _ || true"#,
+    );
+    let ids = holder.expect("ids");
+    let ids: Vec<u32> = ids[4..]
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let (shell, pgrp) = (ids[0], ids[1]);
+    assert_eq!(pgrp, shell, "the command's shell leads its group");
+    // SAFETY: getpgid of a live process.
+    let lockgate_pgrp = unsafe { libc::getpgid(holder.id() as libc::pid_t) } as u32;
+    assert_ne!(lockgate_pgrp, pgrp);
+    assert!(holder.finish().success());
 }
 
 #[test]
@@ -220,20 +384,24 @@ fn a_killed_lockgate_leaves_the_lock_with_the_command() {
         dir.path(),
         &[],
         "inherit",
-        &format!("read _ || true; touch {}", marker.display()),
+        &format!("echo shell $$; read _ || true; touch {}", marker.display()),
     );
-    // Child::wait closes the child's stdin: keep it open, the command waits on it.
+    let shell = pid_in(&holder.expect("shell"));
+    let _shell = KillOnDrop(shell);
+    // Keep the command's stdin open: it waits on it.
     let stdin = holder.stdin.take();
-    holder.kill().unwrap(); // SIGKILL to lockgate itself
-    holder.wait().unwrap();
-    // The command still runs (it waits for stdin, which we still hold) and still has the lock.
+    holder.kill(); // SIGKILL to lockgate itself
+                   // The command still runs and still has the lock (flock(1) semantics: it co-owns it).
+    assert!(alive(shell));
     assert!(
         busy(dir.path(), "inherit"),
         "the command runs without the lock"
     );
     drop(stdin);
-    wait_until(Duration::from_secs(10), || marker.exists());
-    wait_until(Duration::from_secs(10), || !busy(dir.path(), "inherit"));
+    wait_until("the command finished", PATIENCE, || marker.exists());
+    wait_until("the lock was freed", PATIENCE, || {
+        !busy(dir.path(), "inherit")
+    });
 }
 
 #[test]
@@ -251,15 +419,10 @@ fn usage_errors_exit_64() {
         vec!["frobnicate"],
     ] {
         let out = run(lockgate(dir.path()).args(&args));
-        assert_eq!(
-            out.status.code(),
-            Some(64),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
         assert!(!out.stderr.is_empty());
     }
-    let out = run(Command::new(env!("CARGO_BIN_EXE_lockgate")).arg("--help"));
+    let out = run(bin().arg("--help"));
     assert_eq!(out.status.code(), Some(0));
 }
 
@@ -268,6 +431,11 @@ fn unrunnable_commands_exit_126_or_127() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(lockgate(dir.path()).args(["exec", "n", "--", "/nonexistent/command"]));
     assert_eq!(out.status.code(), Some(127));
+    assert!(
+        stderr(&out).contains("/nonexistent/command"),
+        "{}",
+        stderr(&out)
+    );
     let not_executable = dir.path().join("data.txt");
     std::fs::write(&not_executable, "just data").unwrap();
     let out = run(lockgate(dir.path())
@@ -285,10 +453,24 @@ fn a_bad_lock_directory_exits_69_with_its_path() {
     let out = run(lockgate(&file).args(["exec", "n", "--", "echo", "ran"]));
     assert_eq!(out.status.code(), Some(69));
     assert!(out.stdout.is_empty());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let err = stderr(&out);
     assert!(
-        stderr.starts_with("lockgate: lock directory") && stderr.contains("plain-file"),
-        "{stderr}"
+        err.starts_with("lockgate: lock directory") && err.contains("plain-file"),
+        "{err}"
+    );
+}
+
+/// A directory that exists but cannot hold lock files (/proc/1) is named as the problem, not
+/// the lock file inside it.
+#[test]
+fn a_directory_that_cannot_hold_lock_files_is_named() {
+    let out = run(bin().args(["--dir", "/proc/1", "exec", "n", "--", "echo", "ran"]));
+    assert_eq!(out.status.code(), Some(69));
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("lockgate: cannot use lock directory /proc/1:"),
+        "{err}"
     );
 }
 
@@ -296,32 +478,26 @@ fn a_bad_lock_directory_exits_69_with_its_path() {
 fn the_locker_can_come_from_the_environment() {
     let dir = tempfile::tempdir().unwrap();
     let mut holder = hold(dir.path(), &[], "env", "read _ || true");
-    let base = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_lockgate"));
-        c.env_remove("LOCKGATE_LOCKER").env_remove("LOCKGATE_DIR");
-        c
-    };
-    let out = run(base()
+    let out = run(bin()
         .env("LOCKGATE_DIR", dir.path())
         .args(["exec", "-n", "env", "true"]));
     assert_eq!(out.status.code(), Some(1));
     let url = format!("file:{}", dir.path().display());
-    let out = run(base()
+    let out = run(bin()
         .env("LOCKGATE_LOCKER", &url)
         .args(["exec", "-n", "env", "true"]));
     assert_eq!(out.status.code(), Some(1));
-    let out = run(base().args(["--locker", &url, "exec", "-n", "env", "true"]));
+    let out = run(bin().args(["--locker", &url, "exec", "-n", "env", "true"]));
     assert_eq!(out.status.code(), Some(1));
     // --dir beats the environment.
     let other = tempfile::tempdir().unwrap();
-    let out = run(base()
+    let out = run(bin()
         .env("LOCKGATE_LOCKER", &url)
         .arg("--dir")
         .arg(other.path())
         .args(["exec", "-n", "env", "true"]));
     assert_eq!(out.status.code(), Some(0));
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
+    assert!(holder.finish().success());
 }
 
 #[test]
@@ -359,16 +535,70 @@ fn status_and_gc() {
     );
     let out = run(lockgate(dir.path()).args(["gc", "--older-than", "soon"]));
     assert_eq!(out.status.code(), Some(64));
-    drop(holder.stdin.take());
-    holder.wait().unwrap();
+    assert!(holder.finish().success());
+}
+
+/// `status --json` on a busy host: 1000 locks held by four processes while two others lock and
+/// unlock without pause; every lock is listed, once, with its holder.
+#[test]
+fn status_lists_every_lock_on_a_busy_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let churn_dir = tempfile::tempdir().unwrap();
+    let (procs, per_proc) = (4, 250);
+    let mut holders: Vec<Proc> = (0..procs)
+        .map(|i| {
+            child(
+                "hold-many",
+                dir.path(),
+                &[
+                    ("PREFIX", format!("p{i}-")),
+                    ("COUNT", per_proc.to_string()),
+                ],
+            )
+        })
+        .collect();
+    for h in &mut holders {
+        h.expect("locked");
+    }
+    let mut churners: Vec<Proc> = (0..2)
+        .map(|_| child("churn", churn_dir.path(), &[]))
+        .collect();
+    for c in &mut churners {
+        c.expect("churning");
+    }
+    for round in 0..3 {
+        let out = run(lockgate(dir.path()).args(["status", "--json"]));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let locks = v.as_array().unwrap();
+        assert_eq!(locks.len(), procs * per_proc);
+        let wrong: Vec<String> = locks
+            .iter()
+            .filter_map(|l| {
+                let name = l["name"].as_str().unwrap_or_default();
+                let owner: usize = name[1..name.find('-')?].parse().ok()?;
+                let want = serde_json::json!([{"mode": "exclusive", "pid": holders[owner].id()}]);
+                (l["holders"] != want || l["state"] != "exclusive")
+                    .then(|| format!("{name}: {} {}", l["state"], l["holders"]))
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "round {round}: {} of {} locks listed wrongly, e.g. {:?}",
+            wrong.len(),
+            locks.len(),
+            &wrong[..wrong.len().min(5)]
+        );
+    }
+    for h in &mut holders {
+        assert!(h.finish().success());
+    }
 }
 
 #[test]
 fn the_default_directory_is_private_to_the_user() {
     let runtime = tempfile::tempdir().unwrap();
-    let out = run(Command::new(env!("CARGO_BIN_EXE_lockgate"))
-        .env_remove("LOCKGATE_LOCKER")
-        .env_remove("LOCKGATE_DIR")
+    let out = run(bin()
         .env("XDG_RUNTIME_DIR", runtime.path())
         .args(["exec", "d", "true"]));
     assert!(out.status.success());
@@ -378,4 +608,423 @@ fn the_default_directory_is_private_to_the_user() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o700);
+}
+
+/// A default directory that another user owns (another user could have created it first in a
+/// shared /tmp) is refused. Needs root to create it for another uid.
+#[test]
+fn a_default_directory_owned_by_another_user_is_refused() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to give a directory to another user");
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let dir = runtime.path().join("lockgate");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(54321), Some(54321)).unwrap();
+    let out = run(bin()
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .args(["exec", "d", "--", "echo", "ran"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "the command ran");
+    let err = stderr(&out);
+    assert!(err.contains("belongs to uid 54321"), "{err}");
+}
+
+/// lockgate's own failures that are not about the lock exit 70: here, output that cannot be
+/// written (a full device).
+#[test]
+fn output_that_cannot_be_written_exits_70() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["gc", "--older-than", "1h"],
+        &["gc", "--older-than", "1h", "--json"],
+    ] {
+        let out = run_stdout_as_set(lockgate(dir.path()).args(args).stdout(full()));
+        assert_eq!(out.status.code(), Some(70), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("cannot write output"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// `-v` (or `LOCKGATE_LOG`) shows diagnostics; without them lockgate is silent on success;
+/// never colour codes when stderr is not a terminal.
+#[test]
+fn verbose_shows_diagnostics_without_colour_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = run(lockgate(dir.path()).args(["exec", "n", "--", "true"]));
+    assert!(quiet.status.success());
+    assert!(quiet.stderr.is_empty(), "{}", stderr(&quiet));
+    for out in [
+        run(lockgate(dir.path()).args(["-v", "exec", "n", "--", "true"])),
+        run(lockgate(dir.path()).args(["exec", "--verbose", "n", "--", "true"])),
+        run(lockgate(dir.path())
+            .env("LOCKGATE_LOG", "debug")
+            .args(["exec", "n", "--", "true"])),
+    ] {
+        assert!(out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("command started"), "{err}");
+        assert!(
+            !err.contains('\x1b'),
+            "colour codes off a terminal: {err:?}"
+        );
+    }
+}
+
+/// A kubeconfig whose API server is a closed port of 127.0.0.1: the locker is unreachable.
+fn unreachable_kubeconfig(dir: &Path) -> PathBuf {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }; // closed again here
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n    namespace: default\n\
+             current-context: x\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Kubernetes failures exit 69, and the command does not run: an unreachable API server (no
+/// test environment needed), for `exec -n`, `exec -w` and `status`.
+#[test]
+fn an_unreachable_api_server_exits_69() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = unreachable_kubeconfig(dir.path());
+    let url = "kubernetes://default/configmaps/locks";
+    for args in [
+        &["exec", "-n", "x", "--", "echo", "ran"][..],
+        &["exec", "-w", "1", "x", "--", "echo", "ran"],
+        &["status"],
+    ] {
+        let start = Instant::now();
+        let out = run(bin()
+            .env("KUBECONFIG", &kubeconfig)
+            .arg("--locker")
+            .arg(url)
+            .args(args));
+        assert_eq!(out.status.code(), Some(69), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?}: the command ran");
+        assert!(start.elapsed() < Duration::from_secs(20), "{args:?}");
+    }
+}
+
+fn exec_with_missing_kubeconfig() -> Output {
+    run(bin()
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .args([
+            "--locker",
+            "kubernetes://ns/configmaps/cm",
+            "exec",
+            "x",
+            "--",
+            "echo",
+            "ran",
+        ]))
+}
+
+/// A missing kubeconfig is a problem of the environment, not of the command line: exit 69 (not
+/// 64), one line.
+#[test]
+fn a_missing_kubeconfig_exits_69() {
+    let out = exec_with_missing_kubeconfig();
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+}
+
+/// Each cause once: kube's errors repeat their source in their own text, and the library's chain
+/// (like the command's) skips a cause the message already says.
+#[test]
+fn a_missing_kubeconfig_is_reported_once() {
+    let err = stderr(&exec_with_missing_kubeconfig());
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "each cause once: {err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interactive use, on a pseudo-terminal
+
+/// A new session on a pseudo-terminal running `script` with `shell -c`; the test holds the master
+/// side: what the session prints, and what it reads.
+struct Session {
+    proc: Proc,
+    output: support::Lines,
+    input: std::fs::File,
+}
+
+impl Session {
+    fn start(shell: &str, script: &str) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: posix_openpt/grantpt/unlockpt/ptsname_r on a descriptor we own, with a
+        // buffer of the stated size.
+        let (master, slave) = unsafe {
+            let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            assert!(m >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+            assert_eq!(libc::grantpt(m), 0);
+            assert_eq!(libc::unlockpt(m), 0);
+            let mut name = [0 as libc::c_char; 128];
+            assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
+            let s = libc::open(
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            );
+            assert!(s >= 0, "open the pty slave");
+            (std::fs::File::from_raw_fd(m), std::fs::File::from_raw_fd(s))
+        };
+        let mut cmd = Command::new(shell);
+        cmd.args(["-c", script])
+            .env_remove("LOCKGATE_LOCKER")
+            .env_remove("LOCKGATE_DIR")
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: setsid and ioctl are async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let proc = Proc::spawn_with(&mut cmd, false, false, false).group();
+        // `cmd` holds the last copies of the slave side: drop them, so that the master reads
+        // end of file (EIO) when the session ends.
+        drop(cmd);
+        let output = support::Lines::new(master.try_clone().unwrap(), "the terminal");
+        Self {
+            proc,
+            output,
+            input: master,
+        }
+    }
+
+    /// The next line with `want` in it, from `want` on, without the terminal's carriage return
+    /// (the terminal echoes what is typed, `^C` for instance, on the same line).
+    fn expect(&mut self, want: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .output
+                .next_within(left)
+                .unwrap_or_else(|| panic!("the terminal ended before {want:?}"));
+            if let Some(at) = line.find(want) {
+                return line[at..].trim_end().to_owned();
+            }
+        }
+    }
+
+    fn type_in(&mut self, bytes: &[u8]) {
+        self.input.write_all(bytes).unwrap();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Everything the session started, in whatever process group (lockgate, the command's
+        // group, a job-control shell's jobs), also when a test failed half-way.
+        support::kill_session(self.proc.id());
+    }
+}
+
+/// `key=value` pairs of a line as numbers.
+fn field(line: &str, key: &str) -> i64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// Prints `WHO pgrp=P tpgid=T` for the shell running it: its process group and the terminal's
+/// foreground group.
+fn ids(who: &str) -> String {
+    // Separate words, so that a shell echoing the script (a job-control message) does not
+    // print the marker.
+    format!(
+        r#"S=$(cat /proc/$$/stat); S=${{S##*) }}; set -- $S; echo "{who}" "pgrp=$3" "tpgid=$6""#
+    )
+}
+
+fn lockgate_path() -> String {
+    std::env::var("LOCKGATE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lockgate").into())
+}
+
+/// In the foreground of a terminal, lockgate hands the terminal to the command's group (which
+/// can then read it) and takes it back when the command ends.
+#[test]
+fn on_a_terminal_the_command_gets_the_terminal_and_lockgate_takes_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = format!("{}; read line; echo \"got $line\"", ids("inner"));
+    let script = format!(
+        "'{}' --dir '{}' exec n -- sh -c '{}'; rc=$?; {}; echo \"outer rc=$rc\"",
+        lockgate_path(),
+        dir.path().display(),
+        inner.replace('\'', r"'\''"),
+        ids("after"),
+    );
+    let mut s = Session::start("sh", &script);
+    let inner = s.expect("inner pgrp=");
+    assert_eq!(
+        field(&inner, "pgrp"),
+        field(&inner, "tpgid"),
+        "the command's group has the terminal: {inner}"
+    );
+    s.type_in(b"hello\n");
+    s.expect("got hello");
+    let after = s.expect("after pgrp=");
+    assert_eq!(
+        field(&after, "pgrp"),
+        field(&after, "tpgid"),
+        "the terminal is back with the shell: {after}"
+    );
+    assert_ne!(field(&after, "pgrp"), field(&inner, "pgrp"));
+    assert_eq!(field(&s.expect("outer rc="), "rc"), 0);
+    assert!(s.proc.wait().success());
+}
+
+/// Ctrl-C on the terminal interrupts the command's whole group: its background job too (which a
+/// non-interactive shell starts with SIGINT ignored). A job-control shell runs lockgate, so that
+/// nothing else ends the session's processes.
+#[test]
+fn on_a_terminal_ctrl_c_interrupts_the_whole_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "set -m; '{}' --dir '{}' exec n -- sh -c 'sleep 1000 & echo \"grandchild pid=$!\"; wait'; echo \"outer rc=$?\"; read _",
+        lockgate_path(),
+        dir.path().display(),
+    );
+    let mut s = Session::start("bash", &script);
+    let grandchild = field(&s.expect("grandchild pid="), "pid") as u32;
+    let _guard = KillOnDrop(grandchild);
+    // Once it runs `sleep`, the background job ignores SIGINT (before, it may not yet).
+    wait_until("the background job started sleep", PATIENCE, || {
+        is_running(grandchild, "sleep")
+    });
+    s.type_in(b"\x03");
+    assert_eq!(field(&s.expect("outer rc="), "rc"), 130);
+    wait_until("the background job ended", Duration::from_secs(10), || {
+        !alive(grandchild)
+    });
+    s.type_in(b"\n");
+    assert!(s.proc.wait().success());
+}
+
+/// Ctrl-C also reaches the script that runs lockgate, as it would without lockgate (the
+/// terminal's signals go to the whole foreground job; lockgate gave the terminal to the
+/// command's group, and passes the interrupt on to its own).
+#[test]
+fn on_a_terminal_ctrl_c_also_interrupts_the_calling_script() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = format!(
+        "'{}' --dir '{}' exec n -- sh -c 'echo \"shell pid=$$\"; sleep 1000'; echo \"outer rc=$?\"",
+        lockgate_path(),
+        dir.path().display(),
+    );
+    let mut s = Session::start("sh", &script);
+    let shell = field(&s.expect("shell pid="), "pid") as u32;
+    // Type Ctrl-C once the shell waits for `sleep` (a shell between two commands may put a
+    // SIGINT aside).
+    wait_until("the command's shell started sleep", PATIENCE, || {
+        support::children_of(shell).iter().any(|c| c.1 == "sleep")
+    });
+    s.type_in(b"\x03");
+    let status = s.proc.wait();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGINT),
+        "the calling script: {status:?}"
+    );
+}
+
+/// Ctrl-Z stops the command and lockgate with it, so that a job-control shell gets its terminal
+/// back; `fg` continues both, and the command has the terminal again.
+#[test]
+fn on_a_terminal_ctrl_z_stops_and_fg_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = format!(
+        "echo re\"\"ady; read line; {}; echo \"got $line\"",
+        ids("inner")
+    );
+    let script = format!(
+        "set -m; '{}' --dir '{}' exec n -- sh -c '{}'; echo \"stopped rc=$?\"; fg; echo \"resumed rc=$?\"",
+        lockgate_path(),
+        dir.path().display(),
+        inner.replace('\'', r"'\''"),
+    );
+    let mut s = Session::start("bash", &script);
+    s.expect("ready");
+    s.type_in(b"\x1a");
+    assert_eq!(
+        field(&s.expect("stopped rc="), "rc"),
+        128 + libc::SIGTSTP as i64
+    );
+    s.type_in(b"again\n");
+    let inner = s.expect("inner pgrp=");
+    assert_eq!(field(&inner, "pgrp"), field(&inner, "tpgid"), "{inner}");
+    s.expect("got again");
+    assert_eq!(field(&s.expect("resumed rc="), "rc"), 0);
+    assert!(s.proc.wait().success());
+}
+
+/// Started in the background (`&`), lockgate leaves the terminal alone; the command stops when it
+/// reads the terminal, and lockgate with it; `fg` gives the command the terminal and continues
+/// it.
+#[test]
+fn on_a_terminal_a_background_exec_gets_the_terminal_on_fg() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner = "echo re\"\"ady; read line; echo \"got $line\"";
+    let script = format!(
+        "set -m; '{}' --dir '{}' exec n -- sh -c '{}' & read go; fg; echo \"fg rc=$?\"",
+        lockgate_path(),
+        dir.path().display(),
+        inner.replace('\'', r"'\''"),
+    );
+    let mut s = Session::start("bash", &script);
+    s.expect("ready");
+    let stopped = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            st.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .is_some_and(|state| state == "T")
+        })
+    };
+    let mut lockgate = 0;
+    wait_until("lockgate stopped with its command", PATIENCE, || {
+        lockgate = support::children_of(s.proc.id())
+            .into_iter()
+            .find(|c| c.1 == "lockgate")
+            .map_or(0, |c| c.0);
+        lockgate != 0 && stopped(lockgate)
+    });
+    s.type_in(b"go\n");
+    s.type_in(b"hello\n");
+    s.expect("got hello");
+    assert_eq!(field(&s.expect("fg rc="), "rc"), 0);
+    assert!(s.proc.wait().success());
 }

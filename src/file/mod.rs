@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::backend::{Backend, BoxFuture, Lease, LostSignal};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Mode, WaitInfo};
+use crate::options::{AcquireOptions, Mode, Wait, WaitInfo};
 
 pub use status::{GcReport, LockState, LockStatus};
 use wait::Waiter;
@@ -98,6 +98,9 @@ pub struct FileLocker {
         std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<LockPath>>>,
     >,
 }
+
+/// How far (seconds) a lock file's modification time may lag behind its last acquisition.
+const AGE_REFRESH: u64 = 3600;
 
 /// How many lock file paths a locker remembers before it starts afresh.
 const PATH_CACHE: usize = 4096;
@@ -210,6 +213,18 @@ impl FileLocker {
                 Some(libc::ENOENT) | Some(libc::ENOTDIR) if !self.dir.is_dir() => {
                     dir_error(&self.dir, source)
                 }
+                // The lock file does not exist and cannot be created: the directory does not
+                // take new files (`/proc/1`, a read-only mount, no write permission, full).
+                Some(
+                    libc::ENOENT
+                    | libc::EACCES
+                    | libc::EPERM
+                    | libc::EROFS
+                    | libc::ENOSPC
+                    | libc::EDQUOT,
+                ) if std::fs::symlink_metadata(path.path()).is_err() => {
+                    dir_error(&self.dir, source)
+                }
                 Some(libc::EISDIR) => Error::NotARegularFile { path: path.path() },
                 _ => Error::LockFile {
                     op: "open",
@@ -263,9 +278,28 @@ impl FileLocker {
         }
         if held.st_size == 0 {
             Self::record_name(path, name);
+        } else {
+            Self::refresh_age(&file, &held);
         }
         tracing::trace!(lock = name.as_str(), "file lock acquired");
         Ok(Some(Box::new(FileLease { file })))
+    }
+
+    /// Keeps a lock file's modification time within [`AGE_REFRESH`] of its last acquisition, so
+    /// that [`gc`](Self::gc)'s age is the time since the lock was last used. flock(2) never
+    /// changes a file's times; writing them on every acquisition would cost a system call each,
+    /// so they are written only once they are an hour off (the `fstat` that the link-count check
+    /// makes anyway tells). Best effort: only the file's owner (or a writer) may set its times.
+    fn refresh_age(file: &File, held: &libc::stat) {
+        // SAFETY: time(NULL) cannot fail.
+        let now = unsafe { libc::time(std::ptr::null_mut()) };
+        if now.abs_diff(held.st_mtime) <= AGE_REFRESH {
+            return;
+        }
+        // SAFETY: futimens on an open descriptor; NULL sets both times to now.
+        if unsafe { libc::futimens(file.as_raw_fd(), std::ptr::null()) } != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "cannot refresh a lock file's age");
+        }
     }
 
     /// Records the lock name in a new (empty) lock file, so that `status` can show names. Best
@@ -282,20 +316,16 @@ impl FileLocker {
     }
 
     /// Tries to lock `file` without blocking; false when busy.
-    fn try_flock(file: &File, mode: Mode, path: &Path) -> Result<bool, Error> {
+    fn try_flock(file: &File, mode: Mode) -> io::Result<bool> {
         // SAFETY: flock on an open descriptor.
         if unsafe { libc::flock(file.as_raw_fd(), op(mode) | libc::LOCK_NB) } == 0 {
             return Ok(true);
         }
-        let source = io::Error::last_os_error();
-        if source.kind() == io::ErrorKind::WouldBlock {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
             Ok(false)
         } else {
-            Err(Error::LockFile {
-                op: "lock",
-                path: path.to_owned(),
-                source,
-            })
+            Err(e)
         }
     }
 
@@ -310,7 +340,12 @@ impl FileLocker {
     ) -> Result<Result<Box<dyn Lease>, File>, AcquireError> {
         loop {
             let file = self.open(path)?;
-            if Self::try_flock(&file, opts.mode, &path.path())? {
+            let locked = Self::try_flock(&file, opts.mode).map_err(|source| Error::LockFile {
+                op: "lock",
+                path: path.path(),
+                source,
+            })?;
+            if locked {
                 match self.locked(name, file, path)? {
                     Some(lease) => return Ok(Ok(lease)),
                     None => continue,
@@ -325,7 +360,7 @@ impl FileLocker {
             if !Self::is_regular(&Self::stat(&file, path)?) {
                 return Err(Error::NotARegularFile { path: path.path() }.into());
             }
-            if !*notified {
+            if !*notified && opts.on_wait.is_some() {
                 *notified = true;
                 let holders = status::holders_of(&path.path()).unwrap_or_default();
                 opts.notify_wait(&WaitInfo {
@@ -338,17 +373,27 @@ impl FileLocker {
         }
     }
 
+    /// When the acquisition started and its deadline; an acquisition that waits forever needs
+    /// neither (and skips reading the clock).
+    fn clock(opts: &AcquireOptions) -> (Option<Instant>, Option<Instant>) {
+        if opts.wait == Wait::Forever {
+            return (None, None);
+        }
+        let start = Instant::now();
+        (Some(start), opts.wait.deadline(start))
+    }
+
     fn wait_error(
         name: &LockName,
         path: &LockPath,
-        start: Instant,
+        start: Option<Instant>,
         r: io::Result<Option<File>>,
     ) -> Result<File, AcquireError> {
         match r {
             Ok(Some(file)) => Ok(file),
             Ok(None) => Err(AcquireError::TimedOut {
                 name: name.as_str().to_owned(),
-                waited: start.elapsed(),
+                waited: start.map_or(std::time::Duration::ZERO, |s| s.elapsed()),
             }),
             Err(source) => Err(Error::LockFile {
                 op: "lock",
@@ -368,10 +413,12 @@ impl FileLocker {
         status::status(self)
     }
 
-    /// Deletes lock files that are unused and whose last modification is older than
-    /// `older_than`. A file is deleted only while this process holds it exclusively, and every
-    /// acquisition checks after locking that its file is still linked, so collection never
-    /// breaks a lock taken by lockgate (Rust, or Go lockgate from v0.2).
+    /// Deletes lock files that nobody holds and that were not modified for `older_than`: not
+    /// acquired by Rust lockgate for that long (acquisitions keep the modification time within
+    /// an hour of the last one; Go lockgate's do not touch it, nor do those of users who may not
+    /// set the file's times). A file is deleted only while this process holds it exclusively,
+    /// and every acquisition checks after locking that its file is still linked, so collection
+    /// never breaks a lock taken by lockgate (Rust, or Go lockgate from v0.2), whatever the age.
     ///
     /// # Errors
     ///
@@ -438,8 +485,7 @@ impl Backend for FileLocker {
         opts: &'a AcquireOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>> {
         Box::pin(async move {
-            let start = Instant::now();
-            let deadline = opts.wait.deadline(start);
+            let (start, deadline) = Self::clock(opts);
             let path = self.c_path(name);
             let mut notified = false;
             loop {
@@ -461,8 +507,7 @@ impl Backend for FileLocker {
         name: &LockName,
         opts: &AcquireOptions,
     ) -> Result<Box<dyn Lease>, AcquireError> {
-        let start = Instant::now();
-        let deadline = opts.wait.deadline(start);
+        let (start, deadline) = Self::clock(opts);
         let path = self.c_path(name);
         let mut notified = false;
         loop {
@@ -470,10 +515,15 @@ impl Backend for FileLocker {
                 Ok(lease) => return Ok(lease),
                 Err(file) => file,
             };
+            // Block right here (no hop through another thread at the grant): without a deadline
+            // nothing interrupts the wait; with one, a timer for this thread does.
             let waited = match deadline {
-                // Nothing can interrupt this wait: block right here, no thread hop.
                 None => wait::flock_blocking(file, op(opts.mode)),
-                Some(_) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
+                Some(d) => match wait::flock_until(file, op(opts.mode), d) {
+                    Ok(waited) => waited,
+                    // No timer available: wait through a thread of its own.
+                    Err(file) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
+                },
             };
             let file = Self::wait_error(name, &path, start, waited)?;
             if let Some(lease) = self.locked(name, file, &path)? {

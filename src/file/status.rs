@@ -59,38 +59,162 @@ struct Locks {
     waiters: usize,
 }
 
-/// Reads `/proc/locks`: flock locks by (device, inode).
-fn proc_locks() -> io::Result<HashMap<(u64, u64), Locks>> {
-    Ok(parse_proc_locks(&read_snapshot("/proc/locks")?))
+/// One `FLOCK` line of `/proc/locks`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry {
+    dev: u64,
+    ino: u64,
+    waiting: bool,
+    exclusive: bool,
+    /// `None` when the holder is not visible from this pid namespace.
+    pid: Option<u32>,
 }
 
-/// Reads a seq_file in one `read` call. The kernel produces one call's output under its lock
-/// list's lock; reading in pieces lets concurrent locking shift entries between the pieces, so
-/// that holders are skipped or listed twice.
-fn read_snapshot(path: &str) -> io::Result<String> {
-    use std::io::Read;
-    let mut size = 256 * 1024;
-    loop {
-        let mut buf = vec![0u8; size];
-        let n = std::fs::File::open(path)?.read(&mut buf)?;
-        if n < size {
-            buf.truncate(n);
-            return String::from_utf8(buf)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e));
+/// How many times `/proc/locks` is read, at most, for two readings that agree.
+const MAX_READINGS: usize = 9;
+
+/// The flock locks and waiters of the files `wanted` accepts (by device and inode), from
+/// `/proc/locks`.
+///
+/// The kernel produces `/proc/locks` one page per `read(2)` (about 70 entries), under its lock
+/// list's lock; for the next page it starts again at the same *position* in the list. A lock
+/// freed or taken elsewhere on the host between two pages shifts the entries after it, so that
+/// one entry is skipped or listed twice. The ordinal column cannot tell: it is that position,
+/// contiguous by construction. So the file is read whole, repeatedly, each reading starting with
+/// a read of another size (see below):
+///
+/// - a reading that lists an impossible state for a wanted file (an exclusive holder next to
+///   another holder: a duplicated entry) is corrupt;
+/// - two consecutive sound readings that agree on the entries of the wanted files are the
+///   answer. A shift corrupts one reading in one place; the next reading differs unless the
+///   same shift happens again at the same place. Locking elsewhere on the host does not prevent
+///   agreement, since only the wanted entries are compared;
+/// - if the wanted entries keep changing through [`MAX_READINGS`] readings, each entry gets the
+///   count that most readings gave it (the median), so that one skipped or duplicated entry in
+///   a few readings is outvoted.
+fn proc_locks(wanted: impl Fn(u64, u64) -> bool) -> io::Result<HashMap<(u64, u64), Locks>> {
+    let mut buf = Vec::new();
+    let mut readings: Vec<Vec<Entry>> = Vec::with_capacity(MAX_READINGS);
+    let mut previous_sound: Option<usize> = None;
+    // Where the kernel's passes start and end follows the sizes asked for: a pass stops once it
+    // has produced what the read asked for, or a page. The first read of each reading asks for
+    // a different amount, so that the passes of successive readings end at different entries and
+    // a shift cannot corrupt the same entry in every reading.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as usize);
+    for i in 0..MAX_READINGS {
+        let first = 1 + (seed + i * 1031) % 4096;
+        read_whole("/proc/locks", first, &mut buf)?;
+        let mut entries: Vec<Entry> = parse_proc_locks(&String::from_utf8_lossy(&buf))
+            .filter(|e| wanted(e.dev, e.ino))
+            .collect();
+        entries.sort_unstable();
+        let sound = is_possible(&entries);
+        if sound && previous_sound.is_some_and(|p| readings[p] == entries) {
+            return Ok(group(entries));
         }
-        size *= 4;
+        previous_sound = sound.then_some(i);
+        readings.push(entries);
     }
+    tracing::debug!(
+        readings = MAX_READINGS,
+        "the lock list kept changing while it was read; showing each lock as most readings did"
+    );
+    Ok(group(vote(&readings)))
+}
+
+/// False when `entries` (sorted) show a state flock cannot be in: a file with an exclusive
+/// holder and any other holder.
+fn is_possible(entries: &[Entry]) -> bool {
+    entries
+        .chunk_by(|a, b| (a.dev, a.ino) == (b.dev, b.ino))
+        .all(|file| {
+            let holders = file.iter().filter(|e| !e.waiting);
+            let exclusive = holders.clone().filter(|e| e.exclusive).count();
+            exclusive == 0 || holders.count() == 1
+        })
+}
+
+/// Every entry as many times as the median reading has it.
+fn vote(readings: &[Vec<Entry>]) -> Vec<Entry> {
+    let mut counts: std::collections::BTreeMap<&Entry, Vec<usize>> = Default::default();
+    for (i, reading) in readings.iter().enumerate() {
+        for run in reading.chunk_by(|a, b| a == b) {
+            let c = counts
+                .entry(&run[0])
+                .or_insert_with(|| vec![0; readings.len()]);
+            c[i] = run.len();
+        }
+    }
+    let mut out = Vec::new();
+    for (entry, mut c) in counts {
+        c.sort_unstable();
+        out.extend(std::iter::repeat_n(entry.clone(), c[c.len() / 2]));
+    }
+    out
+}
+
+/// Reads `path` to its end into `buf`: first `first` bytes, then in large reads (each `read(2)`
+/// of a seq_file is one pass of the kernel's iterator; fewer passes, fewer places for entries to
+/// shift).
+fn read_whole(path: &str, first: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+    use std::io::Read;
+    const CHUNK: usize = 64 * 1024;
+    buf.clear();
+    let mut file = std::fs::File::open(path)?;
+    let mut want = first.max(1);
+    loop {
+        let len = buf.len();
+        buf.resize(len + want, 0);
+        match file.read(&mut buf[len..]) {
+            Ok(0) => {
+                buf.truncate(len);
+                return Ok(());
+            }
+            Ok(n) => buf.truncate(len + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(len),
+            Err(e) => return Err(e),
+        }
+        want = CHUNK;
+    }
+}
+
+/// Entries by file, holders in the order they were listed.
+fn group(entries: Vec<Entry>) -> HashMap<(u64, u64), Locks> {
+    let mut out: HashMap<(u64, u64), Locks> = HashMap::new();
+    for e in entries {
+        let locks = out.entry((e.dev, e.ino)).or_default();
+        if e.waiting {
+            locks.waiters += 1;
+            continue;
+        }
+        let mode = if e.exclusive {
+            Mode::Exclusive
+        } else {
+            Mode::Shared
+        };
+        locks.holders.push(match e.pid {
+            Some(pid) => Holder::process(mode, pid),
+            None => Holder {
+                mode,
+                pid: None,
+                id: None,
+                count: None,
+            },
+        });
+    }
+    out
 }
 
 /// Parses `/proc/locks` lines such as
 /// `1: FLOCK  ADVISORY  WRITE 1234 fd:01:56789 0 EOF` and
-/// `1: -> FLOCK  ADVISORY  WRITE 1235 fd:01:56789 0 EOF` (a waiter).
-fn parse_proc_locks(text: &str) -> HashMap<(u64, u64), Locks> {
-    let mut out: HashMap<(u64, u64), Locks> = HashMap::new();
-    for line in text.lines() {
+/// `1: -> FLOCK  ADVISORY  WRITE 1235 fd:01:56789 0 EOF` (a waiter); other lines are skipped.
+fn parse_proc_locks(text: &str) -> impl Iterator<Item = Entry> + '_ {
+    text.lines().filter_map(|line| {
         let mut fields = line.split_whitespace().skip(1).peekable();
-        let waiter = fields.peek() == Some(&"->");
-        if waiter {
+        let waiting = fields.peek() == Some(&"->");
+        if waiting {
             fields.next();
         }
         let (Some("FLOCK"), Some(_), Some(rw), Some(pid), Some(id)) = (
@@ -100,52 +224,36 @@ fn parse_proc_locks(text: &str) -> HashMap<(u64, u64), Locks> {
             fields.next(),
             fields.next(),
         ) else {
-            continue;
+            return None;
         };
         let mut parts = id.split(':');
         let (Some(maj), Some(min), Some(ino)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
+            return None;
         };
         let (Ok(maj), Ok(min), Ok(ino)) = (
             u32::from_str_radix(maj, 16),
             u32::from_str_radix(min, 16),
             ino.parse::<u64>(),
         ) else {
-            continue;
+            return None;
         };
-        let dev = libc::makedev(maj, min);
-        let entry = out.entry((dev, ino)).or_default();
-        if waiter {
-            entry.waiters += 1;
-            continue;
-        }
-        let mode = if rw == "READ" {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        };
-        // A pid of -1 (or 0) means the holder is not visible from this pid namespace.
-        match pid.parse::<u32>() {
-            Ok(pid) if pid > 0 => entry.holders.push(Holder::process(mode, pid)),
-            _ => entry.holders.push(Holder {
-                mode,
-                pid: None,
-                id: None,
-                count: None,
-            }),
-        }
-    }
-    out
+        Some(Entry {
+            dev: libc::makedev(maj, min),
+            ino,
+            waiting,
+            exclusive: rw != "READ",
+            // A pid of -1 (or 0) means the holder is not visible from this pid namespace.
+            pid: pid.parse::<u32>().ok().filter(|&p| p > 0),
+        })
+    })
 }
 
 /// The holders of the lock file at `path`.
 pub(crate) fn holders_of(path: &Path) -> io::Result<Vec<Holder>> {
     let meta = std::fs::symlink_metadata(path)?;
-    let mut locks = proc_locks()?;
-    Ok(locks
-        .remove(&(meta.dev(), meta.ino()))
-        .map(|l| l.holders)
-        .unwrap_or_default())
+    let id = (meta.dev(), meta.ino());
+    let mut locks = proc_locks(|dev, ino| (dev, ino) == id)?;
+    Ok(locks.remove(&id).map(|l| l.holders).unwrap_or_default())
 }
 
 /// The lock name recorded in a lock file, if it hashes to the file's name.
@@ -184,20 +292,27 @@ fn lock_files(locker: &FileLocker) -> Result<Vec<(PathBuf, String)>, Error> {
 }
 
 pub(super) fn status(locker: &FileLocker) -> Result<Vec<LockStatus>, Error> {
-    let files = lock_files(locker)?;
-    let mut locks = proc_locks().map_err(|source| Error::System {
-        op: "read /proc/locks",
-        source,
-    })?;
-    let mut out = Vec::with_capacity(files.len());
-    for (path, file_name) in files {
+    let mut files = Vec::new();
+    for (path, file_name) in lock_files(locker)? {
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
+            continue; // collected meanwhile
         };
-        if !meta.file_type().is_file() {
-            continue;
+        if meta.file_type().is_file() {
+            files.push((path, file_name, (meta.dev(), meta.ino())));
         }
-        let l = locks.remove(&(meta.dev(), meta.ino())).unwrap_or_default();
+    }
+    let ids: std::collections::HashSet<(u64, u64)> = files.iter().map(|f| f.2).collect();
+    let mut locks = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        proc_locks(|dev, ino| ids.contains(&(dev, ino))).map_err(|source| Error::System {
+            op: "read /proc/locks",
+            source,
+        })?
+    };
+    let mut out = Vec::with_capacity(files.len());
+    for (path, file_name, id) in files {
+        let l = locks.remove(&id).unwrap_or_default();
         let state = match l.holders.first().map(|h| h.mode) {
             None => LockState::Free,
             Some(Mode::Shared) => LockState::Shared,
@@ -235,7 +350,7 @@ pub(super) fn gc(locker: &FileLocker, older_than: Duration) -> Result<GcReport, 
             report.too_new += 1;
             continue;
         }
-        match FileLocker::try_flock(&file, Mode::Exclusive, &path) {
+        match FileLocker::try_flock(&file, Mode::Exclusive) {
             Ok(true) => {}
             Ok(false) => {
                 report.in_use += 1;
@@ -309,17 +424,58 @@ mod tests {
                     2: FLOCK  ADVISORY  READ 77 00:2a:5 0 EOF\n\
                     2: FLOCK  ADVISORY  READ -1 00:2a:5 0 EOF\n\
                     3: POSIX  ADVISORY  WRITE 99 fd:01:1 0 EOF\n\
+                    4: FLOCK  ADVISORY  WRITE 99 zz:01:1 0 EOF\n\
+                    5: FLOCK  ADVISORY  WRITE 99\n\
                     garbage line\n";
-        let m = parse_proc_locks(text);
+        let m = group(parse_proc_locks(text).collect());
         let a = &m[&(libc::makedev(0xfd, 1), 56789)];
         assert_eq!(a.holders, vec![Holder::process(Mode::Exclusive, 1234)]);
         assert_eq!(a.waiters, 1);
         let b = &m[&(libc::makedev(0, 0x2a), 5)];
         assert_eq!(b.holders.len(), 2);
         assert_eq!(b.holders[1].pid, None);
+        assert_eq!(m.len(), 2, "POSIX locks and broken lines are not ours");
+    }
+
+    fn entry(ino: u64, exclusive: bool, pid: u32) -> Entry {
+        Entry {
+            dev: 1,
+            ino,
+            waiting: false,
+            exclusive,
+            pid: Some(pid),
+        }
+    }
+
+    #[test]
+    fn a_duplicated_exclusive_holder_is_impossible() {
+        let mut ok = vec![entry(1, true, 10), entry(2, false, 11), entry(2, false, 11)];
+        ok.push(Entry {
+            waiting: true,
+            ..entry(1, true, 12)
+        });
+        ok.sort();
         assert!(
-            !m.contains_key(&(libc::makedev(0xfd, 1), 1)),
-            "POSIX locks are not ours"
+            is_possible(&ok),
+            "shared twice by one process, a waiter: fine"
         );
+        let mut dup = vec![entry(1, true, 10), entry(1, true, 10)];
+        dup.sort();
+        assert!(!is_possible(&dup));
+        let mut mixed = vec![entry(1, true, 10), entry(1, false, 11)];
+        mixed.sort();
+        assert!(!is_possible(&mixed));
+    }
+
+    #[test]
+    fn the_vote_outweighs_skips_and_duplicates() {
+        let good = vec![entry(1, true, 10), entry(2, true, 11), entry(3, true, 12)];
+        let skipped = vec![entry(1, true, 10), entry(3, true, 12)];
+        let doubled = vec![entry(1, true, 10), entry(2, true, 11), entry(2, true, 11)];
+        let doubled = [doubled.clone(), vec![entry(3, true, 12)]].concat();
+        let readings = vec![skipped, good.clone(), doubled, good.clone(), good.clone()];
+        let mut voted = vote(&readings);
+        voted.sort();
+        assert_eq!(voted, good);
     }
 }

@@ -1,9 +1,15 @@
 //! Waiting for a flock(2) lock without polling, with timeouts and cancellation.
 //!
 //! A blocking `flock` is the only way to be woken by the kernel the moment a lock is freed, and
-//! it cannot be given a timeout or cancelled from outside, except by a signal. So a waiter runs
-//! the blocking `flock` on a thread of its own, and the owner interrupts it with a signal (the
-//! same way flock(1) implements `-w`):
+//! it cannot be given a timeout or cancelled from outside, except by a signal (which is how
+//! flock(1) implements `-w`). Three ways to wait:
+//!
+//! - no deadline, blocking API: `flock` on the calling thread ([`flock_blocking`]);
+//! - a deadline, blocking API: `flock` on the calling thread, interrupted by a timer that
+//!   signals that thread ([`flock_until`]);
+//! - the async API (which must not block the executor, and can be cancelled at any moment): a
+//!   [`Waiter`] runs the blocking `flock` on a thread of its own, and the owner interrupts it
+//!   with a signal:
 //!
 //! 1. The waiter thread unblocks the wake signal, then loops: if cancelled, stop; else call the
 //!    blocking `flock`; on `EINTR` loop again.
@@ -231,8 +237,11 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.cancel();
-            // Dropping the result closes a lock granted at the last moment.
-            drop(self.take_result());
+            if let Some(Ok(Some(file))) = self.take_result() {
+                // Closing the file frees the lock the kernel granted as the wait was cancelled.
+                drop(file);
+                tracing::debug!("closed a lock granted at the moment of cancellation");
+            }
         }
     }
 }
@@ -249,6 +258,95 @@ pub(crate) fn flock_blocking(file: File, operation: libc::c_int) -> Outcome {
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// Waits for the lock on the calling thread until `deadline` (blocking waits with a deadline:
+/// `acquire_blocking` with a timeout). A timer signals this very thread at the deadline, and
+/// every millisecond after it: a signal that lands just before the thread enters `flock` is
+/// lost, the next one is not. Waiting here rather than on a thread of its own spares the hop
+/// from the waiter thread to the caller at the moment of the grant. `Err(file)` when the timer
+/// cannot be set up: the caller then waits through a [`Waiter`].
+pub(crate) fn flock_until(
+    file: File,
+    operation: libc::c_int,
+    deadline: Instant,
+) -> Result<Outcome, File> {
+    let Some(timer) = wake_signal()
+        .ok()
+        .and_then(|sig| ThreadTimer::start(sig, deadline))
+    else {
+        return Err(file);
+    };
+    let outcome = loop {
+        if Instant::now() >= deadline {
+            break Ok(None);
+        }
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            break Ok(Some(file));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            break Err(e);
+        }
+    };
+    drop(timer);
+    Ok(outcome)
+}
+
+/// A POSIX timer that sends the wake signal to the calling thread, with the signal unblocked on
+/// that thread while the timer lives.
+struct ThreadTimer {
+    id: libc::timer_t,
+    old_mask: libc::sigset_t,
+}
+
+impl ThreadTimer {
+    fn start(sig: libc::c_int, deadline: Instant) -> Option<Self> {
+        // SAFETY: plain system calls with initialised arguments; the timer is deleted and the
+        // mask restored in Drop.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old_mask: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old_mask);
+            let mut ev: libc::sigevent = std::mem::zeroed();
+            ev.sigev_notify = libc::SIGEV_THREAD_ID;
+            ev.sigev_signo = sig;
+            ev.sigev_notify_thread_id = libc::gettid();
+            let mut id: libc::timer_t = std::mem::zeroed();
+            if libc::timer_create(libc::CLOCK_MONOTONIC, &mut ev, &mut id) != 0 {
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut());
+                return None;
+            }
+            let timer = Self { id, old_mask };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let spec = libc::itimerspec {
+                // A zero value would disarm the timer: fire at once instead.
+                it_value: timespec(left.max(Duration::from_nanos(1))),
+                it_interval: timespec(Duration::from_millis(1)),
+            };
+            (libc::timer_settime(id, 0, &spec, std::ptr::null_mut()) == 0).then_some(timer)
+        }
+    }
+}
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer was created by us and is deleted once; the mask is the one saved.
+        unsafe {
+            libc::timer_delete(self.id);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut());
+        }
+    }
+}
+
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
     }
 }
 

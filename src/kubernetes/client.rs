@@ -13,22 +13,23 @@ use crate::error::Error;
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] when no configuration can be found or it is unusable.
+/// [`Error::KubeConfig`] when no configuration can be found or it is unusable.
 pub async fn client(context: Option<&str>, timeout: Duration) -> Result<kube::Client, Error> {
     let options = kube::config::KubeConfigOptions {
         context: context.map(str::to_owned),
         ..Default::default()
     };
     let config = match context {
-        None => kube::Config::infer().await.map_err(|e| {
-            Error::InvalidConfig(format!(
-                "no usable Kubernetes configuration: {}",
-                crate::error::chain(&e)
-            ))
+        None => kube::Config::infer().await.map_err(|e| Error::KubeConfig {
+            reason: crate::error::chain(&e),
         })?,
-        Some(_) => kube::Config::from_kubeconfig(&options).await.map_err(|e| {
-            Error::InvalidConfig(format!("kubeconfig: {}", crate::error::chain(&e)))
-        })?,
+        Some(_) => {
+            kube::Config::from_kubeconfig(&options)
+                .await
+                .map_err(|e| Error::KubeConfig {
+                    reason: crate::error::chain(&e),
+                })?
+        }
     };
     client_from_config(config, timeout)
 }
@@ -39,13 +40,13 @@ pub async fn client(context: Option<&str>, timeout: Duration) -> Result<kube::Cl
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] when the configuration's TLS or credentials are unusable.
+/// [`Error::KubeConfig`] when the configuration's TLS or credentials are unusable.
 pub fn client_from_config(config: kube::Config, timeout: Duration) -> Result<kube::Client, Error> {
     use hyper_util::client::legacy::connect::HttpConnector;
     use kube::client::ConfigExt;
     use tower::ServiceBuilder;
-    let fail = |e: kube::Error| {
-        Error::InvalidConfig(format!("Kubernetes client: {}", crate::error::chain(&e)))
+    let fail = |e: kube::Error| Error::KubeConfig {
+        reason: crate::error::chain(&e),
     };
     let mut http = HttpConnector::new();
     http.enforce_http(false);

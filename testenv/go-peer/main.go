@@ -321,12 +321,14 @@ wait:
 
 // loopReport is the one JSON line `loop` prints; the Rust worker prints the same shape.
 type loopReport struct {
-	Impl       string   `json:"impl"`
-	Version    string   `json:"version"`
-	Cycles     int      `json:"cycles"`
-	Increments int      `json:"increments"`
-	Overlaps   int      `json:"overlaps"`
-	Errors     []string `json:"errors"`
+	Impl       string `json:"impl"`
+	Version    string `json:"version"`
+	Cycles     int    `json:"cycles"`
+	Increments int    `json:"increments"`
+	Overlaps   int    `json:"overlaps"`
+	// What the exclusive holder we overlapped with wrote into the holder file.
+	OverlapsWith []string `json:"overlapsWith,omitempty"`
+	Errors       []string `json:"errors"`
 }
 
 // loopCmd is a worker for mixed-fleet tests: N cycles of acquire, a guarded read-modify-write of
@@ -382,8 +384,10 @@ func loopCmd(args []string) {
 		}
 		if f.shared {
 			if _, err := os.Lstat(holder); err == nil {
+				who, _ := os.ReadFile(holder)
 				mu.Lock()
 				report.Overlaps++
+				report.OverlapsWith = append(report.OverlapsWith, string(who))
 				mu.Unlock()
 			}
 			time.Sleep(hold)
@@ -391,14 +395,18 @@ func loopCmd(args []string) {
 			mine := true
 			h, err := os.OpenFile(holder, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
 			if errors.Is(err, os.ErrExist) {
+				who, _ := os.ReadFile(holder)
 				mine = false
 				mu.Lock()
 				report.Overlaps++
+				report.OverlapsWith = append(report.OverlapsWith, string(who))
 				mu.Unlock()
 			} else if err != nil {
 				record("cycle %d: create %s: %s", i, holder, err)
 				mine = false
 			} else {
+				// Who holds it, for the report of whoever overlaps.
+				_, _ = fmt.Fprintf(h, "go %s pid %d cycle %d", lockgateVersion(), os.Getpid(), i)
 				_ = h.Close()
 			}
 			if n, err := readCounter(*counter); err != nil {

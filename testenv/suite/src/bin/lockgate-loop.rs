@@ -118,6 +118,7 @@ fn main() {
     let locker = locker(&args.locker);
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
     let (mut increments, mut overlaps) = (0u64, 0u64);
+    let mut overlaps_with = Vec::<String>::new();
     let holder = PathBuf::from(format!("{}.holder", args.counter.display()));
     let record = |e: String| errors.lock().unwrap().push(e);
     for i in 0..args.cycles {
@@ -142,6 +143,7 @@ fn main() {
         if args.mode == Mode::Shared {
             if holder.symlink_metadata().is_ok() {
                 overlaps += 1;
+                overlaps_with.push(std::fs::read_to_string(&holder).unwrap_or_default());
             }
             std::thread::sleep(args.hold);
         } else {
@@ -150,9 +152,15 @@ fn main() {
                 .create_new(true)
                 .open(&holder)
             {
-                Ok(_) => true,
+                Ok(mut f) => {
+                    use std::io::Write;
+                    // Who holds it, for the report of whoever overlaps.
+                    let _ = write!(f, "rust pid {} cycle {i}", std::process::id());
+                    true
+                }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {
                     overlaps += 1;
+                    overlaps_with.push(std::fs::read_to_string(&holder).unwrap_or_default());
                     false
                 }
                 Err(e) => {
@@ -184,7 +192,7 @@ fn main() {
     let ok = errors.is_empty() && overlaps == 0;
     println!(
         "{}",
-        serde_json::json!({"impl": "rust", "cycles": args.cycles, "increments": increments, "overlaps": overlaps, "errors": errors})
+        serde_json::json!({"impl": "rust", "cycles": args.cycles, "increments": increments, "overlaps": overlaps, "overlapsWith": overlaps_with, "errors": errors})
     );
     std::process::exit(if ok { 0 } else { 1 });
 }

@@ -1,4 +1,5 @@
-//! Which locker the command line names: `--locker URL`, `--dir DIR`, or the environment.
+//! The locator: which locker the command line names (`--locker URL`, `--dir DIR`) or the
+//! environment does.
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
@@ -7,11 +8,12 @@ use lockgate::file::Naming;
 use lockgate::kubernetes::LeaseConfig;
 use lockgate::{FileLocker, KubernetesLocker, Locker};
 
-use crate::{code, Failure};
+use crate::args::LocatorArgs;
+use crate::errors::{code, Failure};
 
-/// A resolved locker location.
+/// Where the locks live, as the command line and the environment name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Target {
+pub(crate) enum Locator {
     /// A directory of lock files.
     File { dir: PathBuf, naming: Naming },
     /// Annotations of a Kubernetes object.
@@ -24,25 +26,32 @@ pub(crate) enum Target {
     },
 }
 
-impl Target {
+impl Locator {
     /// Resolves, in order: `--locker`, `--dir`, `$LOCKGATE_LOCKER`, `$LOCKGATE_DIR`, the default
     /// directory.
-    pub(crate) fn resolve(
-        locker: Option<String>,
-        dir: Option<PathBuf>,
-        legacy: bool,
-    ) -> Result<Self, Failure> {
-        let naming = if legacy {
+    pub(crate) fn resolve(args: &LocatorArgs) -> Result<Self, Failure> {
+        let mut locator = Self::resolve_location(args)?;
+        if let Locator::Kubernetes { create_missing, .. } = &mut locator {
+            *create_missing = args.create_missing;
+        }
+        Ok(locator)
+    }
+
+    fn resolve_location(args: &LocatorArgs) -> Result<Self, Failure> {
+        let naming = if args.legacy_names {
             Naming::LegacyMurmur3
         } else {
             Naming::Sha256
         };
         let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        if let Some(url) = locker {
-            return Self::parse(&url, naming);
+        if let Some(url) = &args.locker {
+            return Self::parse(url, naming);
         }
-        if let Some(dir) = dir {
-            return Ok(Target::File { dir, naming });
+        if let Some(dir) = &args.dir {
+            return Ok(Locator::File {
+                dir: dir.clone(),
+                naming,
+            });
         }
         if let Some(url) = env("LOCKGATE_LOCKER") {
             let url = url
@@ -51,12 +60,12 @@ impl Target {
             return Self::parse(&url, naming);
         }
         if let Some(dir) = env("LOCKGATE_DIR") {
-            return Ok(Target::File {
+            return Ok(Locator::File {
                 dir: dir.into(),
                 naming,
             });
         }
-        Ok(Target::File {
+        Ok(Locator::File {
             dir: default_dir()?,
             naming,
         })
@@ -80,7 +89,7 @@ impl Target {
                         format!("locker {url:?} names no directory"),
                     ));
                 }
-                Ok(Target::File {
+                Ok(Locator::File {
                     dir: path.into(),
                     naming,
                 })
@@ -97,20 +106,20 @@ impl Target {
         }
     }
 
-    /// The file locker this target names.
+    /// The file locker this locator names.
     pub(crate) fn file_locker(&self) -> Result<FileLocker, Failure> {
         match self {
-            Target::File { dir, naming } => Ok(FileLocker::with_naming(dir, *naming)?),
-            Target::Kubernetes { .. } => Err(Failure::new(
+            Locator::File { dir, naming } => Ok(FileLocker::with_naming(dir, *naming)?),
+            Locator::Kubernetes { .. } => Err(Failure::new(
                 code::USAGE,
                 "this command needs a file locker (--dir or --locker file:DIR)",
             )),
         }
     }
 
-    /// The Kubernetes locker this target names. Must run inside the Tokio runtime.
+    /// The Kubernetes locker this locator names. Must run inside the Tokio runtime.
     pub(crate) async fn kubernetes_locker(&self) -> Result<KubernetesLocker, Failure> {
-        let Target::Kubernetes {
+        let Locator::Kubernetes {
             context,
             namespace,
             resource,
@@ -134,17 +143,17 @@ impl Target {
         Ok(locker.create_missing(*create_missing))
     }
 
-    /// The locker this target names. Must run inside the Tokio runtime.
+    /// The locker this locator names. Must run inside the Tokio runtime.
     pub(crate) async fn locker(&self) -> Result<Locker, Failure> {
         match self {
-            Target::File { .. } => Ok(Locker::new(self.file_locker()?)),
-            Target::Kubernetes { .. } => Ok(Locker::new(self.kubernetes_locker().await?)),
+            Locator::File { .. } => Ok(Locker::new(self.file_locker()?)),
+            Locator::Kubernetes { .. } => Ok(Locker::new(self.kubernetes_locker().await?)),
         }
     }
 }
 
 /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME`; an empty NAMESPACE is cluster-scoped.
-fn parse_kubernetes(url: &str, rest: &str) -> Result<Target, Failure> {
+fn parse_kubernetes(url: &str, rest: &str) -> Result<Locator, Failure> {
     let bad = |why: &str| {
         Failure::new(
             code::USAGE,
@@ -168,7 +177,7 @@ fn parse_kubernetes(url: &str, rest: &str) -> Result<Target, Failure> {
     if resource.is_empty() || name.is_empty() {
         return Err(bad("names no resource or no object"));
     }
-    Ok(Target::Kubernetes {
+    Ok(Locator::Kubernetes {
         context,
         namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
         resource: resource.to_string(),
@@ -224,8 +233,8 @@ mod tests {
             ("file:///var/locks", "/var/locks"),
         ] {
             assert_eq!(
-                Target::parse(url, Naming::Sha256).unwrap(),
-                Target::File {
+                Locator::parse(url, Naming::Sha256).unwrap(),
+                Locator::File {
                     dir: dir.into(),
                     naming: Naming::Sha256
                 }
@@ -235,7 +244,7 @@ mod tests {
 
     #[test]
     fn parses_kubernetes_urls() {
-        let k = |c: Option<&str>, ns: Option<&str>, r: &str, n: &str| Target::Kubernetes {
+        let k = |c: Option<&str>, ns: Option<&str>, r: &str, n: &str| Locator::Kubernetes {
             context: c.map(Into::into),
             namespace: ns.map(Into::into),
             resource: r.into(),
@@ -257,7 +266,7 @@ mod tests {
             ),
         ];
         for (url, want) in cases {
-            assert_eq!(Target::parse(url, Naming::Sha256).unwrap(), want, "{url}");
+            assert_eq!(Locator::parse(url, Naming::Sha256).unwrap(), want, "{url}");
         }
     }
 
@@ -275,7 +284,7 @@ mod tests {
             "http://127.0.0.1:1",
         ] {
             assert_eq!(
-                Target::parse(url, Naming::Sha256).unwrap_err().code,
+                Locator::parse(url, Naming::Sha256).unwrap_err().code,
                 code::USAGE,
                 "{url}"
             );

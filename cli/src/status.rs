@@ -1,0 +1,139 @@
+//! `lockgate status` and `lockgate gc`: what the locks look like, as a table or JSON.
+
+use std::io::Write;
+use std::time::Duration;
+
+use crate::errors::{code, Failure};
+use crate::locator::Locator;
+
+/// Prints the locks of `locator`.
+pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
+    if matches!(locator, Locator::Kubernetes { .. }) {
+        return kubernetes_status(locator, json);
+    }
+    let locks = locator.file_locker()?.status()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        write_json(&mut out, &locks)?;
+    } else {
+        file_table(&mut out, &locks).map_err(Failure::output)?;
+    }
+    out.flush().map_err(Failure::output)?;
+    Ok(0)
+}
+
+/// Deletes unused lock files older than `older_than` and prints what it did. Exits 69 when some
+/// files could not be examined or deleted.
+pub(crate) fn gc(locator: &Locator, older_than: Duration, json: bool) -> Result<u8, Failure> {
+    let report = locator.file_locker()?.gc(older_than)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, &report).map_err(|e| Failure::output(e.into()))?;
+        writeln!(out).map_err(Failure::output)?;
+    } else {
+        writeln!(
+            out,
+            "removed {}, in use {}, newer than {} {}, failed {}",
+            report.removed,
+            report.in_use,
+            humantime::format_duration(older_than),
+            report.too_new,
+            report.failed
+        )
+        .map_err(Failure::output)?;
+    }
+    out.flush().map_err(Failure::output)?;
+    Ok(if report.failed > 0 {
+        code::UNAVAILABLE
+    } else {
+        0
+    })
+}
+
+fn write_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<(), Failure> {
+    serde_json::to_writer_pretty(&mut *out, value).map_err(|e| Failure::output(e.into()))?;
+    writeln!(out).map_err(Failure::output)
+}
+
+fn file_table(out: &mut impl Write, locks: &[lockgate::file::LockStatus]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<10} {:<30} {:>7}  NAME",
+        "STATE", "HOLDERS", "WAITING"
+    )?;
+    for l in locks {
+        let holders = if l.holders.is_empty() {
+            "-".to_owned()
+        } else {
+            l.holders
+                .iter()
+                .map(|h| h.pid.map_or_else(|| "?".to_owned(), |p| p.to_string()))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let state = match l.state {
+            lockgate::file::LockState::Free => "free",
+            lockgate::file::LockState::Shared => "shared",
+            lockgate::file::LockState::Exclusive => "exclusive",
+        };
+        let name = match &l.name {
+            Some(n) => format!("{n:?}"),
+            None => format!(
+                "({})",
+                l.path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
+        };
+        writeln!(out, "{state:<10} {holders:<30} {:>7}  {name}", l.waiters)?;
+    }
+    Ok(())
+}
+
+fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
+    let records = crate::runtime()?
+        .block_on(async { Ok::<_, Failure>(locator.kubernetes_locker().await?.status().await?) })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        write_json(&mut out, &records)?;
+        out.flush().map_err(Failure::output)?;
+        return Ok(0);
+    }
+    let row = |mode: &str, holders: &str, waiting: &str, expires: &str, uuid: &str, name: &str| {
+        format!("{mode:<10} {holders:>7} {waiting:>7} {expires:>10}  {uuid:<36}  {name}")
+    };
+    let mut table = || -> std::io::Result<()> {
+        writeln!(
+            out,
+            "{}",
+            row("MODE", "HOLDERS", "WAITING", "EXPIRES IN", "UUID", "NAME")
+        )?;
+        for r in &records {
+            let line = match (&r.error, &r.mode) {
+                (Some(e), _) => row(
+                    "?",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    &format!("corrupt record in {}: {e}", r.key),
+                ),
+                (None, mode) => row(
+                    &mode.map(|m| m.to_string()).unwrap_or_default(),
+                    &r.holders.to_string(),
+                    &r.waiters.to_string(),
+                    &r.expires_in_secs
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_default(),
+                    r.uuid.as_deref().unwrap_or("-"),
+                    &format!("{:?}", r.name.as_deref().unwrap_or("")),
+                ),
+            };
+            writeln!(out, "{line}")?;
+        }
+        out.flush()
+    };
+    table().map_err(Failure::output)?;
+    Ok(0)
+}
