@@ -6,6 +6,8 @@
 //!   files locked with flock(2).
 //! - `KubernetesLocker` (feature `kubernetes`): processes anywhere, locks in the annotations of
 //!   any Kubernetes object, with leases renewed in the background.
+//! - [`server`] (feature `server`): an HTTP lock server, wire-compatible with Go lockgate's
+//!   HTTP locker clients, with long polls, fair queues and fencing tokens.
 //!
 //! Locks are shared or exclusive ([`Mode`]); an acquisition is non-blocking, blocking, or
 //! blocking with a timeout or deadline ([`Wait`]); it returns a [`LockGuard`] that releases the
@@ -60,11 +62,15 @@ pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+#[cfg(any(feature = "server", feature = "http"))]
+pub mod http;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod locker;
 mod name;
 mod options;
+#[cfg(feature = "server")]
+pub mod server;
 
 pub use backend::{LostReason, LostSignal};
 pub use error::{AcquireError, Error, Result};

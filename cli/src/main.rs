@@ -3,6 +3,7 @@
 //! See `lockgate --help` and the README for the exit-code table.
 
 mod exec;
+mod serve;
 mod target;
 
 use std::ffi::OsString;
@@ -70,6 +71,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an HTTP lock server (Go lockgate's protocol, with long polls and fair queues).
+    Serve(serve::ServeArgs),
     /// Delete unused lock files older than a given age.
     Gc {
         /// Minimum age of a lock file to delete (`90s`, `10m`, `12h`, `7d`).
@@ -204,6 +207,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
+    // A server needs no locker: nothing to resolve (the default directory is not created).
+    if let Command::Serve(args) = cli.command {
+        return serve::run(args);
+    }
     let mut target = Target::resolve(cli.target.locker, cli.target.dir, cli.target.legacy_names)?;
     if let Target::Kubernetes { create_missing, .. } = &mut target {
         *create_missing = cli.target.create_missing;
@@ -212,6 +219,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Exec(args) => exec::run(target, args),
         Command::Status { json } => status(target, json),
         Command::Gc { older_than, json } => gc(target, older_than, json),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
