@@ -232,6 +232,8 @@ struct Deadlines<IO> {
     idle_timeout: Duration,
     /// HTTP/2: no heads to time (its streams are timed by the handlers), only idleness.
     h2: Option<bool>,
+    /// Bytes of the HTTP/2 preface seen so far, while undecided.
+    preface_matched: usize,
     head_since: Option<Instant>,
     seen_started: u64,
     sleep: Pin<Box<Sleep>>,
@@ -246,6 +248,7 @@ impl<IO> Deadlines<IO> {
             header_timeout: config.header_timeout,
             idle_timeout: config.idle_timeout,
             h2,
+            preface_matched: 0,
             head_since: Some(now),
             seen_started: 0,
             sleep: Box::pin(tokio::time::sleep_until(now + config.header_timeout)),
@@ -307,9 +310,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Deadlines<IO> {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
                 if !got.is_empty() {
-                    if this.h2.is_none() {
-                        let n = got.len().min(H2_PREFACE.len());
-                        this.h2 = Some(got[..n] == H2_PREFACE[..n]);
+                    for &b in got {
+                        if this.h2.is_some() {
+                            break;
+                        }
+                        if b != H2_PREFACE[this.preface_matched] {
+                            this.h2 = Some(false);
+                        } else {
+                            this.preface_matched += 1;
+                            if this.preface_matched == H2_PREFACE.len() {
+                                this.h2 = Some(true);
+                            }
+                        }
                     }
                     if this.head_since.is_none()
                         && this.activity.in_flight.load(Ordering::Acquire) == 0

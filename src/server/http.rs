@@ -204,6 +204,13 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
 }
 
 async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
+    use axum::body::HttpBody as _;
+    if body.size_hint().lower() > app.body_limit as u64 {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is over {} bytes", app.body_limit),
+        ));
+    }
     let limited = Limited::new(body, app.body_limit);
     let bytes = match tokio::time::timeout(app.body_timeout, limited.collect()).await {
         Err(_) => {
