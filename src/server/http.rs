@@ -423,9 +423,10 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     } else {
         StatusCode::OK
     };
-    let mut body = HealthResponse::default();
-    body.status = status.to_owned();
-    body.grace_remaining_ms = grace.map(millis);
+    let body = HealthResponse {
+        status: status.to_owned(),
+        grace_remaining_ms: grace.map(millis),
+    };
     json(code, &body)
 }
 

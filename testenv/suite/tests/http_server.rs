@@ -1,0 +1,449 @@
+//! Go lockgate's `HttpLocker` clients (the `lockgate-go` peer; `LOCKGATE_TEST_GO_PEER` names the
+//! binary, so the same tests run against a v0.1.1 or a v0.2.0 peer) against `lockgate serve`,
+//! next to lockgate's own long-poll protocol spoken over raw HTTP.
+//!
+//! Every child is killed when its handle drops (also on a failed assertion), and every wait has
+//! a deadline.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use lockgate_testenv::{go_peer, rust_cli};
+use serde_json::{json, Value};
+
+/// A child process, killed when dropped.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The first stdout line starting with `prefix`, within `limit`.
+    fn line(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with(prefix) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no line {prefix:?} within {limit:?}: {e}"),
+            }
+        }
+    }
+
+    fn has_line(&mut self, prefix: &str) -> bool {
+        self.lines.try_iter().any(|l| l.starts_with(prefix))
+    }
+
+    /// Closes stdin (a holder's `read` ends) and waits for the exit code.
+    fn finish(mut self, limit: Duration) -> i32 {
+        drop(self.child.stdin.take());
+        self.wait(limit)
+    }
+
+    fn wait(&mut self, limit: Duration) -> i32 {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "child still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `lockgate serve` on a free port, with no start-up grace; returns it and its address.
+fn serve(extra: &[&str]) -> (Proc, String) {
+    let mut p = Proc::spawn(
+        Command::new(rust_cli())
+            .args(["serve", "--listen", "127.0.0.1:0", "--grace", "0"])
+            .args(extra),
+    );
+    let line = p.line("serving on ", Duration::from_secs(10));
+    let addr = line.trim_start_matches("serving on ").to_owned();
+    (p, addr)
+}
+
+/// A Go `HttpLocker` holding NAME until [`Proc::finish`].
+fn go_hold(url: &str, args: &[&str], name: &str) -> Proc {
+    let mut p = go_wait(url, args, name);
+    p.line("locked", Duration::from_secs(10));
+    p
+}
+
+/// A Go `HttpLocker` acquiring NAME (blocking); prints `locked` once it holds it.
+fn go_wait(url: &str, args: &[&str], name: &str) -> Proc {
+    Proc::spawn(
+        Command::new(go_peer())
+            .args(["exec", "--locker", url, "-q"])
+            .args(args)
+            .args([name, "--", "sh", "-c", "echo locked; read _ || true"]),
+    )
+}
+
+/// `lockgate-go exec -n`: 0 acquired, 1 busy.
+fn go_try(url: &str, args: &[&str], name: &str) -> i32 {
+    let mut p = Proc::spawn(
+        Command::new(go_peer())
+            .args(["exec", "--locker", url, "-q", "-n"])
+            .args(args)
+            .args([name, "--", "true"]),
+    );
+    p.wait(Duration::from_secs(10))
+}
+
+/// One HTTP/1.1 request on its own connection; the status and the JSON body.
+fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read the answer");
+    let (head, body) = buf.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).expect("a JSON body"))
+}
+
+fn acquire(addr: &str, name: &str, opts: Value) -> Value {
+    let (status, v) = http(
+        addr,
+        "POST",
+        "/acquire",
+        Some(&json!({"lockName": name, "opts": opts})),
+    );
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+fn hold(addr: &str, name: &str) -> Value {
+    let v = acquire(addr, name, json!({}));
+    assert_eq!(v["err"], "", "{v}");
+    v["lockHandle"].clone()
+}
+
+fn release(addr: &str, handle: &Value) {
+    let (status, v) = http(
+        addr,
+        "POST",
+        "/release",
+        Some(&json!({"lockHandle": handle})),
+    );
+    assert_eq!((status, v["err"].as_str()), (200, Some("")), "{v}");
+}
+
+fn status(addr: &str, name: &str) -> Value {
+    let (code, v) = http(addr, "GET", &format!("/status?name={name}"), None);
+    assert_eq!(code, 200, "{v}");
+    v["locks"].get(0).cloned().unwrap_or(Value::Null)
+}
+
+/// Polls `/status` until `pred` holds (an event the server reports, not a guess at timing).
+fn until(addr: &str, name: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = status(addr, name);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "status never matched: {s}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn holders(s: &Value) -> usize {
+    s["holders"].as_array().map_or(0, Vec::len)
+}
+
+fn url(addr: &str) -> String {
+    format!("http://{addr}")
+}
+
+#[test]
+fn go_clients_exclude_each_other_through_the_rust_server() {
+    let (_srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let holder = go_hold(&u, &[], "ex");
+    assert_eq!(go_try(&u, &[], "ex"), 1);
+    assert_eq!(go_try(&u, &["-s"], "ex"), 1);
+    assert_eq!(holder.finish(Duration::from_secs(10)), 0);
+    assert_eq!(go_try(&u, &[], "ex"), 0);
+    assert_eq!(status(&addr, "ex"), Value::Null, "nothing left behind");
+}
+
+#[test]
+fn go_shared_holders_get_leases_of_their_own_and_keep_writers_out() {
+    let (_srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let a = go_hold(&u, &["-s"], "sh");
+    let b = go_hold(&u, &["-s"], "sh");
+    let s = status(&addr, "sh");
+    assert_eq!(holders(&s), 2);
+    assert_ne!(
+        s["holders"][0]["fencingToken"],
+        s["holders"][1]["fencingToken"]
+    );
+    assert_eq!(go_try(&u, &[], "sh"), 1);
+    assert_eq!(go_try(&u, &["-s"], "sh"), 0);
+    // One shared holder leaving keeps the other's lease (Go's own server shares one uuid).
+    assert_eq!(a.finish(Duration::from_secs(10)), 0);
+    assert_eq!(go_try(&u, &[], "sh"), 1);
+    assert_eq!(b.finish(Duration::from_secs(10)), 0);
+    assert_eq!(go_try(&u, &[], "sh"), 0);
+}
+
+#[test]
+fn a_waiting_go_client_gets_the_lock_after_the_release() {
+    let (_srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let holder = go_hold(&u, &[], "handoff");
+    let mut waiter = go_wait(&u, &[], "handoff");
+    // Go polls: it is not queued, but it has asked (two acquisitions answered `should wait`).
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!waiter.has_line("locked"));
+    let released = Instant::now();
+    assert_eq!(holder.finish(Duration::from_secs(10)), 0);
+    waiter.line("locked", Duration::from_secs(5));
+    // Go polls every 2 s.
+    assert!(released.elapsed() < Duration::from_millis(2600));
+    assert_eq!(waiter.finish(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_before() {
+    let (_srv, addr) = serve(&["--ttl", "5s"]);
+    let u = url(&addr);
+    let holder = go_hold(&u, &[], "killed");
+    // Let it renew at least once (every 3 s).
+    std::thread::sleep(Duration::from_millis(3500));
+    holder.signal(libc::SIGKILL);
+    let mut holder = holder;
+    holder.wait(Duration::from_secs(5));
+    let seen = Instant::now();
+    let s = status(&addr, "killed");
+    assert_eq!(holders(&s), 1, "{s}");
+    let left = Duration::from_millis(s["holders"][0]["expiresInMs"].as_u64().unwrap());
+    assert!(left > Duration::from_millis(1000), "renewed recently: {s}");
+    let (code, v) = http(
+        &addr,
+        "POST",
+        "/acquire",
+        Some(&json!({"lockName": "killed", "opts": {"waitMs": 20_000}})),
+    );
+    let granted = seen.elapsed();
+    assert_eq!((code, v["err"].as_str()), (200, Some("")), "{v}");
+    assert!(
+        granted + Duration::from_millis(50) >= left,
+        "granted after {granted:?}, before the lease's {left:?} were up"
+    );
+    assert!(
+        granted < left + Duration::from_millis(500),
+        "granted late: {granted:?} for {left:?}"
+    );
+}
+
+#[test]
+fn a_go_client_waits_behind_a_long_poll_client_in_order() {
+    let (_srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let h = hold(&addr, "queue");
+    let a2 = addr.clone();
+    let long_poll = std::thread::spawn(move || {
+        let v = acquire(
+            &a2,
+            "queue",
+            json!({"waitMs": 20_000, "acquirerId": "long-poller"}),
+        );
+        (Instant::now(), v)
+    });
+    until(&addr, "queue", Duration::from_secs(10), |s| {
+        s["waiters"][0]["longPoll"] == true
+    });
+    let mut go = go_wait(&u, &[], "queue");
+    std::thread::sleep(Duration::from_millis(300));
+    let released = Instant::now();
+    release(&addr, &h);
+    let (granted, v) = long_poll.join().unwrap();
+    assert_eq!(v["err"], "", "{v}");
+    assert!(granted - released < Duration::from_millis(200));
+    // The Go poller did not overtake it.
+    assert!(!go.has_line("locked"));
+    let s = status(&addr, "queue");
+    assert_eq!(s["holders"][0]["fencingToken"], v["fencingToken"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !go.has_line("locked"),
+        "Go got the lock while the long poller held it"
+    );
+    release(&addr, &v["lockHandle"]);
+    go.line("locked", Duration::from_secs(5));
+    assert_eq!(go.finish(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn go_and_long_poll_clients_lose_no_update_of_a_counter() {
+    let (_srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("n");
+    std::fs::write(&counter, "0").unwrap();
+    const GO: usize = 3;
+    const GO_CYCLES: usize = 2;
+    const RUST: usize = 2;
+    const RUST_CYCLES: usize = 5;
+    let script = format!(
+        "n=$(cat {0}); sleep 0.05; echo $((n+1)) > {0}",
+        counter.display()
+    );
+    let go: Vec<_> = (0..GO)
+        .map(|_| {
+            let u = u.clone();
+            let script = script.clone();
+            std::thread::spawn(move || {
+                for _ in 0..GO_CYCLES {
+                    let mut p = Proc::spawn(
+                        Command::new(go_peer())
+                            .args(["exec", "--locker", &u, "-q", "counter", "--", "sh", "-c"])
+                            .arg(&script),
+                    );
+                    assert_eq!(p.wait(Duration::from_secs(60)), 0);
+                }
+            })
+        })
+        .collect();
+    let rust: Vec<_> = (0..RUST)
+        .map(|i| {
+            let addr = addr.clone();
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                for _ in 0..RUST_CYCLES {
+                    let v = loop {
+                        let v = acquire(
+                            &addr,
+                            "counter",
+                            json!({"waitMs": 20_000, "acquirerId": format!("rust-{i}")}),
+                        );
+                        if v["err"] == "" {
+                            break v;
+                        }
+                    };
+                    let n: u64 = std::fs::read_to_string(&counter)
+                        .unwrap()
+                        .trim()
+                        .parse()
+                        .unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                    std::fs::write(&counter, (n + 1).to_string()).unwrap();
+                    release(&addr, &v["lockHandle"]);
+                }
+            })
+        })
+        .collect();
+    for t in go.into_iter().chain(rust) {
+        t.join().unwrap();
+    }
+    let n: usize = std::fs::read_to_string(&counter)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(n, GO * GO_CYCLES + RUST * RUST_CYCLES);
+}
+
+#[test]
+fn go_clients_authenticate_with_the_token_in_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken-s3cret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (_srv, addr) = serve(&["--token-file", token.to_str().unwrap()]);
+    assert_eq!(
+        go_try(&format!("http://lockgate:t0ken-s3cret@{addr}"), &[], "auth"),
+        0
+    );
+    // Without it the Go client fails (exit 69: it got a 401), it is not "busy".
+    assert_eq!(go_try(&url(&addr), &[], "auth"), 69);
+    assert_eq!(
+        go_try(&format!("http://lockgate:wrong@{addr}"), &[], "auth"),
+        69
+    );
+}
+
+#[test]
+fn sigterm_answers_open_requests_and_exits() {
+    let (mut srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let _go = go_hold(&u, &[], "term");
+    let a2 = addr.clone();
+    let long_poll = std::thread::spawn(move || {
+        http(
+            &a2,
+            "POST",
+            "/acquire",
+            Some(&json!({"lockName": "term", "opts": {"waitMs": 30_000}})),
+        )
+    });
+    until(&addr, "term", Duration::from_secs(10), |s| {
+        s["waiters"][0]["longPoll"] == true
+    });
+    let start = Instant::now();
+    srv.signal(libc::SIGTERM);
+    let (code, v) = long_poll.join().unwrap();
+    assert_eq!(
+        (code, v["code"].as_str()),
+        (503, Some("shutting_down")),
+        "{v}"
+    );
+    assert_eq!(srv.wait(Duration::from_secs(12)), 0);
+    // The Go holder's idle keep-alive connection does not hold the shutdown up.
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(TcpStream::connect(&addr).is_err());
+}
