@@ -131,6 +131,9 @@ pub struct MemoryStore {
 const SHARDS: usize = 16;
 /// Expiry work done under one shard lock before letting requests in again.
 const REAP_BATCH: usize = 512;
+/// How often leases nobody waits for are looked at (they are expired for every reader as soon
+/// as their TTL passes; the sweep only frees their memory).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Inner {
@@ -161,9 +164,9 @@ struct Shard {
 #[derive(Debug, Default)]
 struct ShardState {
     locks: HashMap<Arc<str>, LockState>,
-    /// When to look at a lock again (lease or queue place expiry, end of grace). A lock has at
-    /// most a few entries: renewals only move `Holder::expires`; an entry that fires early
-    /// re-arms itself.
+    /// When to look at a lock with waiters again (lease or queue place expiry, end of grace). A
+    /// lock has at most a few entries: renewals only move `Holder::expires`; an entry that fires
+    /// early re-arms itself.
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     /// The reaper sleeps until then (`None`: until woken).
     reaper_until: Option<Instant>,
@@ -279,13 +282,23 @@ impl Drop for MemoryStore {
     }
 }
 
-/// Expires leases and queue places of one shard when they are due.
+/// Expires leases and queue places of one shard: at once where someone waits (timers), and
+/// within [`SWEEP_EVERY`] where nobody does (a sweep of the shard).
 async fn reap(inner: Arc<Inner>, shard: usize) {
+    let mut next_sweep = Instant::now() + SWEEP_EVERY;
     loop {
         let notified = inner.shards[shard].wake.notified();
         let until = {
             let mut st = lock_mutex(&inner.shards[shard].state);
             let now = Instant::now();
+            if now >= next_sweep {
+                next_sweep = now + SWEEP_EVERY;
+                let ShardState { locks, timers, .. } = &mut *st;
+                locks.retain(|key, lock| {
+                    inner.settle(timers, key, lock, now);
+                    !(lock.holders.is_empty() && lock.queue.is_empty())
+                });
+            }
             let mut done = 0;
             while let Some(Reverse((at, _))) = st.timers.peek() {
                 if *at > now || done == REAP_BATCH {
@@ -309,7 +322,8 @@ async fn reap(inner: Arc<Inner>, shard: usize) {
             let until = if done == REAP_BATCH {
                 Some(now)
             } else {
-                st.timers.peek().map(|Reverse((at, _))| *at)
+                let timer = st.timers.peek().map(|Reverse((at, _))| *at);
+                Some(timer.map_or(next_sweep, |t| t.min(next_sweep)))
             };
             st.reaper_until = until;
             until
@@ -350,6 +364,11 @@ impl Inner {
     ) {
         self.sweep(lock, now);
         self.pump(lock, now);
+        if lock.queue.is_empty() {
+            // Nobody to hand the lock to: an expired lease is dropped when the lock is next
+            // looked at (every operation sweeps first), or by the periodic sweep.
+            return;
+        }
         let next = lock
             .holders
             .iter()
@@ -358,7 +377,7 @@ impl Inner {
                 Slot::Detached { expires } => Some(expires),
                 Slot::Attached { .. } => None,
             }))
-            .chain((self.in_grace(now) && !lock.queue.is_empty()).then_some(self.grace_until))
+            .chain(self.in_grace(now).then_some(self.grace_until))
             .min();
         if let Some(at) = next {
             if lock.scheduled.is_none_or(|s| at < s) {

@@ -393,8 +393,11 @@ async fn freed_locks_leave_no_state_behind() {
     }
     // A lease nobody renews nor releases.
     granted(&s, spec("x", Mode::Exclusive)).await;
-    tokio::time::advance(TTL * 2).await;
-    tokio::task::yield_now().await;
+    tokio::task::yield_now().await; // the expiry tasks start
+    tokio::time::advance(TTL + SWEEP_EVERY * 2).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
     let total: usize = s
         .inner
         .shards
