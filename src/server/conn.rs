@@ -257,12 +257,17 @@ impl<IO> Deadlines<IO> {
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Deadlines<IO> {
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// A request started since we last looked: its head is complete, the next one's clock has
+    /// not started.
+    fn catch_up(&mut self) {
         let started = self.activity.started.load(Ordering::Acquire);
         if started != self.seen_started {
             self.seen_started = started;
             self.head_since = None;
         }
+    }
+
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.activity.in_flight.load(Ordering::Acquire) > 0 {
             return Poll::Pending;
         }
@@ -305,6 +310,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Deadlines<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.catch_up();
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
