@@ -93,7 +93,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The README's examples, compiled and run as doctests (they include the Kubernetes locker).
-#[cfg(all(doctest, feature = "kubernetes"))]
+/// The README's examples, compiled and run as doctests (they include the Kubernetes locker and
+/// the HTTP server).
+#[cfg(all(doctest, feature = "kubernetes", feature = "server"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
