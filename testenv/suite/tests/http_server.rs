@@ -262,7 +262,8 @@ fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_befo
     holder.signal(libc::SIGKILL);
     let mut holder = holder;
     holder.wait(Duration::from_secs(5));
-    let seen = Instant::now();
+    // The server reads its clock after `asked`: the lease ends no earlier than asked + left.
+    let asked = Instant::now();
     let s = status(&addr, "killed");
     assert_eq!(holders(&s), 1, "{s}");
     let left = Duration::from_millis(s["holders"][0]["expiresInMs"].as_u64().unwrap());
@@ -273,14 +274,14 @@ fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_befo
         "/acquire",
         Some(&json!({"lockName": "killed", "opts": {"waitMs": 20_000}})),
     );
-    let granted = seen.elapsed();
+    let granted = asked.elapsed();
     assert_eq!((code, v["err"].as_str()), (200, Some("")), "{v}");
     assert!(
-        granted + Duration::from_millis(50) >= left,
+        granted >= left,
         "granted after {granted:?}, before the lease's {left:?} were up"
     );
     assert!(
-        granted < left + Duration::from_millis(500),
+        granted < left + Duration::from_millis(1000),
         "granted late: {granted:?} for {left:?}"
     );
 }
