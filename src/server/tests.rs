@@ -658,3 +658,67 @@ async fn serves_https_with_alpn() {
     .await
     .expect("in time");
 }
+
+#[tokio::test]
+async fn serves_http2_with_prior_knowledge() {
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    tokio::time::timeout(LIMIT, async {
+        let srv = start(ServerConfig::default().idle_timeout(Duration::from_millis(500))).await;
+        let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let post = |name: &str, wait: u64| {
+            hyper::Request::post(format!("http://{}/acquire", srv.addr))
+                .body(Full::from(
+                    json!({"lockName": name, "opts": {"waitMs": wait}}).to_string(),
+                ))
+                .unwrap()
+        };
+        let body = |resp: hyper::Response<hyper::body::Incoming>| async move {
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        };
+        let resp = client.request(post("h2", 0)).await.unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        let held = body(resp).await;
+        assert_eq!(held["err"], "");
+        // Streams multiplex: a long poll and the release on one connection.
+        let waiting = tokio::spawn(client.request(post("h2", 10_000)));
+        loop {
+            let (_, st) = raw(srv.addr, &request("GET", "/status?name=h2", "", None)).await;
+            if st["locks"][0]["waiters"][0]["longPoll"] == true {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let release = hyper::Request::post(format!("http://{}/release", srv.addr))
+            .body(Full::from(
+                json!({"lockHandle": held["lockHandle"]}).to_string(),
+            ))
+            .unwrap();
+        assert_eq!(
+            body(client.request(release).await.unwrap()).await["err"],
+            ""
+        );
+        let granted = body(waiting.await.unwrap().unwrap()).await;
+        assert_eq!(granted["err"], "", "{granted}");
+        // An idle HTTP/2 connection is closed after the idle timeout; the client reconnects.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(&request("GET", "/metrics", "", None))
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        // Only the connection asking is open.
+        assert!(text.contains("lockgate_http_connections 1\n"), "{text}");
+        let again = body(client.request(post("h2-other", 0)).await.unwrap()).await;
+        assert_eq!(again["err"], "");
+        srv.shutdown().await;
+    })
+    .await
+    .expect("in time");
+}
