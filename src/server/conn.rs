@@ -237,6 +237,8 @@ struct Deadlines<IO> {
     head_since: Option<Instant>,
     seen_started: u64,
     sleep: Pin<Box<Sleep>>,
+    /// A JSON answer replacing one of hyper's, and how much of it is written.
+    replacement: Option<(Vec<u8>, usize)>,
 }
 
 impl<IO> Deadlines<IO> {
@@ -252,6 +254,7 @@ impl<IO> Deadlines<IO> {
             head_since: Some(now),
             seen_started: 0,
             sleep: Box::pin(tokio::time::sleep_until(now + config.header_timeout)),
+            replacement: None,
         }
     }
 }
@@ -343,13 +346,77 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for Deadlines<IO> {
     }
 }
 
+impl<IO: AsyncRead + AsyncWrite + Unpin> Deadlines<IO> {
+    /// hyper answers a request it cannot parse (bad request line or header, headers or URI too
+    /// long) itself, with an empty body and no service call; such an answer is sent with a JSON
+    /// `err` instead, like every other refusal. Our own answers always have a body.
+    fn json_for_hyper_error(&self, out: &[u8]) -> Option<Vec<u8>> {
+        if self.h2 == Some(true) {
+            return None;
+        }
+        let end = out.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = std::str::from_utf8(&out[..end]).ok()?;
+        if !head.starts_with("HTTP/1.1 4") || !head.contains("\r\ncontent-length: 0") {
+            return None;
+        }
+        let status: u16 = head.get(9..12)?.parse().ok()?;
+        let (reason, err) = match status {
+            400 => ("Bad Request", "malformed HTTP request"),
+            414 => ("URI Too Long", "the request URI is too long"),
+            431 => (
+                "Request Header Fields Too Large",
+                "the request headers are too large",
+            ),
+            _ => return None,
+        };
+        let body = format!("{{\"err\":\"{err}\",\"code\":\"bad_request\"}}");
+        Some(
+            format!(
+                "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    }
+
+    /// Writes `out` (or its JSON replacement) and reports `out.len()` bytes written once all
+    /// of the replacement is.
+    fn poll_write_checked(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &[u8],
+        total: usize,
+    ) -> Option<Poll<io::Result<usize>>> {
+        if self.replacement.is_none() {
+            self.replacement = Some((self.json_for_hyper_error(out)?, 0));
+        }
+        let (bytes, written) = self.replacement.as_mut()?;
+        while *written < bytes.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())))
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Pending => return Some(Poll::Pending),
+            }
+        }
+        self.replacement = None;
+        Some(Poll::Ready(Ok(total)))
+    }
+}
+
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(p) = this.poll_write_checked(cx, buf, buf.len()) {
+            return p;
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -357,7 +424,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            let total = bufs.iter().map(|b| b.len()).sum();
+            if let Some(p) = this.poll_write_checked(cx, first, total) {
+                return p;
+            }
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -256,6 +256,25 @@ async fn every_bad_input_is_a_4xx_with_a_json_err_and_other_locks_are_untouched(
                 "{shown}: {v}"
             );
         }
+        // Requests hyper cannot parse get a JSON answer too.
+        let big_header = format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(70_000)
+        );
+        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(70_000));
+        for (bytes, status) in [
+            (b"GARBAGE\r\n\r\n".to_vec(), 400),
+            (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n".to_vec(), 400),
+            (big_header.into_bytes(), 431),
+            (long_uri.into_bytes(), 431),
+        ] {
+            let (got, v) = raw(a, &bytes).await;
+            assert_eq!(
+                (got, v["code"].as_str()),
+                (status, Some("bad_request")),
+                "{v}"
+            );
+        }
         // A body announced far over the limit is refused without reading it.
         let (got, v) = raw(
             a,
