@@ -399,7 +399,7 @@ impl Inner {
             if lock.holders.is_empty() {
                 self.locks_held.fetch_sub(1, Ordering::Relaxed);
             }
-            tracing::info!(expired, "leases expired");
+            tracing::debug!(expired, "leases expired");
         }
         let before = lock.queue.len();
         lock.queue.retain(|w| match &w.slot {

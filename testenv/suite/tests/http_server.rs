@@ -194,6 +194,43 @@ fn until(addr: &str, name: &str, limit: Duration, pred: impl Fn(&Value) -> bool)
     }
 }
 
+/// How many `/acquire` requests the server answered `should wait` (from `/metrics`).
+fn should_waits(addr: &str) -> u64 {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the metrics");
+    text.lines()
+        .find(|l| {
+            l.starts_with(r#"lockgate_http_requests_total{endpoint="acquire",status="200",code="should_wait"}"#)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the server has answered `should wait` more than `seen` times: a polling Go
+/// client has asked (and been refused) since.
+fn until_refused(addr: &str, seen: u64, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = should_waits(addr);
+        if n > seen {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nobody was refused within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn holders(s: &Value) -> usize {
     s["holders"].as_array().map_or(0, Vec::len)
 }
@@ -209,9 +246,19 @@ fn go_clients_exclude_each_other_through_the_rust_server() {
     let holder = go_hold(&u, &[], "ex");
     assert_eq!(go_try(&u, &[], "ex"), 1);
     assert_eq!(go_try(&u, &["-s"], "ex"), 1);
+    // lockgate's protocol sees Go's lease, and Go sees lockgate's.
+    assert_eq!(
+        acquire(&addr, "ex", json!({"shared": true}))["err"],
+        "should wait"
+    );
     assert_eq!(holder.finish(Duration::from_secs(10)), 0);
     assert_eq!(go_try(&u, &[], "ex"), 0);
     assert_eq!(status(&addr, "ex"), Value::Null, "nothing left behind");
+    let h = hold(&addr, "ex");
+    assert_eq!(go_try(&u, &[], "ex"), 1);
+    assert_eq!(go_try(&u, &["-s"], "ex"), 1);
+    release(&addr, &h);
+    assert_eq!(go_try(&u, &["-s"], "ex"), 0);
 }
 
 #[test]
@@ -240,9 +287,10 @@ fn a_waiting_go_client_gets_the_lock_after_the_release() {
     let (_srv, addr) = serve(&[]);
     let u = url(&addr);
     let holder = go_hold(&u, &[], "handoff");
+    let refused = should_waits(&addr);
     let mut waiter = go_wait(&u, &[], "handoff");
-    // Go polls: it is not queued, but it has asked (two acquisitions answered `should wait`).
-    std::thread::sleep(Duration::from_millis(300));
+    // Go polls without queueing: wait until it has asked and been refused.
+    until_refused(&addr, refused, Duration::from_secs(10));
     assert!(!waiter.has_line("locked"));
     let released = Instant::now();
     assert_eq!(holder.finish(Duration::from_secs(10)), 0);
@@ -257,8 +305,11 @@ fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_befo
     let (_srv, addr) = serve(&["--ttl", "5s"]);
     let u = url(&addr);
     let holder = go_hold(&u, &[], "killed");
-    // Let it renew at least once (every 3 s).
-    std::thread::sleep(Duration::from_millis(3500));
+    // Until it has renewed once (Go renews every 3 s): held + left exceeds the TTL.
+    until(&addr, "killed", Duration::from_secs(10), |s| {
+        let h = &s["holders"][0];
+        h["heldMs"].as_u64().unwrap_or(0) + h["expiresInMs"].as_u64().unwrap_or(0) > 6000
+    });
     holder.signal(libc::SIGKILL);
     let mut holder = holder;
     holder.wait(Duration::from_secs(5));
@@ -303,8 +354,9 @@ fn a_go_client_waits_behind_a_long_poll_client_in_order() {
     until(&addr, "queue", Duration::from_secs(10), |s| {
         s["waiters"][0]["longPoll"] == true
     });
+    let refused = should_waits(&addr);
     let mut go = go_wait(&u, &[], "queue");
-    std::thread::sleep(Duration::from_millis(300));
+    let refused = until_refused(&addr, refused, Duration::from_secs(10));
     let released = Instant::now();
     release(&addr, &h);
     let (granted, v) = long_poll.join().unwrap();
@@ -314,7 +366,8 @@ fn a_go_client_waits_behind_a_long_poll_client_in_order() {
     assert!(!go.has_line("locked"));
     let s = status(&addr, "queue");
     assert_eq!(s["holders"][0]["fencingToken"], v["fencingToken"]);
-    std::thread::sleep(Duration::from_millis(2500));
+    // Go polls again (every 2 s) while the long poller holds the lock, and is refused.
+    until_refused(&addr, refused, Duration::from_secs(5));
     assert!(
         !go.has_line("locked"),
         "Go got the lock while the long poller held it"
