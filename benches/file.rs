@@ -58,6 +58,12 @@ fn target_bin(name: &str) -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
+/// The Go lockgate version the peer is built with (`lockgate-go version`).
+fn go_version(go: &std::path::Path) -> String {
+    let out = Command::new(go).arg("version").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn go_peer() -> Option<PathBuf> {
     let p = std::env::var_os("LOCKGATE_TEST_GO_PEER")
         .map(PathBuf::from)
@@ -197,7 +203,8 @@ fn uncontended(dir: &Path, n: usize) {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("Go bench output");
         let go = Duration::from_nanos(v["ns_per_op"].as_u64().unwrap());
         println!(
-            "| Go lockgate v0.1.1 `Acquire` + `Release` | {} | {} |",
+            "| Go lockgate {} `Acquire` + `Release` | {} | {} |",
+            v["version"].as_str().unwrap_or("?"),
             fmt(go),
             ratio(go)
         );
@@ -348,6 +355,7 @@ fn handoff(dir: &Path, rounds: usize) {
         &handoff_run(dir, spawn("lockgate"), rounds, Ready::Blocked),
     );
     if let Some(go) = go_peer() {
+        let version = go_version(&go);
         let go_rounds = 20; // Go polls every 500 ms: a handoff costs up to half a second.
         let child = Command::new(go)
             .args([
@@ -362,7 +370,7 @@ fn handoff(dir: &Path, rounds: usize) {
             .spawn()
             .unwrap();
         let s = handoff_run(dir, child, go_rounds, Ready::Polling);
-        row(&format!("Go lockgate v0.1.1 ({go_rounds} handoffs)"), &s);
+        row(&format!("Go lockgate {version} ({go_rounds} handoffs)"), &s);
     }
     println!();
 }
@@ -425,7 +433,8 @@ fn waiting_cpu(dir: &Path, secs: u64) {
         None => println!("| `lockgate exec` | (not built: cargo build --release --workspace) | |"),
     }
     if let Some(go) = go_peer() {
-        measure("`lockgate-go exec` (Go lockgate v0.1.1)", &|| {
+        let label = format!("`lockgate-go exec` (Go lockgate {})", go_version(&go));
+        measure(&label, &|| {
             let mut cmd = Command::new(&go);
             cmd.args([
                 "exec",

@@ -118,13 +118,29 @@ impl LostNotifier {
             }
         });
         if let (true, Some((name, hook))) = (first, &self.hook) {
-            hook(name, &reason);
+            run_hook(name.clone(), hook.clone(), reason);
         }
     }
 
     /// Another signal for the same lease.
     pub fn subscribe(&self) -> LostSignal {
         LostSignal(self.tx.subscribe())
+    }
+}
+
+/// Runs an on-lost hook isolated from the caller (a renewal task): on a blocking thread of the
+/// runtime when there is one, and with its panics caught, so that nothing a hook does (panic,
+/// block, take long) can stop the renewal of other leases.
+fn run_hook(name: String, hook: crate::options::OnLost, reason: LostReason) {
+    let call = move || {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(&name, &reason)));
+        if ran.is_err() {
+            tracing::error!(lock = name, "the on-lost hook panicked");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(call)),
+        Err(_) => call(),
     }
 }
 

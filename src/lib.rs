@@ -58,6 +58,7 @@
 // Without a backend the crate is only its API; helpers the backends share go unused.
 #![cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
 
+mod acquire;
 pub mod backend;
 mod error;
 #[cfg(feature = "file")]
@@ -71,6 +72,8 @@ mod name;
 mod options;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "kubernetes")]
+mod session;
 
 pub use backend::{LostReason, LostSignal};
 pub use error::{AcquireError, Error, Result};

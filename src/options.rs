@@ -80,6 +80,10 @@ pub struct Holder {
     /// A backend-specific holder identity (a lease UUID, an acquirer id), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// How many holders share this lease, when the backend counts them (a shared record of
+    /// the Kubernetes backend is one lease held by a count of holders).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl Holder {
@@ -89,6 +93,7 @@ impl Holder {
             mode,
             pid: Some(pid),
             id: None,
+            count: None,
         }
     }
 
@@ -98,6 +103,7 @@ impl Holder {
             mode,
             pid: None,
             id: Some(id.into()),
+            count: None,
         }
     }
 }
@@ -105,9 +111,13 @@ impl Holder {
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (&self.pid, &self.id) {
-            (Some(pid), _) => write!(f, "pid {pid} ({})", self.mode),
-            (None, Some(id)) => write!(f, "{id} ({})", self.mode),
-            (None, None) => write!(f, "unknown ({})", self.mode),
+            (Some(pid), _) => write!(f, "pid {pid} ({}", self.mode)?,
+            (None, Some(id)) => write!(f, "{id} ({}", self.mode)?,
+            (None, None) => write!(f, "unknown ({}", self.mode)?,
+        }
+        match self.count {
+            Some(n) if n != 1 => write!(f, ", {n} holders)"),
+            _ => f.write_str(")"),
         }
     }
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds the test environment's binaries from their Go modules, only when missing.
 #
-#   testenv/build.sh etcd|kube-apiserver|lockgate-go|all
+#   testenv/build.sh etcd|kube-apiserver|toxiproxy|lockgate-go|faketime|all
 #
 # Binaries are cached outside the repository, keyed by version, in
 # $LOCKGATE_TESTENV_CACHE (default ~/.cache/lockgate-testenv), and linked into
-# target/testenv/bin. A failed build leaves no binary behind.
+# target/testenv/bin. A failed build leaves no binary behind. `faketime` is not
+# built: it is Debian's package, installed with apt-get when missing.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -13,7 +14,7 @@ repo=$(cd "$here/.." && pwd)
 
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KUBE_VERSION=${KUBE_VERSION:-v1.37.2}
-GO_LOCKGATE_VERSION=${GO_LOCKGATE_VERSION:-v0.1.1}
+TOXIPROXY_VERSION=${TOXIPROXY_VERSION:-v2.5.0}
 cache=${LOCKGATE_TESTENV_CACHE:-$HOME/.cache/lockgate-testenv}
 bindir=$repo/target/testenv/bin
 
@@ -103,25 +104,71 @@ EOF
   link kube-apiserver "$out"
 }
 
+build_toxiproxy() {
+  local out=$cache/toxiproxy-$TOXIPROXY_VERSION/toxiproxy-server
+  if [[ ! -x $out ]]; then
+    log "building toxiproxy-server $TOXIPROXY_VERSION (seconds to a minute, once per machine)"
+    local work
+    work=$(mktemp -d)
+    # Its module has no replace directives, so `go install pkg@version` builds the server with
+    # toxiproxy's own go.sum; the main package is cmd/server.
+    GOBIN=$work go install -trimpath \
+      -ldflags "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION" \
+      "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" >"$work/build.log" 2>&1 ||
+      die "toxiproxy $TOXIPROXY_VERSION build failed (see $work/build.log)"
+    mkdir -p "$(dirname "$out")"
+    mv "$work/server" "$out.tmp" && mv "$out.tmp" "$out"
+    rm -rf "$work"
+  fi
+  link toxiproxy-server "$out"
+}
+
+# The Go lockgate peers: one source tree (testenv/go-peer), two module files. go.mod requires
+# the version werf v2 uses (the default peer); go.v0.1.1.mod (with its go.v0.1.1.sum) the one
+# older werf and nelm releases pin, built with the tag lockgate_v01 for the few calls that
+# differ. Each binary is cached by its lockgate version and a hash of the whole source tree.
 build_lockgate_go() {
-  # The peer's source lives in the repository; its hash is part of the cache key.
   local src=$here/go-peer
   local key
-  key=$(cat "$src/go.mod" "$src/go.sum" "$src"/*.go | sha256sum | cut -c1-16)
-  local out=$cache/lockgate-go-$GO_LOCKGATE_VERSION-$key/lockgate-go
+  key=$(cd "$src" && cat go.mod go.sum go.*.mod go.*.sum ./*.go | sha256sum | cut -c1-16)
+  build_peer "$key" go.mod "" lockgate-go
+  build_peer "$key" go.v0.1.1.mod lockgate_v01 lockgate-go-v0.1.1
+}
+
+# build_peer KEY MODFILE TAGS LINKNAME
+build_peer() {
+  local key=$1 modfile=$2 tags=$3 name=$4 src=$here/go-peer version
+  version=$(sed -n 's#^[[:space:]]*\(require[[:space:]]*\)\{0,1\}github\.com/werf/lockgate \(v[^[:space:]]*\).*#\2#p' "$src/$modfile")
+  [[ -n $version ]] || die "$src/$modfile requires no github.com/werf/lockgate"
+  local out=$cache/lockgate-go-$version-$key/lockgate-go
   if [[ ! -x $out ]]; then
-    log "building the Go lockgate peer ($GO_LOCKGATE_VERSION)"
+    log "building the Go lockgate peer ($version)"
     mkdir -p "$(dirname "$out")"
-    (cd "$src" && go build -trimpath -o "$out.tmp" .) || die "Go lockgate peer build failed"
+    (cd "$src" && go build -trimpath -modfile="$modfile" -tags="$tags" -o "$out.tmp" .) ||
+      die "Go lockgate peer $version build failed"
+    [[ $("$out.tmp" version) == "$version" ]] ||
+      die "the Go lockgate peer built from $modfile reports $("$out.tmp" version), not $version"
     mv "$out.tmp" "$out"
   fi
-  link lockgate-go "$out"
+  link "$name" "$out"
+}
+
+# libfaketime, to run Rust processes with a skewed clock (Go binaries ignore it).
+ensure_faketime() {
+  command -v faketime >/dev/null && return 0
+  log "installing faketime (Debian package) with apt-get"
+  command -v apt-get >/dev/null || die "faketime is missing and there is no apt-get to install it"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; } >&2 ||
+    die "apt-get install faketime failed"
+  command -v faketime >/dev/null || die "faketime is still not on PATH after installing it"
 }
 
 case ${1:-all} in
   etcd) build_etcd ;;
   kube-apiserver) build_kube_apiserver ;;
+  toxiproxy) build_toxiproxy ;;
   lockgate-go) build_lockgate_go ;;
-  all) build_etcd; build_kube_apiserver; build_lockgate_go ;;
-  *) die "usage: testenv/build.sh etcd|kube-apiserver|lockgate-go|all" ;;
+  faketime) ensure_faketime ;;
+  all) build_etcd; build_kube_apiserver; build_toxiproxy; build_lockgate_go; ensure_faketime ;;
+  *) die "usage: testenv/build.sh etcd|kube-apiserver|toxiproxy|lockgate-go|faketime|all" ;;
 esac

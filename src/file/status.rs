@@ -131,6 +131,7 @@ fn parse_proc_locks(text: &str) -> HashMap<(u64, u64), Locks> {
                 mode,
                 pid: None,
                 id: None,
+                count: None,
             }),
         }
     }

@@ -41,8 +41,17 @@ impl Member {
 
     /// Arrival order: seconds first (what Go compares), then the id, which for Rust waiters
     /// starts with the arrival time in nanoseconds.
-    fn order(&self) -> (i64, &str) {
+    pub fn order(&self) -> (i64, &str) {
         (self.arrived, &self.id)
+    }
+
+    /// True for a member written by Rust lockgate (its id has the shape of [`new_id`]'s).
+    pub fn is_ours(&self) -> bool {
+        let b = self.id.as_bytes();
+        b.len() == 33
+            && b[..20].iter().all(u8::is_ascii_digit)
+            && b[20] == b'-'
+            && b[21..].iter().all(|c| c.is_ascii_hexdigit())
     }
 }
 
@@ -91,7 +100,9 @@ impl Observer {
                     }
                 };
                 now.duration_since(first) < ttl
-                    && m.expire_at + (stale_after.as_secs() as i64) >= now_unix
+                    && m.expire_at
+                        .saturating_add(i64::try_from(stale_after.as_secs()).unwrap_or(i64::MAX))
+                        >= now_unix
             })
             .map(|(_, m)| m)
             .collect();
@@ -99,9 +110,15 @@ impl Observer {
         live
     }
 
-    /// When the next live member could turn dead (to wake up and look again).
+    /// When the next live member could turn dead (to wake up and look again). Members that are
+    /// dead already are not counted: waking for them would spin.
     pub fn next_expiry(&self, ttl: Duration) -> Option<Instant> {
-        self.seen.values().map(|(_, t)| *t + ttl).min()
+        let now = Instant::now();
+        self.seen
+            .values()
+            .map(|(_, t)| *t + ttl)
+            .filter(|at| *at > now)
+            .min()
     }
 }
 
@@ -230,6 +247,8 @@ mod tests {
 
     #[test]
     fn ids_sort_in_arrival_order() {
+        assert!(member(&new_id(), 1, false).is_ours());
+        assert!(!member("go-acquirer", 1, false).is_ours());
         let a = new_id();
         std::thread::sleep(Duration::from_millis(2));
         let b = new_id();

@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use sha3::{Digest, Sha3_224};
+
 use super::queue::Member;
 
 fn null_is_empty<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Member>, D::Error> {
     Ok(Option::<BTreeMap<String, Member>>::deserialize(d)?.unwrap_or_default())
 }
-use sha3::{Digest, Sha3_224};
 
 /// The prefix of every lock annotation key.
 pub const KEY_PREFIX: &str = "lockgate.io/";
@@ -42,29 +43,67 @@ pub(crate) struct Record {
     pub shared_holders: i64,
     #[serde(rename = "IsShared")]
     pub is_shared: bool,
-    /// Waiters, by acquirer id (Go v0.2's `QueueMembers`; Go writes `null` for none).
-    #[serde(
-        rename = "QueueMembers",
-        default,
-        deserialize_with = "null_is_empty",
-        skip_serializing_if = "BTreeMap::is_empty"
-    )]
+    /// Waiters, by acquirer id (Go v0.2's `QueueMembers`). Always written, `{}` when empty:
+    /// Go v0.2 panics ("assignment to entry in nil map") when a waiter with an acquirer id
+    /// queues in a record without it. Go v0.1.1 writes no such field; `null` reads as empty.
+    #[serde(rename = "QueueMembers", default, deserialize_with = "null_is_empty")]
     pub queue: BTreeMap<String, Member>,
+    /// How many times Rust lockgate wrote this lease (our field; Go ignores it and drops it when
+    /// it rewrites the record). Every renewal bumps it, so that every renewal changes the record
+    /// even when `ExpireAtTimestamp` comes out the same (a clock stepped back, two holders in
+    /// the same second): waiters count a lease as expired only when it stood still.
+    #[serde(rename = "Renewals", default, skip_serializing_if = "is_zero")]
+    pub renewals: u64,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Record {
-    /// A new record for one holder, expiring `ttl` seconds from the writer's wall clock.
-    pub fn new(name: &str, shared: bool, ttl_secs: i64) -> Self {
+    /// A new record for one holder, expiring at `expire_at`.
+    pub fn new(name: &str, shared: bool, expire_at: i64) -> Self {
         Self {
             uuid: uuid::Uuid::new_v4().to_string(),
             lock_name: name.to_owned(),
-            expire_at: unix_now() + ttl_secs,
+            expire_at,
             shared_holders: 1,
             is_shared: shared,
             queue: BTreeMap::new(),
+            renewals: 0,
             other: Default::default(),
+        }
+    }
+
+    /// The record renewed until `expire_at`: always a different value.
+    pub fn renewed(&self, expire_at: i64) -> Self {
+        let mut r = self.clone();
+        r.expire_at = expire_at;
+        r.renewals = r.renewals.wrapping_add(1);
+        r
+    }
+
+    /// The record with a fresh random `Renewals` tag: a grant or join writes one, so that the
+    /// writer can recognise its own write when the answer to it was lost.
+    pub fn tagged(mut self) -> Self {
+        self.renewals = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
+        self
+    }
+
+    /// True when `other` is still exactly the write that produced `self` (same lease, same
+    /// tag, not renewed since).
+    pub fn same_write(&self, other: &Record) -> bool {
+        self.renewals != 0 && self.uuid == other.uuid && self.renewals == other.renewals
+    }
+
+    /// The mode of the lease.
+    pub fn mode(&self) -> crate::Mode {
+        if self.is_shared {
+            crate::Mode::Shared
+        } else {
+            crate::Mode::Exclusive
         }
     }
 
@@ -75,21 +114,14 @@ impl Record {
     /// The lease without the queue: what a holder's renewals change and waiters do not.
     pub fn lease_part(&self) -> String {
         format!(
-            "{}/{}/{}/{}",
-            self.uuid, self.expire_at, self.shared_holders, self.is_shared
+            "{}/{}/{}/{}/{}",
+            self.uuid, self.expire_at, self.shared_holders, self.is_shared, self.renewals
         )
     }
 
     pub fn to_value(&self) -> String {
         serde_json::to_string(self).expect("a record always serializes")
     }
-}
-
-pub(crate) fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -118,7 +150,13 @@ mod tests {
         assert_eq!(back, serde_json::from_str::<serde_json::Value>(go).unwrap());
         assert_eq!(r.queue["a"].arrived, 1);
         let go_null = r#"{"uuid":"u","lockName":"n","ExpireAtTimestamp":5,"SharedHoldersCount":1,"IsShared":false,"QueueMembers":null}"#;
-        assert!(Record::parse(go_null).unwrap().queue.is_empty());
+        let r = Record::parse(go_null).unwrap();
+        assert!(r.queue.is_empty());
+        assert!(
+            r.to_value().contains(r#""QueueMembers":{}"#),
+            "an empty queue is written as {{}}, never left out: {}",
+            r.to_value()
+        );
         assert!(Record::parse("{not json").is_err());
         assert!(
             Record::parse(r#"{"uuid":"u"}"#).is_err(),

@@ -1,9 +1,17 @@
-//! Reads and conditional writes of lock annotations on one object.
+//! Reads and conditional writes of lock annotations on one object, and the API server's clock.
+//!
+//! Writes are JSON Patches sent as bytes encoded the way the API server's own (Go) JSON encoder
+//! writes strings: its `test` operation compares the encoded bytes of a value, and Go escapes
+//! `<`, `>`, `&`, U+2028 and U+2029 where a plain encoder does not.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use http_body_util::BodyExt;
+use kube::api::{Api, DynamicObject, PostParams};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::error::Error;
@@ -47,20 +55,18 @@ pub(crate) struct Change {
     pub new: Option<String>,
 }
 
-/// Why a write did not happen.
+/// Why a write did not happen, or may not have.
 #[derive(Debug)]
 pub(crate) enum WriteError {
     /// An annotation no longer had the expected value (a failed JSON Patch `test`, answered
-    /// 422 without causes, or a 409).
+    /// 422 without causes, or a 409): nothing was written.
     Conflict,
-    /// Anything else, already typed for the user.
+    /// The write may or may not have been applied: it timed out, the connection broke after it
+    /// was sent, or the server failed (5xx). Never repeat a change built on the old value
+    /// without reading first.
+    Unknown(Error),
+    /// Nothing was written, for this reason.
     Failed(Error),
-}
-
-impl From<Error> for WriteError {
-    fn from(e: Error) -> Self {
-        Self::Failed(e)
-    }
 }
 
 /// The object the locks live on.
@@ -71,11 +77,13 @@ pub(crate) struct Store {
     /// "configmaps default/locks", for messages.
     pub describe: String,
     pub timeout: Duration,
-    /// The ConfigMap to create when the object is missing, if enabled.
-    pub create_missing: bool,
+    /// Create the ConfigMap when it is missing.
+    pub create_missing: Arc<AtomicBool>,
     /// Whether the object had an annotations map when we last saw it: a blind first write must
     /// know whether to add a key or the whole map (the API server drops an emptied map).
-    pub had_annotations: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    had_annotations: Arc<AtomicBool>,
+    /// The API server's clock minus ours, in seconds, from the `Date` of its last answer.
+    clock_offset: Arc<AtomicI64>,
 }
 
 fn pointer(key: &str) -> String {
@@ -85,22 +93,45 @@ fn pointer(key: &str) -> String {
     )
 }
 
+/// Seconds since the epoch by this host's clock (negative before 1970).
+pub(crate) fn local_unix() -> i64 {
+    match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
 impl Store {
+    pub fn new(api: Api<DynamicObject>, name: String, describe: String, timeout: Duration) -> Self {
+        Self {
+            api,
+            name,
+            describe,
+            timeout,
+            create_missing: Arc::default(),
+            had_annotations: Arc::new(AtomicBool::new(true)),
+            clock_offset: Arc::default(),
+        }
+    }
+
     fn seen(&self, snap: Snapshot) -> Snapshot {
-        self.had_annotations.store(
-            snap.annotations.is_some(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.had_annotations
+            .store(snap.annotations.is_some(), Ordering::Relaxed);
         snap
+    }
+
+    /// The API server's wall clock now (unix seconds), as its last answer showed it.
+    pub fn server_now(&self) -> i64 {
+        local_unix().saturating_add(self.clock_offset.load(Ordering::Relaxed))
     }
 
     /// What a blind first write should assume: the lock absent, the annotations map as last seen.
     pub fn assumed(&self) -> Snapshot {
-        let exists = self
-            .had_annotations
-            .load(std::sync::atomic::Ordering::Relaxed);
         Snapshot {
-            annotations: exists.then(Default::default),
+            annotations: self
+                .had_annotations
+                .load(Ordering::Relaxed)
+                .then(Default::default),
             rv: None,
         }
     }
@@ -135,13 +166,59 @@ impl Store {
         }
     }
 
+    /// Sends one request for the object and returns the object it answers with.
+    async fn send(
+        &self,
+        verb: &'static str,
+        method: http::Method,
+        body: Option<Vec<u8>>,
+    ) -> Result<Snapshot, kube::Error> {
+        let uri = format!("{}/{}", self.api.resource_url(), self.name);
+        let mut req = http::Request::builder().method(method).uri(uri);
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json-patch+json");
+        }
+        let req = req
+            .body(kube::client::Body::from(body.unwrap_or_default()))
+            .map_err(kube::Error::HttpError)?;
+        let res = self.api.clone().into_client().send(req).await?;
+        if let Some(date) = res
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+        {
+            let server = date
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.clock_offset
+                .store(server.saturating_sub(local_unix()), Ordering::Relaxed);
+        }
+        let status = res.status();
+        let bytes = res.into_body().collect().await?.to_bytes();
+        if status.is_success() {
+            let obj: DynamicObject =
+                serde_json::from_slice(&bytes).map_err(kube::Error::SerdeError)?;
+            return Ok(Snapshot::from_object(&obj));
+        }
+        let s = serde_json::from_slice::<kube::core::Status>(&bytes).unwrap_or_else(|_| {
+            kube::core::Status::failure(String::from_utf8_lossy(&bytes).trim(), "")
+                .with_code(status.as_u16())
+        });
+        tracing::debug!(verb, object = %self.describe, code = s.code, reason = %s.reason, "request refused");
+        Err(kube::Error::Api(s.boxed()))
+    }
+
     /// GET the object.
     pub async fn get(&self) -> Result<Snapshot, Error> {
         loop {
-            match tokio::time::timeout(self.timeout, self.api.get(&self.name)).await {
+            let sent = self.send("get", http::Method::GET, None);
+            match tokio::time::timeout(self.timeout, sent).await {
                 Err(_) => return Err(self.timed_out("get")),
-                Ok(Ok(obj)) => return Ok(Snapshot::from_object(&obj)),
-                Ok(Err(kube::Error::Api(s))) if s.code == 404 && self.create_missing => {
+                Ok(Ok(snap)) => return Ok(self.seen(snap)),
+                Ok(Err(kube::Error::Api(s)))
+                    if s.code == 404 && self.create_missing.load(Ordering::Relaxed) =>
+                {
                     self.create().await?
                 }
                 Ok(Err(e)) => return Err(self.error("get", e)),
@@ -173,33 +250,12 @@ impl Store {
         changes: &[Change],
         has_annotations: bool,
     ) -> Result<Snapshot, WriteError> {
-        let mut ops = Vec::with_capacity(changes.len() * 2 + 1);
-        if !has_annotations {
-            ops.push(json!({"op": "test", "path": "/metadata/annotations", "value": Value::Null}));
-            let map: serde_json::Map<String, Value> = changes
-                .iter()
-                .filter_map(|c| c.new.clone().map(|v| (c.key.clone(), Value::String(v))))
-                .collect();
-            ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
-        } else {
-            for c in changes {
-                let path = pointer(&c.key);
-                ops.push(json!({"op": "test", "path": path, "value": c.expected}));
-                match (&c.expected, &c.new) {
-                    (_, Some(v)) => ops.push(json!({"op": "add", "path": path, "value": v})),
-                    (Some(_), None) => ops.push(json!({"op": "remove", "path": path})),
-                    (None, None) => {}
-                }
-            }
-        }
-        let patch: Patch<()> =
-            Patch::Json(serde_json::from_value(Value::Array(ops)).expect("valid JSON Patch"));
-        let params = PatchParams::default();
+        let body = go_json(&patch(changes, has_annotations));
         loop {
-            let sent = self.api.patch(&self.name, &params, &patch);
+            let sent = self.send("patch", http::Method::PATCH, Some(body.clone()));
             match tokio::time::timeout(self.timeout, sent).await {
-                Err(_) => return Err(self.timed_out("patch").into()),
-                Ok(Ok(obj)) => return Ok(self.seen(Snapshot::from_object(&obj))),
+                Err(_) => return Err(WriteError::Unknown(self.timed_out("patch"))),
+                Ok(Ok(snap)) => return Ok(self.seen(snap)),
                 Ok(Err(kube::Error::Api(s))) => match s.code {
                     409 => return Err(WriteError::Conflict),
                     422 => {
@@ -214,30 +270,128 @@ impl Store {
                         if causes.iter().any(|c| {
                             c.field == "metadata.annotations" && c.reason == "FieldValueTooLong"
                         }) {
-                            return Err(Error::AnnotationsFull {
+                            return Err(WriteError::Failed(Error::AnnotationsFull {
                                 resource: self.describe.clone(),
-                            }
-                            .into());
+                            }));
                         }
-                        return Err(self.error("patch", kube::Error::Api(s)).into());
+                        return Err(WriteError::Failed(self.error("patch", kube::Error::Api(s))));
                     }
-                    404 if self.create_missing => self.create().await?,
-                    _ => return Err(self.error("patch", kube::Error::Api(s)).into()),
+                    404 if self.create_missing.load(Ordering::Relaxed) => {
+                        self.create().await.map_err(WriteError::Failed)?
+                    }
+                    // Refused before it was handled (API Priority and Fairness).
+                    429 => {
+                        return Err(WriteError::Failed(self.error("patch", kube::Error::Api(s))))
+                    }
+                    500.. => {
+                        return Err(WriteError::Unknown(
+                            self.error("patch", kube::Error::Api(s)),
+                        ))
+                    }
+                    _ => return Err(WriteError::Failed(self.error("patch", kube::Error::Api(s)))),
                 },
-                Ok(Err(e)) => return Err(self.error("patch", e).into()),
+                // The request may have reached the server before the connection failed.
+                Ok(Err(e)) => return Err(WriteError::Unknown(self.error("patch", e))),
             }
         }
     }
 }
 
+/// True for errors that pass: the API server unreachable, overloaded (429) or failing (5xx).
+/// An acquisition retries them until its deadline, a release until its lease would expire.
+pub(crate) fn transient(e: &Error) -> bool {
+    match e {
+        Error::Unreachable { .. } => true,
+        Error::Kubernetes { source, .. } => matches!(
+            source.downcast_ref::<kube::Error>(),
+            Some(kube::Error::Api(s)) if s.code == 429 || s.code >= 500
+        ),
+        _ => false,
+    }
+}
+
+/// The JSON Patch for `changes`.
+fn patch(changes: &[Change], has_annotations: bool) -> Value {
+    let mut ops = Vec::with_capacity(changes.len() * 2 + 1);
+    if !has_annotations {
+        ops.push(json!({"op": "test", "path": "/metadata/annotations", "value": Value::Null}));
+        let map: serde_json::Map<String, Value> = changes
+            .iter()
+            .filter_map(|c| c.new.clone().map(|v| (c.key.clone(), Value::String(v))))
+            .collect();
+        ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": map}));
+    } else {
+        for c in changes {
+            let path = pointer(&c.key);
+            ops.push(json!({"op": "test", "path": path, "value": c.expected}));
+            match (&c.expected, &c.new) {
+                (_, Some(v)) => ops.push(json!({"op": "add", "path": path, "value": v})),
+                (Some(_), None) => ops.push(json!({"op": "remove", "path": path})),
+                (None, None) => {}
+            }
+        }
+    }
+    Value::Array(ops)
+}
+
+/// `value` as Go's `encoding/json` writes it: `<`, `>`, `&`, U+2028 and U+2029 in strings are
+/// escaped as `\u003c`, `\u003e`, `\u0026`, `\u2028`, `\u2029`.
+pub(crate) fn go_json(value: &impl Serialize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, GoFormatter);
+    value
+        .serialize(&mut ser)
+        .expect("serializing JSON into memory cannot fail");
+    out
+}
+
+struct GoFormatter;
+
+impl serde_json::ser::Formatter for GoFormatter {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            let escaped = match c {
+                '<' => "\\u003c",
+                '>' => "\\u003e",
+                '&' => "\\u0026",
+                '\u{2028}' => "\\u2028",
+                '\u{2029}' => "\\u2029",
+                _ => continue,
+            };
+            writer.write_all(&fragment.as_bytes()[start..i])?;
+            writer.write_all(escaped.as_bytes())?;
+            start = i + c.len_utf8();
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn json_pointers_escape_the_key() {
         assert_eq!(
-            super::pointer("lockgate.io/ab"),
+            pointer("lockgate.io/ab"),
             "/metadata/annotations/lockgate.io~1ab"
         );
-        assert_eq!(super::pointer("a~b"), "/metadata/annotations/a~0b");
+        assert_eq!(pointer("a~b"), "/metadata/annotations/a~0b");
+    }
+
+    /// Go 1.26 `json.Marshal("a<b>&c\u2028\u2029\"\\é\n")`.
+    #[test]
+    fn strings_are_encoded_as_go_encodes_them() {
+        let s = "a<b>&c\u{2028}\u{2029}\"\\é\n";
+        assert_eq!(
+            String::from_utf8(go_json(&s)).unwrap(),
+            r#""a\u003cb\u003e\u0026c\u2028\u2029\"\\é\n""#
+        );
+        assert_eq!(go_json(&json!({"k": [1, "x"]})), br#"{"k":[1,"x"]}"#);
     }
 }

@@ -1,10 +1,10 @@
 module lockgate-testenv/go-peer
 
-go 1.22
+go 1.25
 
 require (
-	github.com/werf/lockgate v0.1.1
-	golang.org/x/sys v0.6.0
+	github.com/werf/lockgate v0.2.0
+	golang.org/x/sys v0.37.0
 	k8s.io/apimachinery v0.26.2
 	k8s.io/client-go v0.26.2
 )
@@ -16,7 +16,7 @@ require (
 	github.com/go-openapi/jsonpointer v0.19.6 // indirect
 	github.com/go-openapi/jsonreference v0.20.2 // indirect
 	github.com/go-openapi/swag v0.22.3 // indirect
-	github.com/gofrs/flock v0.8.1 // indirect
+	github.com/gofrs/flock v0.13.0 // indirect
 	github.com/gogo/protobuf v1.3.2 // indirect
 	github.com/golang/protobuf v1.5.2 // indirect
 	github.com/google/gnostic v0.6.9 // indirect

@@ -1,32 +1,46 @@
-// Command lockgate-go drives the real Go lockgate (github.com/werf/lockgate, the version werf
-// pins) with the same command-line shape as the Rust lockgate, so that one test can run either
-// implementation against the other. It is a test peer, not part of the product.
+// Command lockgate-go drives the real Go lockgate (github.com/werf/lockgate) with the same
+// command-line shape as the Rust lockgate, so that one test can run either implementation
+// against the other. It is a test peer, not part of the product. One source tree builds two
+// peers: v0.2.0 (go.mod, what werf v2 requires) and v0.1.1 (go.v0.1.1.mod with the build tag
+// lockgate_v01, what older werf and nelm releases pin).
 //
-//	lockgate-go exec --locker LOCKER [-s] [-n] [-w SECS] NAME -- COMMAND [ARGS...]
-//	lockgate-go serve --listen ADDR
+//	lockgate-go version
+//	lockgate-go exec --locker LOCKER [-s] [-n] [-w SECS] [--acquirer-id ID|auto] NAME -- COMMAND [ARGS...]
+//	lockgate-go loop --locker LOCKER [-s] [-w SECS] [--acquirer-id ID|auto] --cycles N --counter FILE [--hold-ms MS] NAME
+//	lockgate-go gc --locker file:DIR --min-age SECS [--loop] [--interval-ms MS]
+//	lockgate-go serve --listen ADDR [--store memory|kubernetes://NAMESPACE/RESOURCE/NAME]
 //	lockgate-go bench --locker LOCKER [-s] [--iterations N] [--name NAME]
+//	lockgate-go bench-wait --locker LOCKER [-s] [--name NAME]
 //
 // LOCKER is file:DIR, kubernetes://NAMESPACE/RESOURCE/NAME (with KUBECONFIG; an empty
-// NAMESPACE means cluster-scoped) or http://HOST:PORT. Exit codes follow flock(1): the
-// command's status, 1 when the lock is busy or the timeout passed, 64 for usage errors,
-// 69 for other lock errors.
+// NAMESPACE means cluster-scoped) or http://HOST:PORT. Kubernetes clients run without
+// client-go's rate limiter (QPS 1000, burst 2000) unless --client-go-defaults keeps client-go's
+// own (QPS 5, burst 10). --acquirer-id and gc need v0.2.0: the v0.1.1 peer refuses them
+// (exit 64). Exit codes follow flock(1): the command's status, 1 when the lock is busy or the
+// timeout passed, 64 for usage errors, 69 for other lock errors.
 package main
 
 import (
+	"bufio"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
+	"runtime/debug"
 	"sort"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
-
-	"bufio"
 
 	"golang.org/x/sys/unix"
 
@@ -48,18 +62,31 @@ const (
 	exitUnavailable = 69
 )
 
+const lockgateModule = "github.com/werf/lockgate"
+
 func fail(code int, format string, args ...interface{}) {
 	fmt.Fprintf(os.Stderr, "lockgate-go: "+format+"\n", args...)
 	os.Exit(code)
 }
 
+// errNeedsV02 is what the v0.1.1 peer answers to a feature that only v0.2.0 has.
+func errNeedsV02(feature string) error {
+	return fmt.Errorf("%s needs Go lockgate v0.2.0 or later; this peer is built with %s", feature, lockgateVersion())
+}
+
 func main() {
 	if len(os.Args) < 2 {
-		fail(exitUsage, "usage: lockgate-go exec|serve|bench ...")
+		fail(exitUsage, "usage: lockgate-go version|exec|loop|gc|serve|bench|bench-wait ...")
 	}
 	switch os.Args[1] {
+	case "version":
+		fmt.Println(lockgateVersion())
 	case "exec":
 		execCmd(os.Args[2:])
+	case "loop":
+		loopCmd(os.Args[2:])
+	case "gc":
+		gcCmd(os.Args[2:])
 	case "serve":
 		serveCmd(os.Args[2:])
 	case "bench":
@@ -71,54 +98,105 @@ func main() {
 	}
 }
 
+// lockgateVersion is the version of github.com/werf/lockgate this binary was linked with, as the
+// Go toolchain recorded it.
+func lockgateVersion() string {
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, dep := range info.Deps {
+			if dep.Path == lockgateModule {
+				if dep.Replace != nil {
+					return dep.Replace.Version
+				}
+				return dep.Version
+			}
+		}
+	}
+	return "unknown"
+}
+
+// clientGoDefaults keeps client-go's own rate limiter (QPS 5, burst 10) instead of lifting it.
+var clientGoDefaults bool
+
+func registerClientFlags(fs *flag.FlagSet) {
+	fs.BoolVar(&clientGoDefaults, "client-go-defaults", false,
+		"keep client-go's default rate limiter (QPS 5, burst 10) instead of QPS 1000, burst 2000")
+}
+
+// kubeTarget is one Kubernetes object whose annotations hold locks.
+type kubeTarget struct {
+	client    dynamic.Interface
+	gvr       schema.GroupVersionResource
+	name      string
+	namespace string
+}
+
+// newKubeTarget resolves kubernetes://NAMESPACE/RESOURCE/NAME with the KUBECONFIG credentials.
+func newKubeTarget(spec string) (*kubeTarget, error) {
+	parts := strings.Split(strings.TrimPrefix(spec, "kubernetes://"), "/")
+	if len(parts) != 3 || parts[1] == "" || parts[2] == "" {
+		return nil, fmt.Errorf("%q: expected kubernetes://NAMESPACE/RESOURCE/NAME", spec)
+	}
+	namespace, resource, name := parts[0], parts[1], parts[2]
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
+		clientcmd.NewDefaultClientConfigLoadingRules(), &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig: %w", err)
+	}
+	if !clientGoDefaults {
+		// client-go throttles every client to 5 requests/s (burst 10) unless told otherwise;
+		// a lock peer that polls and renews must not be slowed by its own client.
+		cfg.QPS, cfg.Burst = 1000, 2000
+	}
+	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
+	gvr, gr := schema.ParseResourceArg(resource)
+	var full schema.GroupVersionResource
+	if gvr != nil {
+		full, err = mapper.ResourceFor(*gvr)
+	}
+	if gvr == nil || err != nil {
+		full, err = mapper.ResourceFor(gr.WithVersion(""))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("resource %q: %w", resource, err)
+	}
+	client, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &kubeTarget{client: client, gvr: full, name: name, namespace: namespace}, nil
+}
+
 func newLocker(spec string) (lockgate.Locker, error) {
 	switch {
 	case strings.HasPrefix(spec, "file:"):
-		return file_locker.NewFileLocker(strings.TrimPrefix(strings.TrimPrefix(spec, "file:"), "//"))
+		return file_locker.NewFileLocker(fileDir(spec))
 	case strings.HasPrefix(spec, "http://"), strings.HasPrefix(spec, "https://"):
 		return distributed_locker.NewHttpLocker(strings.TrimSuffix(spec, "/")), nil
 	case strings.HasPrefix(spec, "kubernetes://"):
-		parts := strings.Split(strings.TrimPrefix(spec, "kubernetes://"), "/")
-		if len(parts) != 3 || parts[1] == "" || parts[2] == "" {
-			return nil, fmt.Errorf("locker %q: expected kubernetes://NAMESPACE/RESOURCE/NAME", spec)
-		}
-		namespace, resource, name := parts[0], parts[1], parts[2]
-		cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(
-			clientcmd.NewDefaultClientConfigLoadingRules(), &clientcmd.ConfigOverrides{}).ClientConfig()
+		t, err := newKubeTarget(spec)
 		if err != nil {
-			return nil, fmt.Errorf("kubeconfig: %w", err)
+			return nil, fmt.Errorf("locker %w", err)
 		}
-		dc, err := discovery.NewDiscoveryClientForConfig(cfg)
-		if err != nil {
-			return nil, err
-		}
-		mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
-		gvr, gr := schema.ParseResourceArg(resource)
-		var full schema.GroupVersionResource
-		if gvr != nil {
-			full, err = mapper.ResourceFor(*gvr)
-		}
-		if gvr == nil || err != nil {
-			full, err = mapper.ResourceFor(gr.WithVersion(""))
-		}
-		if err != nil {
-			return nil, fmt.Errorf("resource %q: %w", resource, err)
-		}
-		client, err := dynamic.NewForConfig(cfg)
-		if err != nil {
-			return nil, err
-		}
-		return distributed_locker.NewKubernetesLocker(client, full, name, namespace), nil
+		return distributed_locker.NewKubernetesLocker(t.client, t.gvr, t.name, t.namespace), nil
 	default:
 		return nil, fmt.Errorf("unknown locker %q", spec)
 	}
 }
 
+func fileDir(spec string) string {
+	return strings.TrimPrefix(strings.TrimPrefix(spec, "file:"), "//")
+}
+
 type lockFlags struct {
-	locker  string
-	shared  bool
-	nonblk  bool
-	timeout float64
+	locker     string
+	shared     bool
+	nonblk     bool
+	timeout    float64
+	acquirerID string
 }
 
 func (f *lockFlags) register(fs *flag.FlagSet) {
@@ -126,8 +204,13 @@ func (f *lockFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&f.shared, "s", false, "shared lock")
 	fs.BoolVar(&f.nonblk, "n", false, "non-blocking")
 	fs.Float64Var(&f.timeout, "w", -1, "timeout in seconds")
+	fs.StringVar(&f.acquirerID, "acquirer-id", "",
+		"join Go lockgate's FIFO queue of the Kubernetes/HTTP locker under this id (auto: a random id per process; v0.2.0 only)")
+	registerClientFlags(fs)
 }
 
+// options are the AcquireOptions the flags ask for; a usage error when this peer cannot honour
+// them.
 func (f *lockFlags) options() lockgate.AcquireOptions {
 	opts := lockgate.AcquireOptions{Shared: f.shared, NonBlocking: f.nonblk}
 	if f.timeout == 0 {
@@ -135,7 +218,23 @@ func (f *lockFlags) options() lockgate.AcquireOptions {
 	} else if f.timeout > 0 {
 		opts.Timeout = time.Duration(f.timeout * float64(time.Second))
 	}
+	if f.acquirerID != "" {
+		if f.acquirerID == "auto" {
+			f.acquirerID = randomAcquirerID()
+		}
+		if err := setAcquirerID(&opts, f.acquirerID); err != nil {
+			fail(exitUsage, "%s", err)
+		}
+	}
 	return opts
+}
+
+func randomAcquirerID() string {
+	b := make([]byte, 8)
+	if _, err := rand.Read(b); err != nil {
+		fail(exitUnavailable, "random acquirer id: %s", err)
+	}
+	return "go-" + hex.EncodeToString(b)
 }
 
 func execCmd(args []string) {
@@ -151,14 +250,14 @@ func execCmd(args []string) {
 		rest = append(rest[:1], rest[2:]...)
 	}
 	if len(rest) < 2 {
-		fail(exitUsage, "usage: lockgate-go exec --locker LOCKER [-s] [-n] [-w SECS] NAME -- COMMAND [ARGS...]")
+		fail(exitUsage, "usage: lockgate-go exec --locker LOCKER [-s] [-n] [-w SECS] [--acquirer-id ID|auto] NAME -- COMMAND [ARGS...]")
 	}
 	name, command := rest[0], rest[1:]
+	opts := f.options()
 	locker, err := newLocker(f.locker)
 	if err != nil {
 		fail(exitUsage, "%s", err)
 	}
-	opts := f.options()
 	if !*quiet {
 		opts.OnWaitFunc = func(lockName string, doWait func() error) error {
 			fmt.Fprintf(os.Stderr, "lockgate-go: waiting for locked %q\n", lockName)
@@ -220,17 +319,221 @@ wait:
 	os.Exit(code)
 }
 
-func serveCmd(args []string) {
-	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	listen := fs.String("listen", "127.0.0.1:0", "address to listen on")
+// loopReport is the one JSON line `loop` prints; the Rust worker prints the same shape.
+type loopReport struct {
+	Impl       string   `json:"impl"`
+	Version    string   `json:"version"`
+	Cycles     int      `json:"cycles"`
+	Increments int      `json:"increments"`
+	Overlaps   int      `json:"overlaps"`
+	Errors     []string `json:"errors"`
+}
+
+// loopCmd is a worker for mixed-fleet tests: N cycles of acquire, a guarded read-modify-write of
+// a counter file (exclusive) or a check that no exclusive holder is inside (shared), release.
+// FILE.holder marks an exclusive holder inside its critical section: finding it already there
+// is an overlap, i.e. two holders at once.
+func loopCmd(args []string) {
+	fs := flag.NewFlagSet("loop", flag.ContinueOnError)
+	var f lockFlags
+	f.register(fs)
+	cycles := fs.Int("cycles", 0, "acquire+release cycles")
+	counter := fs.String("counter", "", "file holding the integer the exclusive holders increment")
+	holdMs := fs.Int("hold-ms", 0, "milliseconds to hold the lock in each cycle")
 	if err := fs.Parse(args); err != nil {
 		os.Exit(exitUsage)
 	}
-	store := optimistic_locking_store.NewInMemoryStore()
-	backend := distributed_locker.NewOptimisticLockingStorageBasedBackend(store)
-	handler := distributed_locker.NewHttpBackendHandler(backend)
-	fmt.Printf("serving on %s\n", *listen)
-	if err := http.ListenAndServe(*listen, handler); err != nil {
+	if fs.NArg() != 1 || *cycles <= 0 || *counter == "" || f.nonblk {
+		fail(exitUsage, "usage: lockgate-go loop --locker LOCKER [-s] [-w SECS] [--acquirer-id ID|auto] --cycles N --counter FILE [--hold-ms MS] NAME")
+	}
+	name := fs.Arg(0)
+	opts := f.options()
+	if opts.NonBlocking {
+		fail(exitUsage, "loop: -w 0 would not wait; give a positive -w or none")
+	}
+	locker, err := newLocker(f.locker)
+	if err != nil {
+		fail(exitUsage, "%s", err)
+	}
+
+	var mu sync.Mutex
+	report := loopReport{Impl: "go", Version: lockgateVersion(), Cycles: *cycles, Errors: []string{}}
+	record := func(format string, args ...interface{}) {
+		mu.Lock()
+		defer mu.Unlock()
+		report.Errors = append(report.Errors, fmt.Sprintf(format, args...))
+	}
+	opts.OnLostLeaseFunc = func(h lockgate.LockHandle) error {
+		record("lost the lease %s of lock %q", h.UUID, h.LockName)
+		return nil
+	}
+	holder := *counter + ".holder"
+	hold := time.Duration(*holdMs) * time.Millisecond
+
+	for i := 0; i < *cycles; i++ {
+		acquired, handle, err := locker.Acquire(name, opts)
+		if err != nil {
+			record("cycle %d: acquire: %s", i, err)
+			continue
+		}
+		if !acquired {
+			record("cycle %d: acquire: not acquired", i)
+			continue
+		}
+		if f.shared {
+			if _, err := os.Lstat(holder); err == nil {
+				mu.Lock()
+				report.Overlaps++
+				mu.Unlock()
+			}
+			time.Sleep(hold)
+		} else {
+			mine := true
+			h, err := os.OpenFile(holder, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+			if errors.Is(err, os.ErrExist) {
+				mine = false
+				mu.Lock()
+				report.Overlaps++
+				mu.Unlock()
+			} else if err != nil {
+				record("cycle %d: create %s: %s", i, holder, err)
+				mine = false
+			} else {
+				_ = h.Close()
+			}
+			if n, err := readCounter(*counter); err != nil {
+				record("cycle %d: %s", i, err)
+			} else {
+				time.Sleep(hold)
+				if err := writeCounter(*counter, n+1); err != nil {
+					record("cycle %d: %s", i, err)
+				} else {
+					mu.Lock()
+					report.Increments++
+					mu.Unlock()
+				}
+			}
+			if mine {
+				if err := os.Remove(holder); err != nil {
+					record("cycle %d: remove %s: %s", i, holder, err)
+				}
+			}
+		}
+		if err := locker.Release(handle); err != nil {
+			record("cycle %d: release: %s", i, err)
+		}
+	}
+
+	mu.Lock()
+	out, err := json.Marshal(report)
+	ok := len(report.Errors) == 0 && report.Overlaps == 0
+	mu.Unlock()
+	if err != nil {
+		fail(exitUnavailable, "report: %s", err)
+	}
+	fmt.Println(string(out))
+	if !ok {
+		os.Exit(1)
+	}
+}
+
+// readCounter reads the decimal integer in path; a missing or empty file counts as 0.
+func readCounter(path string) (int64, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read counter: %w", err)
+	}
+	s := strings.TrimSpace(string(data))
+	if s == "" {
+		return 0, nil
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("counter %s holds %q: %w", path, s, err)
+	}
+	return n, nil
+}
+
+// writeCounter replaces path with n (write a temporary file, rename), so that a reader never
+// sees a half-written number even when holders overlap.
+func writeCounter(path string, n int64) error {
+	tmp := fmt.Sprintf("%s.tmp.%d", path, os.Getpid())
+	if err := os.WriteFile(tmp, []byte(strconv.FormatInt(n, 10)+"\n"), 0o644); err != nil {
+		return fmt.Errorf("write counter: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write counter: %w", err)
+	}
+	return nil
+}
+
+// gcCmd runs v0.2.0's lock-file GC (file_lock.GCLockFileDir) over a file locker's directory:
+// once, or again and again until killed with --loop.
+func gcCmd(args []string) {
+	fs := flag.NewFlagSet("gc", flag.ContinueOnError)
+	locker := fs.String("locker", os.Getenv("LOCKGATE_LOCKER"), "file:DIR")
+	minAge := fs.Float64("min-age", -1, "only files not modified for this many seconds are candidates")
+	loop := fs.Bool("loop", false, "run again and again until killed")
+	interval := fs.Int("interval-ms", 10, "pause between two runs with --loop")
+	if err := fs.Parse(args); err != nil {
+		os.Exit(exitUsage)
+	}
+	if !strings.HasPrefix(*locker, "file:") || *minAge < 0 || fs.NArg() != 0 {
+		fail(exitUsage, "usage: lockgate-go gc --locker file:DIR --min-age SECS [--loop] [--interval-ms MS]")
+	}
+	if !hasV02Features {
+		fail(exitUsage, "%s", errNeedsV02("gc"))
+	}
+	dir := filepath.Clean(fileDir(*locker))
+	age := time.Duration(*minAge * float64(time.Second))
+	if err := gcLockFiles(dir, age); err != nil {
+		if !*loop {
+			fail(exitUnavailable, "gc: %s", err)
+		}
+		fmt.Fprintf(os.Stderr, "lockgate-go: gc: %s\n", err)
+	}
+	for *loop {
+		time.Sleep(time.Duration(*interval) * time.Millisecond)
+		if err := gcLockFiles(dir, age); err != nil {
+			fmt.Fprintf(os.Stderr, "lockgate-go: gc: %s\n", err)
+		}
+	}
+}
+
+func serveCmd(args []string) {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:0", "address to listen on")
+	storeSpec := fs.String("store", "memory", "memory, or kubernetes://NAMESPACE/RESOURCE/NAME (annotations of that object, shared by every server using it)")
+	registerClientFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		os.Exit(exitUsage)
+	}
+	var handler *distributed_locker.HttpBackendHandler
+	switch {
+	case *storeSpec == "memory":
+		store := optimistic_locking_store.NewInMemoryStore()
+		handler = distributed_locker.NewHttpBackendHandler(distributed_locker.NewOptimisticLockingStorageBasedBackend(store))
+	case strings.HasPrefix(*storeSpec, "kubernetes://"):
+		t, err := newKubeTarget(*storeSpec)
+		if err != nil {
+			fail(exitUsage, "store %s", err)
+		}
+		store := optimistic_locking_store.NewKubernetesResourceAnnotationsStore(t.client, t.gvr, t.name, t.namespace)
+		handler = distributed_locker.NewHttpBackendHandler(distributed_locker.NewOptimisticLockingStorageBasedBackend(store))
+	default:
+		fail(exitUsage, "unknown store %q: expected memory or kubernetes://NAMESPACE/RESOURCE/NAME", *storeSpec)
+	}
+	// Listen first: the printed address is the bound one (the real port for ADDR:0), and a
+	// client that read it can connect at once.
+	l, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fail(exitUnavailable, "%s", err)
+	}
+	fmt.Printf("serving on %s\n", l.Addr())
+	if err := http.Serve(l, handler); err != nil {
 		fail(exitUnavailable, "%s", err)
 	}
 }
@@ -245,11 +548,11 @@ func benchCmd(args []string) {
 	if err := fs.Parse(args); err != nil {
 		os.Exit(exitUsage)
 	}
+	opts := f.options()
 	locker, err := newLocker(f.locker)
 	if err != nil {
 		fail(exitUsage, "%s", err)
 	}
-	opts := f.options()
 	samples := make([]time.Duration, 0, *iterations)
 	start := time.Now()
 	for i := 0; i < *iterations; i++ {
@@ -268,6 +571,7 @@ func benchCmd(args []string) {
 	pct := func(p float64) int64 { return samples[int(p*float64(len(samples)-1))].Nanoseconds() }
 	out, _ := json.Marshal(map[string]interface{}{
 		"impl":       "go",
+		"version":    lockgateVersion(),
 		"op":         "acquire_release",
 		"iterations": *iterations,
 		"ns_per_op":  total.Nanoseconds() / int64(*iterations),
@@ -287,13 +591,14 @@ func benchWaitCmd(args []string) {
 	if err := fs.Parse(args); err != nil {
 		os.Exit(exitUsage)
 	}
+	opts := f.options()
 	locker, err := newLocker(f.locker)
 	if err != nil {
 		fail(exitUsage, "%s", err)
 	}
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
-		acquired, handle, err := locker.Acquire(*name, f.options())
+		acquired, handle, err := locker.Acquire(*name, opts)
 		var ts unix.Timespec
 		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
 		if err != nil || !acquired {

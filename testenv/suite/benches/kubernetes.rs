@@ -1,5 +1,5 @@
 //! Kubernetes-locker benchmarks on the real API server of the test environment, side by side
-//! with Go lockgate v0.1.1 in the same run.
+//! with Go lockgate (the peer's version, v0.2.0 by default) in the same run.
 //!
 //! Run: `testenv/kube up && source target/testenv/env.sh && cargo bench -p lockgate-testenv --bench kubernetes`
 //! (`BENCH_QUICK=1` for a short run).
@@ -51,6 +51,15 @@ fn go(args: &[&str]) -> Command {
     c.args(args)
         .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"));
     c
+}
+
+/// "Go lockgate vX.Y.Z", from `lockgate-go version`.
+fn go_label() -> String {
+    let out = go(&["version"]).output().unwrap();
+    format!(
+        "Go lockgate {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    )
 }
 
 /// `apiserver_request_total` for configmaps, by verb.
@@ -148,7 +157,8 @@ async fn requests_per_cycle(n: usize) {
     let (total, verbs) = delta(&before, &requests().await, n as f64);
     let go_took = Duration::from_nanos(v["ns_per_op"].as_u64().unwrap());
     println!(
-        "| Go lockgate v0.1.1 | {total:.1} | {verbs} | {} |",
+        "| {} | {total:.1} | {verbs} | {} |",
+        go_label(),
         ms(go_took)
     );
     println!();
@@ -232,7 +242,8 @@ async fn handoff(n: usize, go_n: usize) {
     child.wait().unwrap();
     samples.sort();
     println!(
-        "| Go lockgate v0.1.1 | {go_n} | {} | {} |",
+        "| {} | {go_n} | {} | {} |",
+        go_label(),
         ms(pct(&samples, 0.5)),
         ms(pct(&samples, 0.99))
     );
@@ -332,7 +343,7 @@ async fn side_by_side(
     let t = tokio::task::spawn_blocking(move || go_parallel(n, go_each, &cm, |i| name("go", i)))
         .await
         .unwrap();
-    row("Go lockgate v0.1.1", go_each, t);
+    row(&go_label(), go_each, t);
     println!();
 }
 

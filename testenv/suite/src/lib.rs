@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod proxy;
+
 /// An environment variable the test command sets, or a panic that says how to set it.
 pub fn required_env(key: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| {
@@ -15,9 +17,18 @@ pub fn required_env(key: &str) -> String {
     })
 }
 
-/// The Go lockgate peer binary.
+/// The Go lockgate peer binary built with lockgate v0.2.0 (what werf v2 requires).
 pub fn go_peer() -> PathBuf {
-    let p = PathBuf::from(required_env("LOCKGATE_TEST_GO_PEER"));
+    peer("LOCKGATE_TEST_GO_PEER")
+}
+
+/// The Go lockgate peer binary built with lockgate v0.1.1 (what older werf and nelm pin).
+pub fn go_peer_v01() -> PathBuf {
+    peer("LOCKGATE_TEST_GO_PEER_V01")
+}
+
+fn peer(key: &str) -> PathBuf {
+    let p = PathBuf::from(required_env(key));
     assert!(
         p.exists(),
         "the Go peer {p:?} is missing: run testenv/build.sh lockgate-go"

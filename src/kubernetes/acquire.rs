@@ -1,0 +1,367 @@
+//! Acquisition: deciding from a lock's record what to write, writing it, and waiting on the
+//! watch until the decision changes.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::decide::Step;
+use super::queue;
+use super::record::{annotation_key, Record};
+use super::release::{Held, KubeLease};
+use super::store::{transient, Change, Snapshot, WriteError};
+use super::watch::Feed;
+use super::{KubeSession, Object};
+use crate::acquire::Attempt;
+use crate::backend::{Lease, LostNotifier};
+use crate::error::{AcquireError, Error};
+use crate::name::LockName;
+use crate::options::{AcquireOptions, Holder};
+
+/// A grant written, with what a lease needs to know of it.
+#[derive(Clone)]
+pub(crate) struct Granted {
+    pub(super) record: Record,
+    /// The record's value in the store, as written.
+    pub(super) value: String,
+    /// When the granting write was sent.
+    pub(super) sent: Instant,
+    pub(super) token: Option<u64>,
+    pub(super) fresh: bool,
+}
+
+/// One acquisition in progress.
+pub(super) struct Acquisition<'a> {
+    pub(super) object: &'a Arc<Object>,
+    pub(super) attempt: Attempt<'a>,
+    pub(super) key: String,
+    /// Our acquirer id in the queue, and when our entry was last written.
+    pub(super) id: String,
+    pub(super) refreshed: Option<Instant>,
+    pub(super) current: Snapshot,
+    pub(super) feed: Option<Feed>,
+    /// Grants whose answer was lost: any of them may have been applied.
+    pub(super) maybe: Vec<Granted>,
+    /// Whether we may have an entry in the queue or a grant in the store to take back if we
+    /// leave without the lock.
+    pub(super) armed: bool,
+    pub(super) conflicts: u32,
+    pub(super) outages: u32,
+}
+
+pub(crate) async fn acquire(
+    session: &Arc<KubeSession>,
+    name: &LockName,
+    opts: &AcquireOptions,
+) -> Result<Box<dyn Lease>, AcquireError> {
+    let object = session.renewer();
+    let mut a = Acquisition {
+        object,
+        attempt: Attempt::new(name, opts),
+        key: annotation_key(name.as_str()),
+        id: queue::new_id(),
+        refreshed: None,
+        // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
+        // request; a wrong guess costs a failed `test` and a GET.
+        current: object.store.assumed(),
+        feed: None,
+        maybe: Vec::new(),
+        armed: false,
+        conflicts: 0,
+        outages: 0,
+    };
+    match a.run().await {
+        Ok(g) => {
+            a.armed = false;
+            Ok(a.lease(session, g))
+        }
+        Err(e) => {
+            // Take our place (and any grant that may have landed) back before returning, so
+            // that a caller that ends its runtime right after leaves nothing behind.
+            a.clean_up().await;
+            Err(e)
+        }
+    }
+}
+
+impl Acquisition<'_> {
+    async fn run(&mut self) -> Result<Granted, AcquireError> {
+        loop {
+            let change = match self.step()? {
+                Step::Landed(g) => return Ok(g),
+                Step::Wait(rec, wake) => {
+                    self.wait(&rec, wake).await?;
+                    continue;
+                }
+                Step::Grant {
+                    change,
+                    record,
+                    fresh,
+                } => {
+                    let sent = Instant::now();
+                    let granted = Granted {
+                        value: change.new.clone().unwrap_or_default(),
+                        record,
+                        sent,
+                        token: None,
+                        fresh,
+                    };
+                    match self.write(change, Some(granted.clone())).await {
+                        Ok(after) => {
+                            return Ok(Granted {
+                                token: after.rv,
+                                ..granted
+                            })
+                        }
+                        Err(WriteError::Unknown(e)) => {
+                            tracing::debug!(lock = self.attempt.name.as_str(), error = %crate::error::chain(&e), "the answer to a grant was lost; reading the record");
+                            self.maybe.push(granted);
+                            self.armed = true;
+                            self.reread().await?;
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Step::Enqueue(change) => {
+                    // Armed before writing: a cancellation while the write is in flight must
+                    // still take our place back.
+                    self.armed = true;
+                    let sent = Instant::now();
+                    match self.write(change, None).await {
+                        Ok(after) => {
+                            self.refreshed = Some(sent);
+                            self.current = after;
+                            self.outages = 0;
+                            self.conflicts = 0;
+                            continue;
+                        }
+                        Err(WriteError::Unknown(e)) => {
+                            tracing::debug!(lock = self.attempt.name.as_str(), error = %crate::error::chain(&e), "the answer to a queue write was lost; reading the record");
+                            self.reread().await?;
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+            };
+            match change {
+                WriteError::Conflict => self.conflicted().await?,
+                WriteError::Failed(e) if transient(&e) && self.attempt.may_wait() => {
+                    self.outage(e).await?
+                }
+                WriteError::Failed(e) | WriteError::Unknown(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Waits until the record changes, something seen may have gone stale, or the deadline.
+    async fn wait(&mut self, rec: &Record, wake: Option<Instant>) -> Result<(), AcquireError> {
+        if !self.attempt.may_wait() {
+            return Err(self.attempt.busy());
+        }
+        self.attempt.waiting(|| {
+            let mut holder = Holder::with_id(rec.mode(), rec.uuid.clone());
+            holder.count = u64::try_from(rec.shared_holders).ok();
+            vec![holder]
+        });
+        let object = self.object;
+        let feed = self.feed.get_or_insert_with(|| object.watch());
+        let wake = match (wake, self.attempt.deadline()) {
+            (Some(w), Some(d)) => Some(w.min(d)),
+            (w, d) => w.or(d),
+        };
+        let sleep = async {
+            match wake {
+                Some(w) => tokio::time::sleep_until(w.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = feed.changed() => {
+                if changed.is_err() {
+                    return Err(Error::Unreachable {
+                        resource: object.store.describe.clone(),
+                        source: "the watch of the object ended".into(),
+                    }.into());
+                }
+                let snap = feed.borrow_and_update().clone();
+                match snap {
+                    None => return Err(Error::ResourceMissing { resource: object.store.describe.clone() }.into()),
+                    // Ignore a watch event older than what we read ourselves.
+                    Some(s) if s.rv.is_some() && self.current.rv.is_some() && s.rv < self.current.rv => {}
+                    Some(s) => self.current = s,
+                }
+            }
+            _ = sleep => {
+                if self.attempt.expired() {
+                    return Err(self.attempt.busy());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `change` in a task of its own: if this acquisition is dropped while the write is
+    /// in flight, the task still learns the outcome and takes back what it wrote (the grant, or
+    /// our place in the queue).
+    async fn write(
+        &mut self,
+        change: Change,
+        grant: Option<Granted>,
+    ) -> Result<Snapshot, WriteError> {
+        let (tx, rx) = oneshot::channel();
+        let object = Arc::clone(self.object);
+        let has_annotations = self.current.annotations.is_some();
+        let key = self.key.clone();
+        let name = self.attempt.name.as_str().to_owned();
+        tokio::spawn(async move {
+            let outcome = object
+                .store
+                .write(std::slice::from_ref(&change), has_annotations)
+                .await;
+            if let Err(outcome) = tx.send(outcome) {
+                // Abandoned while in flight: nobody will hold what it may have granted. (Our
+                // place in the queue is taken back by the acquisition's own drop.)
+                if let (Ok(_) | Err(WriteError::Unknown(_)), Some(g)) = (&outcome, grant) {
+                    object.take_back(&name, &key, None, &[g]).await;
+                }
+            }
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(WriteError::Unknown(Error::Unsupported(
+                "the runtime shut down during a write",
+            )))
+        })
+    }
+
+    /// After a write whose answer was lost: read the object again (even a non-blocking caller
+    /// must learn whether it holds the lock), riding out an outage until the deadline.
+    async fn reread(&mut self) -> Result<(), AcquireError> {
+        loop {
+            match self.object.store.get().await {
+                Ok(fresh) => {
+                    self.current = fresh;
+                    return Ok(());
+                }
+                Err(e) if transient(&e) => self.outage(e).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// After a conflict: get the newer state, backing off after repeated conflicts.
+    async fn conflicted(&mut self) -> Result<(), AcquireError> {
+        self.conflicts += 1;
+        if self.conflicts > 2 {
+            // Repeated conflicts: back off a little, with jitter.
+            let jitter = u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 50);
+            let pause = Duration::from_millis((5 << self.conflicts.min(6)) + jitter);
+            if !self.attempt.fits(pause) {
+                return Err(self.attempt.busy());
+            }
+            tokio::time::sleep(pause).await;
+        }
+        let fresh = match self.feed.as_mut() {
+            // Waiting already: the watch brings the change that beat us, without a GET from
+            // every waiter.
+            Some(feed) => newer_than(self.object, feed, &self.current).await,
+            None => self.object.store.get().await,
+        };
+        match fresh {
+            Ok(fresh) => self.current = fresh,
+            Err(e) if transient(&e) && self.attempt.may_wait() => self.outage(e).await?,
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// The API server is unreachable, overloaded or failing: a waiting acquisition keeps trying
+    /// until its deadline, backing off up to 1.6 s.
+    async fn outage(&mut self, e: Error) -> Result<(), AcquireError> {
+        let pause = Duration::from_millis(100 << self.outages.min(4));
+        if !self.attempt.fits(pause) {
+            return Err(e.into());
+        }
+        self.outages += 1;
+        tracing::warn!(lock = self.attempt.name.as_str(), error = %crate::error::chain(&e), ?pause, "Kubernetes API server unavailable; retrying");
+        tokio::time::sleep(pause).await;
+        if let Ok(fresh) = self.object.store.get().await {
+            self.current = fresh;
+        }
+        Ok(())
+    }
+
+    /// Takes back our queue entry and any grant that may have landed.
+    async fn clean_up(&mut self) {
+        if std::mem::take(&mut self.armed) {
+            let maybe = std::mem::take(&mut self.maybe);
+            self.object
+                .take_back(
+                    self.attempt.name.as_str(),
+                    &self.key,
+                    Some(&self.id),
+                    &maybe,
+                )
+                .await;
+        }
+    }
+
+    fn lease(&self, session: &Arc<KubeSession>, g: Granted) -> Box<dyn Lease> {
+        let name = self.attempt.name.as_str();
+        let (notifier, signal) = LostNotifier::with_hook(name, self.attempt.opts);
+        let held = Held {
+            uuid: g.record.uuid.clone(),
+            value: g.value,
+        };
+        let member = session.join(&self.key, held, g.sent, g.fresh, notifier);
+        tracing::debug!(lock = name, object = %self.object.store.describe, token = ?g.token, "kubernetes lock acquired");
+        Box::new(KubeLease::new(
+            Arc::clone(session),
+            name,
+            &self.key,
+            member,
+            signal,
+            g.token,
+        ))
+    }
+}
+
+impl Drop for Acquisition<'_> {
+    fn drop(&mut self) {
+        // Cancelled (the future was dropped) with a place in the queue or a grant in doubt.
+        if self.armed {
+            let object = Arc::clone(self.object);
+            let (name, key, id) = (
+                self.attempt.name.as_str().to_owned(),
+                self.key.clone(),
+                self.id.clone(),
+            );
+            let maybe = std::mem::take(&mut self.maybe);
+            tokio::spawn(async move { object.take_back(&name, &key, Some(&id), &maybe).await });
+        }
+    }
+}
+
+/// A state of the object newer than `seen`, from the watch (a GET if it brings none soon).
+async fn newer_than(object: &Object, feed: &mut Feed, seen: &Snapshot) -> Result<Snapshot, Error> {
+    let newer = |s: &Snapshot| match (s.rv, seen.rv) {
+        (Some(s), Some(rv)) => s > rv,
+        _ => false,
+    };
+    let wait = async {
+        loop {
+            if let Some(s) = feed.borrow_and_update().clone().filter(newer) {
+                return Some(s);
+            }
+            if feed.changed().await.is_err() {
+                return None;
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(1), wait).await {
+        Ok(Some(s)) => Ok(s),
+        _ => object.store.get().await,
+    }
+}

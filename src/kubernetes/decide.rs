@@ -1,0 +1,167 @@
+//! The decision at the heart of an acquisition: from a lock's record as last seen, what to
+//! write (a grant, a join, our place in the queue) or how long to wait.
+
+use std::time::Instant;
+
+use super::acquire::{Acquisition, Granted};
+use super::queue::{self, Member};
+use super::record::Record;
+use super::store::Change;
+use crate::error::Error;
+use crate::options::Mode;
+
+/// What a locker saw of one lock's record, kept across acquisitions: an expiry clock needs a
+/// record to stand still for a TTL, and a non-blocking caller looks for an instant only.
+#[derive(Default)]
+pub(crate) struct Seen {
+    /// The lease part of the record (without the queue, which waiters change) and when this
+    /// locker first saw it.
+    lease: Option<(String, Instant)>,
+    members: queue::Observer,
+}
+
+/// What to do about the record we see.
+pub(super) enum Step {
+    /// Write this change; on success we hold the lock with `record`. `fresh`: a new lease
+    /// (not a join of the current one).
+    Grant {
+        change: Change,
+        record: Record,
+        fresh: bool,
+    },
+    /// One of our grants whose answer was lost turned out to have landed.
+    Landed(Granted),
+    /// Write this change to join (or refresh our place in) the queue.
+    Enqueue(Change),
+    /// Somebody holds it, or is ahead of us: wait until this instant at the latest (for a
+    /// record or a queue member to go stale, or to refresh our place).
+    Wait(Record, Option<Instant>),
+}
+
+impl Acquisition<'_> {
+    /// Decides, from the current value of the annotation, what to do.
+    pub(super) fn step(&mut self) -> Result<Step, Error> {
+        let object = self.object;
+        let config = object.config;
+        let mode = self.attempt.mode();
+        let name = self.attempt.name.as_str();
+        let Some(value) = self.current.get(&self.key).map(str::to_owned) else {
+            let record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
+            return Ok(Step::Grant {
+                change: self.change(None, &record),
+                record,
+                fresh: true,
+            });
+        };
+        let rec = Record::parse(&value).map_err(|e| object.corrupt(&self.key, e))?;
+        if let Some(g) = self.maybe.iter().find(|g| g.record.same_write(&rec)) {
+            tracing::debug!(lock = name, "a grant whose answer was lost had landed");
+            return Ok(Step::Landed(Granted {
+                record: rec,
+                value,
+                ..g.clone()
+            }));
+        }
+        let server_now = object.store.server_now();
+        let ttl = config.ttl;
+        let (since, live, next_expiry) = {
+            let mut seen = object.seen();
+            let seen = seen.entry(self.key.clone()).or_default();
+            let lease = rec.lease_part();
+            match &seen.lease {
+                Some((v, _)) if *v == lease => {}
+                _ => seen.lease = Some((lease, Instant::now())),
+            }
+            let since = seen.lease.as_ref().map_or_else(Instant::now, |(_, t)| *t);
+            let live: Vec<Member> = seen
+                .members
+                .live(&rec.queue, &self.id, ttl, ttl, server_now)
+                .into_iter()
+                .cloned()
+                .collect();
+            (since, live, seen.members.next_expiry(ttl))
+        };
+        // Free: released with waiters queued (count 0). Expired: stood still for a TTL on our
+        // clock, or (for a record we have not watched that long) its expiry passed more than a
+        // TTL ago by the API server's clock.
+        let free = rec.shared_holders <= 0;
+        let stale = rec.expire_at.saturating_add(config.ttl_secs()) < server_now;
+        let expired = !free && (since.elapsed() >= ttl || stale);
+        let mine = rec.queue.get(&self.id);
+        let live_refs: Vec<&Member> = live.iter().collect();
+        let ahead = queue::ahead(&live_refs, mine);
+        let allowed = queue::may_proceed(mode, &ahead);
+        if (free || expired) && allowed {
+            let mut new = if free {
+                // Nobody holds it: the lease goes on under its uuid (Go v0.2 waiters that read
+                // the record a moment ago are not told it was replaced).
+                let mut r = rec.clone();
+                r.shared_holders = 1;
+                r.is_shared = mode == Mode::Shared;
+                r.expire_at = object.expire_at();
+                r
+            } else {
+                // A new uuid: the old holder, if alive, must find its lease gone.
+                let mut r = Record::new(name, mode == Mode::Shared, object.expire_at());
+                r.other = rec.other.clone();
+                r
+            };
+            // Keep the live waiters' places; drop ours and the dead.
+            new.queue = live.iter().map(|m| (m.id.clone(), m.clone())).collect();
+            let record = new.tagged();
+            return Ok(Step::Grant {
+                change: self.change(Some(value), &record),
+                record,
+                fresh: true,
+            });
+        }
+        if !free && !expired && mode == Mode::Shared && rec.is_shared && allowed {
+            let mut joined = rec.clone();
+            joined.shared_holders = joined.shared_holders.saturating_add(1);
+            joined.expire_at = object.expire_at();
+            joined.queue.remove(&self.id);
+            let record = joined.tagged();
+            return Ok(Step::Grant {
+                change: self.change(Some(value), &record),
+                record,
+                fresh: false,
+            });
+        }
+        let refresh_due = self
+            .refreshed
+            .is_none_or(|t| t.elapsed() >= config.renew_period);
+        if self.attempt.may_wait() && (mine.is_none() || refresh_due) {
+            let mut queued = rec.clone();
+            let member = Member {
+                id: self.id.clone(),
+                arrived: mine.map_or(server_now, |m| m.arrived),
+                expire_at: object.expire_at(),
+                shared: mode == Mode::Shared,
+                other: mine.map(|m| m.other.clone()).unwrap_or_default(),
+            };
+            queued.queue.insert(self.id.clone(), member);
+            return Ok(Step::Enqueue(Change {
+                key: self.key.clone(),
+                expected: Some(value),
+                new: Some(queued.to_value()),
+            }));
+        }
+        let wake = [
+            (!free).then_some(since + ttl),
+            self.refreshed.map(|t| t + config.renew_period),
+            next_expiry,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Ok(Step::Wait(rec, wake))
+    }
+
+    fn change(&self, expected: Option<String>, record: &Record) -> Change {
+        Change {
+            key: self.key.clone(),
+            expected,
+            new: Some(record.to_value()),
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! A held Kubernetes lease, and its release.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::acquire::Granted;
+use super::record::Record;
+use super::store::{transient, Change, WriteError};
+use super::{KubeSession, Object};
+use crate::backend::{BoxFuture, Lease, LostReason, LostSignal};
+use crate::error::Error;
+
+/// What the session keeps of a Kubernetes lease: its uuid, and the record's value as this
+/// process last wrote or read it (the `test` value of the next write).
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    pub uuid: String,
+    pub value: String,
+}
+
+/// One member's hold of a Kubernetes lock.
+pub(crate) struct KubeLease {
+    /// Keeps the locker alive until the lease is released.
+    session: Arc<KubeSession>,
+    name: String,
+    key: String,
+    member: u64,
+    signal: LostSignal,
+    token: Option<u64>,
+    released: bool,
+}
+
+impl std::fmt::Debug for KubeLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeLease")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeLease {
+    pub fn new(
+        session: Arc<KubeSession>,
+        name: &str,
+        key: &str,
+        member: u64,
+        signal: LostSignal,
+        token: Option<u64>,
+    ) -> Self {
+        Self {
+            session,
+            name: name.to_owned(),
+            key: key.to_owned(),
+            member,
+            signal,
+            token,
+            released: false,
+        }
+    }
+
+    fn take(&mut self) -> impl std::future::Future<Output = Result<(), Error>> + Send + 'static {
+        self.released = true;
+        let (session, name, key, member, signal) = (
+            Arc::clone(&self.session),
+            self.name.clone(),
+            self.key.clone(),
+            self.member,
+            self.signal.clone(),
+        );
+        async move {
+            let Some(leaving) = session.leave(&key, member) else {
+                return Err(Error::LeaseLost {
+                    name,
+                    reason: signal.reason().unwrap_or(LostReason::Taken),
+                });
+            };
+            let object = session.renewer();
+            let until = leaving.confirmed + object.config.ttl;
+            let left = object
+                .release_record(&name, &key, leaving.state, until)
+                .await?;
+            if let (Some(left), true) = (left, leaving.remaining > 0) {
+                // Other members of this process still hold it: renew what is there now.
+                session.update(&key, left);
+            }
+            tracing::debug!(lock = name, object = %object.store.describe, "kubernetes lock released");
+            Ok(())
+        }
+    }
+}
+
+impl Lease for KubeLease {
+    fn release(mut self: Box<Self>) -> BoxFuture<'static, Result<(), Error>> {
+        Box::pin(self.take())
+    }
+
+    fn release_blocking(mut self: Box<Self>) -> Result<(), Error> {
+        const INSIDE: &str = "release_blocking called inside a Tokio runtime; use release().await (the lock is being released in the background)";
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Dropping the lease (not marked released) releases it in the background.
+            return Err(Error::Unsupported(INSIDE));
+        }
+        let fut = self.take();
+        self.session.bridge().block_on(INSIDE, fut)?
+    }
+
+    fn lost_signal(&self) -> LostSignal {
+        self.signal.clone()
+    }
+
+    fn fencing_token(&self) -> Option<u64> {
+        self.token
+    }
+}
+
+impl Drop for KubeLease {
+    fn drop(&mut self) {
+        if !self.released {
+            let fut = self.take();
+            let name = self.name.clone();
+            // Best effort; if it cannot run, the lease expires after its TTL.
+            self.session.bridge().handle.spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::warn!(lock = name, error = %crate::error::chain(&e), "release on drop failed");
+                }
+            });
+        }
+    }
+}
+
+impl Object {
+    /// Gives up one holder's share of the lease `held` of `key`: count − 1; or, for the last
+    /// holder, the record removed (or kept free for queued waiters). Passing errors are retried
+    /// until `until`, when the lease would have expired anyway. Returns the lease as left for
+    /// other holders, if it still has holders.
+    ///
+    /// A write whose answer is lost is never repeated on a newer value: if the record changed
+    /// meanwhile, the write is assumed to have landed. A count left one too high is safe (the
+    /// record outlives its holders by a TTL); one too low would free a lock somebody holds.
+    pub(crate) async fn release_record(
+        &self,
+        name: &str,
+        key: &str,
+        held: Held,
+        until: Instant,
+    ) -> Result<Option<Held>, Error> {
+        let lost = || Error::LeaseLost {
+            name: name.to_owned(),
+            reason: LostReason::Taken,
+        };
+        let mut value = held.value;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let rec = Record::parse(&value).map_err(|e| self.corrupt(key, e))?;
+            if rec.uuid != held.uuid || rec.shared_holders <= 0 {
+                return Err(lost());
+            }
+            let new = self.released(&rec).map(|r| r.to_value());
+            let change = Change {
+                key: key.to_owned(),
+                expected: Some(value.clone()),
+                new: new.clone(),
+            };
+            let left = || {
+                new.clone()
+                    .filter(|_| rec.shared_holders > 1)
+                    .map(|value| Held {
+                        uuid: held.uuid.clone(),
+                        value,
+                    })
+            };
+            // `doubt`: the write may have landed although we were not told.
+            let (failure, doubt) = match self.store.write(std::slice::from_ref(&change), true).await
+            {
+                Ok(_) => return Ok(left()),
+                Err(WriteError::Conflict) => (None, false),
+                Err(WriteError::Unknown(e)) => (Some(e), true),
+                Err(WriteError::Failed(e)) if transient(&e) => (Some(e), false),
+                Err(WriteError::Failed(e)) => return Err(e),
+            };
+            if let Some(e) = failure {
+                if Instant::now() + pause >= until {
+                    return Err(e);
+                }
+                tracing::warn!(lock = name, error = %crate::error::chain(&e), "release failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(1600));
+            }
+            let now = loop {
+                match self.store.get().await {
+                    Ok(snap) => break snap.get(key).map(str::to_owned),
+                    Err(e) if transient(&e) && Instant::now() + pause < until => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(1600));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            match now {
+                // Our write landed.
+                n if doubt && n == new => return Ok(left()),
+                // Unchanged: it did not land (yet); the same write is safe to repeat, since it
+                // can apply at most once.
+                Some(v) if v == value => {}
+                // Changed by somebody after a write whose answer was lost: it may have landed.
+                _ if doubt => {
+                    tracing::debug!(
+                        lock = name,
+                        "record changed after a release whose answer was lost; assuming it landed"
+                    );
+                    return Ok(None);
+                }
+                Some(v) => value = v,
+                None => return Err(lost()),
+            }
+        }
+    }
+
+    /// The record after one holder of `rec` leaves; `None`: remove it.
+    fn released(&self, rec: &Record) -> Option<Record> {
+        let server_now = self.store.server_now();
+        if rec.shared_holders > 1 {
+            let mut left = rec.clone();
+            left.shared_holders -= 1;
+            return Some(left);
+        }
+        // Waiters by Go's liveness rule (their expiry not passed by the server's clock).
+        let head = rec
+            .queue
+            .values()
+            .filter(|m| m.expire_at >= server_now)
+            .min_by(|a, b| a.order().cmp(&b.order()))?;
+        let mut free = rec.clone();
+        free.shared_holders = 0;
+        free.expire_at = if head.is_ours() {
+            // A Rust waiter takes it from here within milliseconds: keep it looking held to Go
+            // peers, whose take-over of an expired record would race with it.
+            self.expire_at()
+        } else {
+            // A Go waiter is first: Go takes a record over only once it has expired.
+            server_now.saturating_sub(1)
+        };
+        Some(free)
+    }
+}
+
+impl Object {
+    /// Undoes what an acquisition that ended without the lock may have left: its queue entry
+    /// `id`, and grants in `maybe` whose answers were lost. Best effort: what it cannot undo
+    /// goes stale (an entry stops being refreshed, a grant is not renewed) within a TTL.
+    pub(super) async fn take_back(
+        &self,
+        name: &str,
+        key: &str,
+        id: Option<&str>,
+        maybe: &[Granted],
+    ) {
+        // A write still in flight may land a little later: look for a while.
+        let give_up = Instant::now() + self.config.request_timeout + Duration::from_millis(500);
+        let mut pause = Duration::from_millis(50);
+        let mut id = id;
+        let mut maybe = maybe.to_vec();
+        while id.is_some() || !maybe.is_empty() {
+            let snap = match self.store.get().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot clean up after an acquisition");
+                    return;
+                }
+            };
+            let Some(value) = snap.get(key) else {
+                if Instant::now() >= give_up {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(800));
+                continue;
+            };
+            let Ok(rec) = Record::parse(value) else {
+                return;
+            };
+            if let Some(g) = maybe.iter().find(|g| g.record.same_write(&rec)) {
+                // Our grant landed: release it like a holder would.
+                let held = Held {
+                    uuid: rec.uuid.clone(),
+                    value: value.to_owned(),
+                };
+                let until = g.sent + self.config.ttl;
+                if let Err(e) = self.release_record(name, key, held, until).await {
+                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot release an abandoned grant");
+                }
+                maybe.clear();
+                continue;
+            }
+            if let Some(me) = id.filter(|id| rec.queue.contains_key(*id)) {
+                let mut left = rec.clone();
+                left.queue.remove(me);
+                // A free record kept only for its waiters goes away with the last of them.
+                let new =
+                    (left.shared_holders > 0 || !left.queue.is_empty()).then(|| left.to_value());
+                let change = Change {
+                    key: key.to_owned(),
+                    expected: Some(value.to_owned()),
+                    new,
+                };
+                match self.store.write(std::slice::from_ref(&change), true).await {
+                    Ok(_) => id = None,
+                    Err(WriteError::Conflict) => {}
+                    Err(WriteError::Unknown(_)) => {}
+                    Err(WriteError::Failed(e)) => {
+                        tracing::debug!(key, error = %crate::error::chain(&e), "cannot leave the queue");
+                        return;
+                    }
+                }
+                continue;
+            }
+            if Instant::now() >= give_up {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(800));
+        }
+    }
+}
