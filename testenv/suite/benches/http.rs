@@ -202,6 +202,12 @@ impl Conn {
     }
 }
 
+/// The Go peer's lockgate version (`lockgate-go version`).
+fn go_version() -> String {
+    let out = Command::new(go_peer()).arg("version").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -268,7 +274,7 @@ async fn throughput(quick: bool) {
     );
     println!("process's user + system time per cycle.");
     println!();
-    println!("| clients | lockgate cycles/s | Go lockgate v0.1.1 cycles/s | ratio | lockgate server CPU per cycle | Go server CPU per cycle |");
+    println!("| clients | lockgate cycles/s | Go lockgate {} cycles/s | ratio | lockgate server CPU per cycle | Go server CPU per cycle |", go_version());
     println!("|---|---|---|---|---|---|");
     for clients in [1, 64] {
         let mut rows = Vec::new();
@@ -423,7 +429,8 @@ async fn handoff(quick: bool) {
     let _ = child.wait();
     samples.sort();
     println!(
-        "| Go lockgate v0.1.1, polling | {go_n} | {} | {} | {} |",
+        "| Go lockgate {}, polling | {go_n} | {} | {} | {} |",
+        go_version(),
         fmt(pct(&samples, 0.5)),
         fmt(pct(&samples, 0.99)),
         fmt(*samples.last().unwrap())
@@ -451,7 +458,10 @@ async fn memory(quick: bool) {
     println!();
     println!("| server | RSS before | RSS with the locks | per held lock |");
     println!("|---|---|---|---|");
-    for who in ["lockgate", "Go lockgate v0.1.1"] {
+    for who in [
+        "lockgate".to_owned(),
+        format!("Go lockgate {}", go_version()),
+    ] {
         let srv = if who == "lockgate" {
             ServerProc::rust(3600)
         } else {

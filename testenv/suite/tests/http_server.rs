@@ -1,17 +1,18 @@
-//! Go lockgate's `HttpLocker` clients (the `lockgate-go` peer; `LOCKGATE_TEST_GO_PEER` names the
-//! binary, so the same tests run against a v0.1.1 or a v0.2.0 peer) against `lockgate serve`,
-//! next to lockgate's own long-poll protocol spoken over raw HTTP.
+//! Go lockgate's `HttpLocker` clients (the `lockgate-go` peers: v0.2.0, `LOCKGATE_TEST_GO_PEER`,
+//! and v0.1.1, `LOCKGATE_TEST_GO_PEER_V01`; every test runs against both) against
+//! `lockgate serve`, next to lockgate's own long-poll protocol spoken over raw HTTP.
 //!
 //! Every child is killed when its handle drops (also on a failed assertion), and every wait has
 //! a deadline.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use lockgate_testenv::{go_peer, rust_cli};
+use lockgate_testenv::{go_peer, go_peer_v01, rust_cli};
 use serde_json::{json, Value};
 
 /// A child process, killed when dropped.
@@ -102,17 +103,22 @@ fn serve(extra: &[&str]) -> (Proc, String) {
     (p, addr)
 }
 
+/// The Go peers: v0.2.0 (what werf v2 requires), then v0.1.1.
+fn peers() -> [(PathBuf, &'static str); 2] {
+    [(go_peer(), "v0.2.0"), (go_peer_v01(), "v0.1.1")]
+}
+
 /// A Go `HttpLocker` holding NAME until [`Proc::finish`].
-fn go_hold(url: &str, args: &[&str], name: &str) -> Proc {
-    let mut p = go_wait(url, args, name);
+fn go_hold(peer: &Path, url: &str, args: &[&str], name: &str) -> Proc {
+    let mut p = go_wait(peer, url, args, name);
     p.line("locked", Duration::from_secs(10));
     p
 }
 
 /// A Go `HttpLocker` acquiring NAME (blocking); prints `locked` once it holds it.
-fn go_wait(url: &str, args: &[&str], name: &str) -> Proc {
+fn go_wait(peer: &Path, url: &str, args: &[&str], name: &str) -> Proc {
     Proc::spawn(
-        Command::new(go_peer())
+        Command::new(peer)
             .args(["exec", "--locker", url, "-q"])
             .args(args)
             .args([name, "--", "sh", "-c", "echo locked; read _ || true"]),
@@ -120,9 +126,9 @@ fn go_wait(url: &str, args: &[&str], name: &str) -> Proc {
 }
 
 /// `lockgate-go exec -n`: 0 acquired, 1 busy.
-fn go_try(url: &str, args: &[&str], name: &str) -> i32 {
+fn go_try(peer: &Path, url: &str, args: &[&str], name: &str) -> i32 {
     let mut p = Proc::spawn(
-        Command::new(go_peer())
+        Command::new(peer)
             .args(["exec", "--locker", url, "-q", "-n"])
             .args(args)
             .args([name, "--", "true"]),
@@ -241,54 +247,78 @@ fn url(addr: &str) -> String {
 
 #[test]
 fn go_clients_exclude_each_other_through_the_rust_server() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        go_clients_exclude_each_other_through_the_rust_server_with(&peer, version);
+    }
+}
+
+fn go_clients_exclude_each_other_through_the_rust_server_with(peer: &Path, version: &str) {
+    let _ = version;
     let (_srv, addr) = serve(&[]);
     let u = url(&addr);
-    let holder = go_hold(&u, &[], "ex");
-    assert_eq!(go_try(&u, &[], "ex"), 1);
-    assert_eq!(go_try(&u, &["-s"], "ex"), 1);
+    let holder = go_hold(peer, &u, &[], "ex");
+    assert_eq!(go_try(peer, &u, &[], "ex"), 1);
+    assert_eq!(go_try(peer, &u, &["-s"], "ex"), 1);
     // lockgate's protocol sees Go's lease, and Go sees lockgate's.
     assert_eq!(
         acquire(&addr, "ex", json!({"shared": true}))["err"],
         "should wait"
     );
     assert_eq!(holder.finish(Duration::from_secs(10)), 0);
-    assert_eq!(go_try(&u, &[], "ex"), 0);
+    assert_eq!(go_try(peer, &u, &[], "ex"), 0);
     assert_eq!(status(&addr, "ex"), Value::Null, "nothing left behind");
     let h = hold(&addr, "ex");
-    assert_eq!(go_try(&u, &[], "ex"), 1);
-    assert_eq!(go_try(&u, &["-s"], "ex"), 1);
+    assert_eq!(go_try(peer, &u, &[], "ex"), 1);
+    assert_eq!(go_try(peer, &u, &["-s"], "ex"), 1);
     release(&addr, &h);
-    assert_eq!(go_try(&u, &["-s"], "ex"), 0);
+    assert_eq!(go_try(peer, &u, &["-s"], "ex"), 0);
 }
 
 #[test]
 fn go_shared_holders_get_leases_of_their_own_and_keep_writers_out() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        go_shared_holders_get_leases_of_their_own_and_keep_writers_out_with(&peer, version);
+    }
+}
+
+fn go_shared_holders_get_leases_of_their_own_and_keep_writers_out_with(peer: &Path, version: &str) {
+    let _ = version;
     let (_srv, addr) = serve(&[]);
     let u = url(&addr);
-    let a = go_hold(&u, &["-s"], "sh");
-    let b = go_hold(&u, &["-s"], "sh");
+    let a = go_hold(peer, &u, &["-s"], "sh");
+    let b = go_hold(peer, &u, &["-s"], "sh");
     let s = status(&addr, "sh");
     assert_eq!(holders(&s), 2);
     assert_ne!(
         s["holders"][0]["fencingToken"],
         s["holders"][1]["fencingToken"]
     );
-    assert_eq!(go_try(&u, &[], "sh"), 1);
-    assert_eq!(go_try(&u, &["-s"], "sh"), 0);
+    assert_eq!(go_try(peer, &u, &[], "sh"), 1);
+    assert_eq!(go_try(peer, &u, &["-s"], "sh"), 0);
     // One shared holder leaving keeps the other's lease (Go's own server shares one uuid).
     assert_eq!(a.finish(Duration::from_secs(10)), 0);
-    assert_eq!(go_try(&u, &[], "sh"), 1);
+    assert_eq!(go_try(peer, &u, &[], "sh"), 1);
     assert_eq!(b.finish(Duration::from_secs(10)), 0);
-    assert_eq!(go_try(&u, &[], "sh"), 0);
+    assert_eq!(go_try(peer, &u, &[], "sh"), 0);
 }
 
 #[test]
 fn a_waiting_go_client_gets_the_lock_after_the_release() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        a_waiting_go_client_gets_the_lock_after_the_release_with(&peer, version);
+    }
+}
+
+fn a_waiting_go_client_gets_the_lock_after_the_release_with(peer: &Path, version: &str) {
+    let _ = version;
     let (_srv, addr) = serve(&[]);
     let u = url(&addr);
-    let holder = go_hold(&u, &[], "handoff");
+    let holder = go_hold(peer, &u, &[], "handoff");
     let refused = should_waits(&addr);
-    let mut waiter = go_wait(&u, &[], "handoff");
+    let mut waiter = go_wait(peer, &u, &[], "handoff");
     // Go polls without queueing: wait until it has asked and been refused.
     until_refused(&addr, refused, Duration::from_secs(10));
     assert!(!waiter.has_line("locked"));
@@ -302,9 +332,22 @@ fn a_waiting_go_client_gets_the_lock_after_the_release() {
 
 #[test]
 fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_before() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_before_with(
+            &peer, version,
+        );
+    }
+}
+
+fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_before_with(
+    peer: &Path,
+    version: &str,
+) {
+    let _ = version;
     let (_srv, addr) = serve(&["--ttl", "5s"]);
     let u = url(&addr);
-    let holder = go_hold(&u, &[], "killed");
+    let holder = go_hold(peer, &u, &[], "killed");
     // Until it has renewed once (Go renews every 3 s): held + left exceeds the TTL.
     until(&addr, "killed", Duration::from_secs(10), |s| {
         let h = &s["holders"][0];
@@ -339,6 +382,14 @@ fn a_killed_go_clients_lease_expires_one_ttl_after_its_last_renewal_and_not_befo
 
 #[test]
 fn a_go_client_waits_behind_a_long_poll_client_in_order() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        a_go_client_waits_behind_a_long_poll_client_in_order_with(&peer, version);
+    }
+}
+
+fn a_go_client_waits_behind_a_long_poll_client_in_order_with(peer: &Path, version: &str) {
+    let _ = version;
     let (_srv, addr) = serve(&[]);
     let u = url(&addr);
     let h = hold(&addr, "queue");
@@ -355,7 +406,7 @@ fn a_go_client_waits_behind_a_long_poll_client_in_order() {
         s["waiters"][0]["longPoll"] == true
     });
     let refused = should_waits(&addr);
-    let mut go = go_wait(&u, &[], "queue");
+    let mut go = go_wait(peer, &u, &[], "queue");
     let refused = until_refused(&addr, refused, Duration::from_secs(10));
     let released = Instant::now();
     release(&addr, &h);
@@ -379,6 +430,14 @@ fn a_go_client_waits_behind_a_long_poll_client_in_order() {
 
 #[test]
 fn go_and_long_poll_clients_lose_no_update_of_a_counter() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        go_and_long_poll_clients_lose_no_update_of_a_counter_with(&peer, version);
+    }
+}
+
+fn go_and_long_poll_clients_lose_no_update_of_a_counter_with(peer: &Path, version: &str) {
+    let _ = version;
     let (_srv, addr) = serve(&[]);
     let u = url(&addr);
     let dir = tempfile::tempdir().unwrap();
@@ -392,15 +451,24 @@ fn go_and_long_poll_clients_lose_no_update_of_a_counter() {
         "n=$(cat {0}); sleep 0.05; echo $((n+1)) > {0}",
         counter.display()
     );
+    // v0.2.0's clients queue with an acquirer id of their own; v0.1.1's only poll.
+    let id_args: &'static [&'static str] = if version == "v0.2.0" {
+        &["--acquirer-id", "auto"]
+    } else {
+        &[]
+    };
     let go: Vec<_> = (0..GO)
         .map(|_| {
             let u = u.clone();
             let script = script.clone();
+            let peer = peer.to_owned();
             std::thread::spawn(move || {
                 for _ in 0..GO_CYCLES {
                     let mut p = Proc::spawn(
-                        Command::new(go_peer())
-                            .args(["exec", "--locker", &u, "-q", "counter", "--", "sh", "-c"])
+                        Command::new(&peer)
+                            .args(["exec", "--locker", &u, "-q"])
+                            .args(id_args)
+                            .args(["counter", "--", "sh", "-c"])
                             .arg(&script),
                     );
                     assert_eq!(p.wait(Duration::from_secs(60)), 0);
@@ -449,6 +517,14 @@ fn go_and_long_poll_clients_lose_no_update_of_a_counter() {
 
 #[test]
 fn go_clients_authenticate_with_the_token_in_the_url() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        go_clients_authenticate_with_the_token_in_the_url_with(&peer, version);
+    }
+}
+
+fn go_clients_authenticate_with_the_token_in_the_url_with(peer: &Path, version: &str) {
+    let _ = version;
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "t0ken-s3cret\n").unwrap();
@@ -456,22 +532,35 @@ fn go_clients_authenticate_with_the_token_in_the_url() {
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (_srv, addr) = serve(&["--token-file", token.to_str().unwrap()]);
     assert_eq!(
-        go_try(&format!("http://lockgate:t0ken-s3cret@{addr}"), &[], "auth"),
+        go_try(
+            peer,
+            &format!("http://lockgate:t0ken-s3cret@{addr}"),
+            &[],
+            "auth"
+        ),
         0
     );
     // Without it the Go client fails (exit 69: it got a 401), it is not "busy".
-    assert_eq!(go_try(&url(&addr), &[], "auth"), 69);
+    assert_eq!(go_try(peer, &url(&addr), &[], "auth"), 69);
     assert_eq!(
-        go_try(&format!("http://lockgate:wrong@{addr}"), &[], "auth"),
+        go_try(peer, &format!("http://lockgate:wrong@{addr}"), &[], "auth"),
         69
     );
 }
 
 #[test]
 fn sigterm_answers_open_requests_and_exits() {
+    for (peer, version) in peers() {
+        eprintln!("Go peer {version}");
+        sigterm_answers_open_requests_and_exits_with(&peer, version);
+    }
+}
+
+fn sigterm_answers_open_requests_and_exits_with(peer: &Path, version: &str) {
+    let _ = version;
     let (mut srv, addr) = serve(&[]);
     let u = url(&addr);
-    let _go = go_hold(&u, &[], "term");
+    let _go = go_hold(peer, &u, &[], "term");
     let a2 = addr.clone();
     let long_poll = std::thread::spawn(move || {
         http(
@@ -500,4 +589,50 @@ fn sigterm_answers_open_requests_and_exits() {
         start.elapsed()
     );
     assert!(TcpStream::connect(&addr).is_err());
+}
+
+/// Go v0.2.0's `AcquirerId`: a polling Go client keeps its place in the queue, ahead of a long
+/// poll that came later, and the lock is kept for it until its next poll.
+#[test]
+fn a_go_v02_poller_with_an_acquirer_id_keeps_its_place_ahead_of_later_long_polls() {
+    let peer = go_peer();
+    let (_srv, addr) = serve(&[]);
+    let u = url(&addr);
+    let h = hold(&addr, "place");
+    let mut go = go_wait(&peer, &u, &["--acquirer-id", "go-first"], "place");
+    until(&addr, "place", Duration::from_secs(10), |s| {
+        s["waiters"][0]["acquirerId"] == "go-first"
+    });
+    let a2 = addr.clone();
+    let long_poll = std::thread::spawn(move || {
+        let v = acquire(&a2, "place", json!({"waitMs": 20_000}));
+        (Instant::now(), v)
+    });
+    until(&addr, "place", Duration::from_secs(10), |s| {
+        s["waiters"][1]["longPoll"] == true
+    });
+    release(&addr, &h);
+    // The lock is kept for the Go poller (free until its next poll, or already its): the long
+    // poll behind it still waits.
+    let s = status(&addr, "place");
+    assert!(
+        holders(&s) == 0 || s["holders"][0]["acquirerId"] == "go-first",
+        "{s}"
+    );
+    assert_eq!(
+        s["waiters"].as_array().map(Vec::len),
+        Some(if holders(&s) == 0 { 2 } else { 1 }),
+        "{s}"
+    );
+    go.line("locked", Duration::from_secs(5));
+    let s = status(&addr, "place");
+    assert_eq!(s["holders"][0]["acquirerId"], "go-first", "{s}");
+    assert_eq!(s["waiters"][0]["longPoll"], true, "{s}");
+    assert!(!long_poll.is_finished());
+    let released = Instant::now();
+    assert_eq!(go.finish(Duration::from_secs(10)), 0);
+    let (granted, v) = long_poll.join().unwrap();
+    assert_eq!(v["err"], "", "{v}");
+    // Go's release request, then the long poll's answer.
+    assert!(granted - released < Duration::from_secs(2));
 }
