@@ -6,6 +6,8 @@
 //!   files locked with flock(2).
 //! - `KubernetesLocker` (feature `kubernetes`): processes anywhere, locks in the annotations of
 //!   any Kubernetes object, with leases renewed in the background.
+//! - [`server`] (feature `server`): an HTTP lock server, wire-compatible with Go lockgate's
+//!   HTTP locker clients, with long polls, fair queues and fencing tokens.
 //!
 //! Locks are shared or exclusive ([`Mode`]); an acquisition is non-blocking, blocking, or
 //! blocking with a timeout or deadline ([`Wait`]); it returns a [`LockGuard`] that releases the
@@ -61,11 +63,15 @@ pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+#[cfg(any(feature = "server", feature = "http"))]
+pub mod http;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 mod locker;
 mod name;
 mod options;
+#[cfg(feature = "server")]
+pub mod server;
 #[cfg(feature = "kubernetes")]
 mod session;
 
@@ -90,7 +96,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The README's examples, compiled and run as doctests (they include the Kubernetes locker).
-#[cfg(all(doctest, feature = "kubernetes"))]
+/// The README's examples, compiled and run as doctests (they include the Kubernetes locker and
+/// the HTTP server).
+#[cfg(all(doctest, feature = "kubernetes", feature = "server"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -62,6 +62,8 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an HTTP lock server (Go lockgate's protocol, with long polls and fair queues).
+    Serve(crate::serve::ServeArgs),
 }
 
 /// `lockgate exec`.

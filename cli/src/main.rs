@@ -2,14 +2,15 @@
 //!
 //! See `lockgate --help` and the README for the exit-code table. One file per job: the command
 //! line (`args`), where the locks live (`locator`), `exec` and the command's process group
-//! (`job`, `watchdog`), `status` and `gc` output (`status`), and lockgate's own failures
-//! (`errors`).
+//! (`job`, `watchdog`), `status` and `gc` output (`status`), the HTTP lock server (`serve`), and
+//! lockgate's own failures (`errors`).
 
 mod args;
 mod errors;
 mod exec;
 mod job;
 mod locator;
+mod serve;
 mod status;
 mod watchdog;
 
@@ -64,11 +65,16 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
+    // A server needs no locker: nothing to resolve (the default directory is not created).
+    if let Command::Serve(args) = cli.command {
+        return serve::run(args);
+    }
     let locator = Locator::resolve(&cli.locator)?;
     match cli.command {
         Command::Exec(args) => exec::run(&locator, args),
         Command::Status { json } => status::status(&locator, json),
         Command::Gc { older_than, json } => status::gc(&locator, older_than, json),
+        Command::Serve(_) => unreachable!("handled above"),
     }
 }
 

@@ -18,6 +18,34 @@ pub(crate) struct Seen {
     /// locker first saw it.
     lease: Option<(String, Instant)>,
     members: queue::Observer,
+    /// The uuid of the record last seen (`None`: absent, or never looked at).
+    last_uuid: Option<String>,
+    /// A uuid that this locker saw replace another record without Rust's `Renewals`: a take-over
+    /// by Go v0.2, which keeps the old `IsShared`. Its shared flag is not trusted.
+    taken_over: Option<String>,
+}
+
+impl Seen {
+    /// Notes the record now standing (`None`: absent).
+    fn record(&mut self, rec: Option<&Record>) {
+        let uuid = rec.map(|r| r.uuid.clone());
+        if let (Some(prev), Some(rec)) = (&self.last_uuid, rec) {
+            if *prev != rec.uuid && rec.renewals == 0 {
+                self.taken_over = Some(rec.uuid.clone());
+            }
+        }
+        self.last_uuid = uuid;
+    }
+
+    /// True when a shared request may join the shared record `rec`: its `IsShared` was set or
+    /// confirmed by Rust (`Renewals`), or, written by Go, it is not a Go take-over this locker
+    /// saw happen (Go v0.2 takes a released shared record over for an exclusive request and
+    /// leaves `IsShared` set).
+    fn joinable(&self, rec: &Record) -> bool {
+        rec.is_shared
+            && rec.shared_holders > 0
+            && (rec.renewals > 0 || self.taken_over.as_deref() != Some(rec.uuid.as_str()))
+    }
 }
 
 /// What to do about the record we see.
@@ -46,6 +74,11 @@ impl Acquisition<'_> {
         let mode = self.attempt.mode();
         let name = self.attempt.name.as_str();
         let Some(value) = self.current.get(&self.key).map(str::to_owned) else {
+            object
+                .seen()
+                .entry(self.key.clone())
+                .or_default()
+                .record(None);
             let record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
             return Ok(Step::Grant {
                 change: self.change(None, &record),
@@ -64,9 +97,11 @@ impl Acquisition<'_> {
         }
         let server_now = object.store.server_now();
         let ttl = config.ttl;
-        let (since, live, next_expiry) = {
+        let (since, live, next_expiry, joinable) = {
             let mut seen = object.seen();
             let seen = seen.entry(self.key.clone()).or_default();
+            seen.record(Some(&rec));
+            let joinable = seen.joinable(&rec);
             let lease = rec.lease_part();
             match &seen.lease {
                 Some((v, _)) if *v == lease => {}
@@ -79,7 +114,7 @@ impl Acquisition<'_> {
                 .into_iter()
                 .cloned()
                 .collect();
-            (since, live, seen.members.next_expiry(ttl))
+            (since, live, seen.members.next_expiry(ttl), joinable)
         };
         // Free: released with waiters queued (count 0). Expired: stood still for a TTL on our
         // clock, or (for a record we have not watched that long) its expiry passed more than a
@@ -129,7 +164,7 @@ impl Acquisition<'_> {
                 fresh: true,
             });
         }
-        if !expired && mode == Mode::Shared && rec.joinable() && allowed {
+        if !expired && mode == Mode::Shared && joinable && allowed {
             let mut joined = rec.renewed(object.expire_at());
             joined.shared_holders = joined.shared_holders.saturating_add(1);
             joined.queue.remove(&self.id);

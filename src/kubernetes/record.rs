@@ -89,15 +89,6 @@ impl Record {
         r
     }
 
-    /// True when a shared request may join this shared record. Go v0.2 takes an expired or
-    /// released record over without setting `IsShared` (it keeps the old value), so a Go
-    /// process may hold exclusively a record that says shared. A record Rust last granted,
-    /// joined or renewed (it carries `Renewals`; Go drops the field when it rewrites the
-    /// record) has a trustworthy `IsShared`.
-    pub fn joinable(&self) -> bool {
-        self.is_shared && self.shared_holders > 0 && self.renewals > 0
-    }
-
     /// The record with a fresh random `Renewals` tag: a grant or join writes one, so that the
     /// writer can recognise its own write when the answer to it was lost.
     pub fn tagged(mut self) -> Self {

@@ -13,7 +13,7 @@ use crate::error::Error;
 
 /// How long a record released with nobody waiting stays reserved for Rust acquirers (who may
 /// take it under its uuid) before it looks expired to Go v0.2 (which polls every 2 s).
-const RESERVE_SECS: i64 = 2;
+const RESERVE_SECS: i64 = 1;
 
 /// What the session keeps of a Kubernetes lease: its uuid, and the record's value as this
 /// process last wrote or read it (the `test` value of the next write).

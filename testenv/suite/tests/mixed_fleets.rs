@@ -315,7 +315,8 @@ fn rust_and_go_v02_share_file_locks_while_both_collect_garbage() {
 
 /// Go v0.2 takes a released shared record over for an exclusive request without clearing
 /// `IsShared`: the record then says "shared" while a Go process holds it exclusively. A Rust
-/// shared request must not join it.
+/// locker that saw the take-over must not join it. (One that did not see it cannot tell; see
+/// PROTOCOL.md, "Go v0.2 peers".)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_exclusive_holder_behind_a_shared_flag_is_not_joined() {
     use lockgate::kubernetes::{annotation_key, KubernetesLocker, LeaseConfig, Target};
@@ -335,13 +336,27 @@ async fn a_go_exclusive_holder_behind_a_shared_flag_is_not_joined() {
         a.get(&annotation_key("flag"))
             .map(|v| serde_json::from_str::<serde_json::Value>(v).unwrap())
     };
-    // Go holds it shared; a Go exclusive waiter with an acquirer id queues behind.
+    let rust = Locker::new(
+        KubernetesLocker::new(
+            lockgate_testenv::client(false).await,
+            Target::configmap("default", &cm),
+            LeaseConfig::default(),
+        )
+        .unwrap(),
+    );
+    // Go holds it shared (and the Rust locker sees that); a Go exclusive waiter with an acquirer
+    // id queues behind.
     let u = url.clone();
     let shared = tokio::task::spawn_blocking(move || {
         lockgate_testenv::hold(&go_peer(), &u, &["-s"], "flag")
     })
     .await
     .unwrap();
+    let e = rust
+        .acquire("flag", AcquireOptions::exclusive().non_blocking())
+        .await
+        .expect_err("Go holds it");
+    assert!(matches!(e, AcquireError::WouldBlock { .. }), "{e}");
     let mut exclusive = Command::new(go_peer())
         .args([
             "exec",
@@ -383,14 +398,6 @@ async fn a_go_exclusive_holder_behind_a_shared_flag_is_not_joined() {
         (r["IsShared"].as_bool(), r["SharedHoldersCount"].as_i64()),
         (Some(true), Some(1)),
         "precondition: Go left the shared flag on its exclusive lease: {r}"
-    );
-    let rust = Locker::new(
-        KubernetesLocker::new(
-            lockgate_testenv::client(false).await,
-            Target::configmap("default", &cm),
-            LeaseConfig::default(),
-        )
-        .unwrap(),
     );
     let e = rust
         .acquire("flag", AcquireOptions::shared().non_blocking())

@@ -1,0 +1,178 @@
+//! `lockgate serve`: the HTTP lock server.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use lockgate::server::{MemoryConfig, MemoryStore, Server, ServerConfig, TlsConfig};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::errors::{code, error_chain, Failure};
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port. The first line on stdout is
+    /// `serving on ADDR` with the address bound.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780")]
+    listen: String,
+    /// Where leases live: `memory` (in this process; they end with it). The Kubernetes store
+    /// (`kubernetes://…`) is not available yet.
+    #[arg(long, value_name = "STORE", default_value = "memory")]
+    store: String,
+    /// Require this token (the file's content, without surrounding whitespace) as
+    /// `Authorization: Bearer TOKEN` or as the password of HTTP basic authentication (Go
+    /// clients: `http://lockgate:TOKEN@HOST:PORT`). `/healthz` stays open.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Lease time-to-live: a lease not renewed for this long is dropped. Go clients renew every
+    /// 3 s and poll every 2 s.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Grant nothing for this long after start, so that holders of a previous instance's
+    /// leases learn they lost them first [default: the TTL; 0 when no earlier instance served
+    /// the same clients].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    grace: Option<Duration>,
+    /// The longest long poll a client may ask for.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
+    /// Cap on held leases.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    max_held: usize,
+    /// Cap on queued acquirers.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_waiters: usize,
+    /// Cap on open connections.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+}
+
+pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
+    if args.store != "memory" {
+        let msg = if args.store.starts_with("kubernetes://") {
+            "the Kubernetes store is not available yet; use --store memory".to_owned()
+        } else {
+            format!(
+                "unknown store {:?}: expected `memory` (or, later, kubernetes://…)",
+                args.store
+            )
+        };
+        return Err(Failure::new(code::USAGE, msg));
+    }
+    if args.ttl < Duration::from_secs(1) {
+        return Err(Failure::new(code::USAGE, "--ttl must be at least 1s"));
+    }
+    if args.ttl < Duration::from_secs(5) {
+        tracing::warn!(
+            "a TTL under 5 s is shorter than Go clients' renewal period (3 s) plus a margin"
+        );
+    }
+    let mut config = ServerConfig::default()
+        .max_wait(args.max_wait)
+        .max_connections(args.max_connections.max(1));
+    if let Some(path) = &args.token_file {
+        config = config.token(read_token(path)?);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let tls = TlsConfig::from_pem_files(cert, key)
+            .map_err(|e| Failure::new(code::USAGE, error_chain(&e)))?;
+        config = config.tls(tls);
+    }
+    let mut memory = MemoryConfig::default()
+        .ttl(args.ttl)
+        .max_held(args.max_held)
+        .max_waiters(args.max_waiters);
+    if let Some(grace) = args.grace {
+        memory = memory.grace(grace);
+    }
+    raise_fd_limit();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    code::UNAVAILABLE,
+                    format!("cannot listen on {}: {e}", args.listen),
+                )
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Failure::new(code::UNAVAILABLE, format!("cannot listen: {e}")))?;
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
+        let store = Arc::new(MemoryStore::new(memory));
+        let server = Server::new(store, config);
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "serving on {addr}")
+                .and_then(|()| out.flush())
+                .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot write output: {e}")))?;
+        }
+        tracing::info!(%addr, "serving");
+        server
+            .serve(listener, async move {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                }
+            })
+            .await;
+        Ok(0)
+    })
+}
+
+fn read_token(path: &std::path::Path) -> Result<String, Failure> {
+    use std::os::unix::fs::MetadataExt as _;
+    let token = std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(
+            code::USAGE,
+            format!("cannot read the token file {}: {e}", path.display()),
+        )
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Failure::new(
+            code::USAGE,
+            format!("the token file {} is empty", path.display()),
+        ));
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "the token file is readable by other users; chmod 600 it"
+            );
+        }
+    }
+    Ok(token.to_owned())
+}
+
+/// Lets the server hold as many connections as the hard limit allows (Go does this too).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

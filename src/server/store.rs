@@ -1,0 +1,291 @@
+//! The interface between the HTTP server and where leases live.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::http::protocol::StatusResponse;
+use crate::{LockName, Mode};
+
+/// The future a [`Store`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a lock server keeps its leases: the [`MemoryStore`](super::MemoryStore) of one server,
+/// or (later) the annotations of a Kubernetes object shared by many servers.
+///
+/// A store owns all lease state. The server keeps nothing per lease or per handle: a handle
+/// is `(name, uuid)`, and any server over the same store may renew or release it.
+///
+/// # Fairness
+///
+/// A store serves each lock's waiters in arrival order with no writer starvation: a queued
+/// exclusive request stops later shared ones, and consecutive shared waiters are granted
+/// together. Requests with an [`AcquirerId`] keep their place between requests (a poller asking
+/// again, a long poll that timed out) for one lease TTL; requests without one hold a place only
+/// while their long poll is open, and a request that does not wait is granted only when no
+/// queued request is ahead of it.
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Acquires a lease of `spec.name` in `spec.mode`: [`Acquired::Granted`] or, when the lock
+    /// stays busy for `spec.wait` (not at all when `None`), [`Acquired::ShouldWait`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Capacity`], [`StoreError::ShuttingDown`], [`StoreError::Unavailable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future ends the wait: a lease granted at that moment is released again
+    /// (nobody could learn its handle), and the request's queue place is kept as after a timed
+    /// out wait (with an acquirer id) or given up (without one).
+    fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, Result<Acquired, StoreError>>;
+
+    /// Renews a lease for one TTL from now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NoLease`] when no lease of the lock exists (expired, released, ended with
+    /// the server), [`StoreError::AlreadyLeased`] when the lock is held under other handles,
+    /// [`StoreError::Unavailable`].
+    fn renew(&self, lease: LeaseRef) -> StoreFuture<'_, Result<Duration, StoreError>>;
+
+    /// Releases a lease; the lock goes to the next waiter at once.
+    ///
+    /// # Errors
+    ///
+    /// As [`renew`](Self::renew).
+    fn release(&self, lease: LeaseRef) -> StoreFuture<'_, Result<(), StoreError>>;
+
+    /// The locks with holders or waiters.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`].
+    fn status(&self, query: StatusQuery) -> StoreFuture<'_, Result<StatusResponse, StoreError>>;
+
+    /// Counters and gauges for `/metrics`, from what this server knows; cheap and synchronous.
+    fn stats(&self) -> StoreStats;
+
+    /// The lease TTL.
+    fn ttl(&self) -> Duration;
+
+    /// Time left before the store grants locks after its start (see
+    /// [`MemoryConfig::grace`](super::MemoryConfig::grace)); `None` once granting.
+    fn grace_remaining(&self) -> Option<Duration>;
+
+    /// Starts shutting down: open waits end with [`StoreError::ShuttingDown`], so do new
+    /// acquisitions; leases this store keeps only in memory end (renewals answer
+    /// [`StoreError::NoLease`]); releases still work.
+    fn close(&self);
+}
+
+/// One acquisition, as a store sees it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct AcquireSpec {
+    /// The lock.
+    pub name: LockName,
+    /// Shared or exclusive.
+    pub mode: Mode,
+    /// Go v0.2's acquirer id: the caller's place in the queue between requests.
+    pub acquirer_id: Option<AcquirerId>,
+    /// How long to wait for a busy lock; `None` answers at once.
+    pub wait: Option<Duration>,
+}
+
+impl AcquireSpec {
+    /// An acquisition of `name` in `mode` that does not wait and has no acquirer id.
+    pub fn new(name: LockName, mode: Mode) -> Self {
+        Self {
+            name,
+            mode,
+            acquirer_id: None,
+            wait: None,
+        }
+    }
+
+    /// Sets the acquirer id.
+    pub fn acquirer_id(mut self, id: AcquirerId) -> Self {
+        self.acquirer_id = Some(id);
+        self
+    }
+
+    /// Waits up to `wait` for a busy lock (a zero wait does not wait).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = (!wait.is_zero()).then_some(wait);
+        self
+    }
+}
+
+/// A lease handle: the lock's name and the lease's UUID (Go's `LockHandle`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseRef {
+    /// The lock.
+    pub name: LockName,
+    /// The lease.
+    pub uuid: Uuid,
+}
+
+/// What [`Store::acquire`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// The lease is the caller's.
+    Granted(Grant),
+    /// The lock is busy (Go's `should wait`).
+    ShouldWait,
+}
+
+/// A granted lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Grant {
+    /// The lease's UUID: with the lock name, the handle.
+    pub uuid: Uuid,
+    /// Strictly increasing per lock.
+    pub fencing_token: u64,
+    /// The lease lives this long unless renewed.
+    pub ttl: Duration,
+}
+
+/// Which locks [`Store::status`] lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatusQuery {
+    /// Only this lock.
+    pub name: Option<String>,
+    /// At most this many locks (the first by name).
+    pub limit: usize,
+}
+
+impl StatusQuery {
+    /// All locks, at most `limit` of them.
+    pub fn all(limit: usize) -> Self {
+        Self { name: None, limit }
+    }
+
+    /// One lock.
+    pub fn one(name: impl Into<String>) -> Self {
+        Self {
+            name: Some(name.into()),
+            limit: 1,
+        }
+    }
+}
+
+/// What a store knows for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Locks with at least one holder.
+    pub locks_held: u64,
+    /// Leases held (a shared lock with three holders counts three).
+    pub leases: u64,
+    /// Queued acquirers (open long polls and pollers keeping a place).
+    pub waiters: u64,
+    /// Leases granted since start.
+    pub grants: u64,
+    /// Leases released since start.
+    pub releases: u64,
+    /// Leases dropped because they were not renewed within the TTL.
+    pub lease_expiries: u64,
+    /// Queue places dropped because their poller stopped asking.
+    pub place_expiries: u64,
+}
+
+/// Why a store refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No lease of the lock exists: it expired, was released, or ended with the server.
+    #[error("no existing lock lease found")]
+    NoLease,
+    /// The lock is held under other handles: the caller's lease is lost.
+    #[error("lock already leased")]
+    AlreadyLeased,
+    /// A cap of the server is reached.
+    #[error("{0}")]
+    Capacity(Capacity),
+    /// The server is shutting down.
+    #[error("the lock server is shutting down")]
+    ShuttingDown,
+    /// The store failed.
+    #[error("the lock store is unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Which cap an acquisition hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Capacity {
+    /// Held leases ([`MemoryConfig::max_held`](super::MemoryConfig::max_held)).
+    Held {
+        /// The cap.
+        max: usize,
+    },
+    /// Queued acquirers ([`MemoryConfig::max_waiters`](super::MemoryConfig::max_waiters)).
+    Waiters {
+        /// The cap.
+        max: usize,
+    },
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Capacity::Held { max } => write!(
+                f,
+                "the lock server holds {max} leases, its limit; try again after some are released"
+            ),
+            Capacity::Waiters { max } => write!(
+                f,
+                "{max} acquirers are waiting on the lock server, its limit; try again later"
+            ),
+        }
+    }
+}
+
+/// The longest acquirer id accepted, in bytes.
+pub const MAX_ACQUIRER_ID_LEN: usize = 256;
+
+/// Go v0.2's `AcquireOptions.AcquirerId`: an opaque id an acquirer keeps across its requests,
+/// 1 to [`MAX_ACQUIRER_ID_LEN`] bytes of UTF-8 without control characters.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct AcquirerId(Box<str>);
+
+/// Why a string is not an acquirer id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("acquirer id must be 1 to {MAX_ACQUIRER_ID_LEN} bytes without control characters")]
+pub struct AcquirerIdError;
+
+impl AcquirerId {
+    /// Validates `id`.
+    ///
+    /// # Errors
+    ///
+    /// [`AcquirerIdError`] for an empty or too long id or one with a control character.
+    ///
+    /// ```
+    /// use lockgate::server::AcquirerId;
+    /// assert!(AcquirerId::new("runner-7").is_ok());
+    /// assert!(AcquirerId::new("").is_err());
+    /// ```
+    pub fn new(id: &str) -> Result<Self, AcquirerIdError> {
+        if id.is_empty() || id.len() > MAX_ACQUIRER_ID_LEN || id.chars().any(char::is_control) {
+            return Err(AcquirerIdError);
+        }
+        Ok(Self(id.into()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AcquirerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
