@@ -6,6 +6,7 @@ use std::time::Instant;
 use super::acquire::{Acquisition, Granted};
 use super::queue::{self, Member, HOLDER_MARK};
 use super::record::Record;
+use super::release::MARK_MARGIN_SECS;
 use super::store::Change;
 use crate::error::Error;
 use crate::options::Mode;
@@ -74,11 +75,14 @@ impl Acquisition<'_> {
         let mode = self.attempt.mode();
         let name = self.attempt.name.as_str();
         let Some(value) = self.current.get(&self.key).map(str::to_owned) else {
-            object
-                .seen()
-                .entry(self.key.clone())
-                .or_default()
-                .record(None);
+            // Only a real read tells absence (the blind first write assumes it).
+            if self.current.rv.is_some() {
+                object
+                    .seen()
+                    .entry(self.key.clone())
+                    .or_default()
+                    .record(None);
+            }
             let record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
             return Ok(Step::Grant {
                 change: self.change(None, &record),
@@ -136,7 +140,7 @@ impl Acquisition<'_> {
             let reserved = rec
                 .queue
                 .get(HOLDER_MARK)
-                .is_some_and(|m| m.expire_at > server_now.saturating_add(1));
+                .is_some_and(|m| m.expire_at > server_now.saturating_add(MARK_MARGIN_SECS));
             let keep = free
                 && (reserved
                     || mine.is_some_and(|m| queue::first_for_go(m, &rec.queue, server_now)));

@@ -13,7 +13,12 @@ use crate::error::Error;
 
 /// How long a record released with nobody waiting stays reserved for Rust acquirers (who may
 /// take it under its uuid) before it looks expired to Go v0.2 (which polls every 2 s).
-const RESERVE_SECS: i64 = 1;
+const RESERVE_SECS: i64 = 2;
+
+/// How far ahead of the API server's clock (as we estimate it from `Date` headers, to the
+/// second) a holder mark must expire for a Rust grant to keep a free record's uuid: Go v0.2
+/// compares with its own clock, and must not see the mark expired meanwhile.
+pub(super) const MARK_MARGIN_SECS: i64 = 2;
 
 /// What the session keeps of a Kubernetes lease: its uuid, and the record's value as this
 /// process last wrote or read it (the `test` value of the next write).
@@ -253,7 +258,7 @@ impl Object {
         let reserve = match head {
             Some(head) if first_for_go(head, &left.queue, now) => Some(self.expire_at()),
             Some(_) => None,
-            None => Some(now.saturating_add(RESERVE_SECS + 1)),
+            None => Some(now.saturating_add(RESERVE_SECS + MARK_MARGIN_SECS)),
         };
         match reserve {
             Some(until) => {
