@@ -6,6 +6,8 @@
 //!   files locked with flock(2).
 //! - `KubernetesLocker` (feature `kubernetes`): processes anywhere, locks in the annotations of
 //!   any Kubernetes object, with leases renewed in the background.
+//! - `HttpLocker` (feature `http`): processes that reach a lock server, `lockgate serve` or Go
+//!   lockgate's, with leases renewed in the background.
 //! - [`server`] (feature `server`): an HTTP lock server, wire-compatible with Go lockgate's
 //!   HTTP locker clients, with long polls, fair queues and fencing tokens.
 //!
@@ -56,7 +58,10 @@
 //! ```
 #![warn(missing_docs)]
 // Without a backend the crate is only its API; helpers the backends share go unused.
-#![cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
+#![cfg_attr(
+    not(any(feature = "file", feature = "kubernetes", feature = "http")),
+    allow(dead_code)
+)]
 
 mod acquire;
 pub mod backend;
@@ -72,13 +77,15 @@ mod name;
 mod options;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "kubernetes")]
+#[cfg(any(feature = "kubernetes", feature = "http"))]
 mod session;
 
 pub use backend::{LostReason, LostSignal};
 pub use error::{AcquireError, Error, Result};
 #[cfg(feature = "file")]
 pub use file::FileLocker;
+#[cfg(feature = "http")]
+pub use http::{HttpConfig, HttpLocker};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::KubernetesLocker;
 pub use locker::{with_acquire, with_acquire_blocking, LockGuard, LockHandle, Locker};

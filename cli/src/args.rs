@@ -25,9 +25,10 @@ pub(crate) struct Cli {
 /// Where the locks live.
 #[derive(Debug, Args)]
 pub(crate) struct LocatorArgs {
-    /// Where locks live, as a URL: `file:DIR` (flock on lock files in DIR), or
+    /// Where locks live, as a URL: `file:DIR` (flock on lock files in DIR),
     /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME` (annotations of a Kubernetes object; an
-    /// empty NAMESPACE means cluster-scoped). [env: LOCKGATE_LOCKER]
+    /// empty NAMESPACE means cluster-scoped), or `http://HOST:PORT` / `https://HOST:PORT` (a
+    /// lock server: `lockgate serve`, or Go lockgate's). [env: LOCKGATE_LOCKER]
     #[arg(long, global = true, value_name = "URL", conflicts_with = "dir")]
     pub locker: Option<String>,
     /// Shorthand for `--locker file:DIR`. [env: LOCKGATE_DIR; default: $XDG_RUNTIME_DIR/lockgate,
@@ -40,6 +41,15 @@ pub(crate) struct LocatorArgs {
     /// Create the ConfigMap of a `kubernetes://NAMESPACE/configmaps/NAME` locker when missing.
     #[arg(long, global = true)]
     pub create_missing: bool,
+    /// The lock server's token, read from FILE (surrounding whitespace removed): what an
+    /// `http(s)://` locker sends (`Authorization: Bearer`; otherwise `$LOCKGATE_TOKEN`, else the
+    /// password of the URL), and what `serve` requires of its clients.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust the PEM certificates in FILE (a CA, or the server's own) for an `https://` locker,
+    /// besides the system's roots. [env: LOCKGATE_CA_FILE]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The subcommands.

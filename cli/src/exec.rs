@@ -54,7 +54,7 @@ pub(crate) fn run(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
             let acquired = locker.acquire_blocking(&args.name, options(&args));
             (locker, acquired)
         }
-        Locator::Kubernetes { .. } => rt.block_on(async {
+        Locator::Kubernetes { .. } | Locator::Http { .. } => rt.block_on(async {
             let locker = locator.locker().await?;
             let acquired = locker.acquire(&args.name, options(&args)).await;
             Ok::<_, Failure>((locker, acquired))

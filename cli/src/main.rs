@@ -67,7 +67,7 @@ fn init_logging(verbose: u8) {
 fn run(cli: Cli) -> Result<u8, Failure> {
     // A server needs no locker: nothing to resolve (the default directory is not created).
     if let Command::Serve(args) = cli.command {
-        return serve::run(args);
+        return serve::run(args, cli.locator.token_file.as_deref());
     }
     let locator = Locator::resolve(&cli.locator)?;
     match cli.command {

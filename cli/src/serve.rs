@@ -1,7 +1,7 @@
 //! `lockgate serve`: the HTTP lock server.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +21,6 @@ pub(crate) struct ServeArgs {
     /// (`kubernetes://…`) is not available yet.
     #[arg(long, value_name = "STORE", default_value = "memory")]
     store: String,
-    /// Require this token (the file's content, without surrounding whitespace) as
-    /// `Authorization: Bearer TOKEN` or as the password of HTTP basic authentication (Go
-    /// clients: `http://lockgate:TOKEN@HOST:PORT`). `/healthz` stays open.
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -55,7 +50,10 @@ pub(crate) struct ServeArgs {
     max_connections: usize,
 }
 
-pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
+/// Runs the server; `token_file` (the global `--token-file`) holds the token clients must send as
+/// `Authorization: Bearer TOKEN` or as the password of HTTP basic authentication (Go clients:
+/// `http://lockgate:TOKEN@HOST:PORT`); `/healthz` stays open.
+pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Failure> {
     if args.store != "memory" {
         let msg = if args.store.starts_with("kubernetes://") {
             "the Kubernetes store is not available yet; use --store memory".to_owned()
@@ -78,7 +76,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
     let mut config = ServerConfig::default()
         .max_wait(args.max_wait)
         .max_connections(args.max_connections.max(1));
-    if let Some(path) = &args.token_file {
+    if let Some(path) = token_file {
         config = config.token(read_token(path)?);
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
@@ -136,7 +134,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
     })
 }
 
-fn read_token(path: &std::path::Path) -> Result<String, Failure> {
+pub(crate) fn read_token(path: &Path) -> Result<String, Failure> {
     use std::os::unix::fs::MetadataExt as _;
     let token = std::fs::read_to_string(path).map_err(|e| {
         Failure::new(

@@ -8,8 +8,10 @@ use crate::locator::Locator;
 
 /// Prints the locks of `locator`.
 pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
-    if matches!(locator, Locator::Kubernetes { .. }) {
-        return kubernetes_status(locator, json);
+    match locator {
+        Locator::Kubernetes { .. } => return kubernetes_status(locator, json),
+        Locator::Http { .. } => return http_status(locator, json),
+        Locator::File { .. } => {}
     }
     let locks = locator.file_locker()?.status()?;
     let mut out = std::io::stdout().lock();
@@ -136,4 +138,72 @@ fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
     };
     table().map_err(Failure::output)?;
     Ok(0)
+}
+
+/// `GET /status` of a lock server: passed through with `--json`, else a table.
+fn http_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
+    let rt = crate::runtime()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let text = rt.block_on(async {
+            Ok::<_, Failure>(locator.http_locker().await?.status_json().await?)
+        })?;
+        writeln!(out, "{}", text.trim_end()).map_err(Failure::output)?;
+        out.flush().map_err(Failure::output)?;
+        return Ok(0);
+    }
+    let status =
+        rt.block_on(async { Ok::<_, Failure>(locator.http_locker().await?.status().await?) })?;
+    http_table(&mut out, &status).map_err(Failure::output)?;
+    out.flush().map_err(Failure::output)?;
+    Ok(0)
+}
+
+fn http_table(
+    out: &mut impl Write,
+    status: &lockgate::http::protocol::StatusResponse,
+) -> std::io::Result<()> {
+    let row = |mode: &str, holders: &str, waiting: &str, token: &str, expires: &str, name: &str| {
+        format!("{mode:<10} {holders:>7} {waiting:>7} {token:>20} {expires:>10}  {name}")
+    };
+    writeln!(
+        out,
+        "{}",
+        row(
+            "MODE",
+            "HOLDERS",
+            "WAITING",
+            "FENCING TOKEN",
+            "EXPIRES IN",
+            "NAME"
+        )
+    )?;
+    for l in &status.locks {
+        let token = l.holders.iter().map(|h| h.fencing_token).max();
+        let expires = l.holders.iter().map(|h| h.expires_in_ms).min();
+        writeln!(
+            out,
+            "{}",
+            row(
+                &l.mode.map_or_else(|| "free".to_owned(), |m| m.to_string()),
+                &l.holders.len().to_string(),
+                &l.waiters.len().to_string(),
+                &token.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                &expires.map_or_else(
+                    || "-".to_owned(),
+                    |ms| format!("{:.1}s", ms as f64 / 1000.0)
+                ),
+                &format!("{:?}", l.lock_name),
+            )
+        )?;
+    }
+    if status.truncated {
+        writeln!(
+            out,
+            "({} of {} locks shown)",
+            status.locks.len(),
+            status.total
+        )?;
+    }
+    Ok(())
 }
