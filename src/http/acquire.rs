@@ -9,8 +9,8 @@ use tokio::sync::oneshot;
 use super::client::{Held, HttpSession, Remote, ServerKind};
 use super::lease::HttpLease;
 use super::protocol::{
-    AcquireOpts, AcquireRequest, AcquireResponse, ErrorCode, LockHandle, StatusResponse,
-    ACQUIRE_PATH, STATUS_PATH,
+    AcquireOpts, AcquireRequest, AcquireResponse, CancelRequest, ErrorCode, LockHandle,
+    ReleaseResponse, StatusResponse, ACQUIRE_PATH, CANCEL_PATH, STATUS_PATH,
 };
 use super::transport::CallError;
 use crate::acquire::Attempt;
@@ -32,13 +32,39 @@ pub(crate) async fn acquire(
 ) -> Result<Box<dyn Lease>, AcquireError> {
     let remote = session.renewer();
     let mut attempt = Attempt::new(name, opts);
-    // A waiting acquisition keeps its place in the server's queue between requests with an
+    // A waiting acquisition keeps its place in lockgate's queue between requests with an
     // acquirer id of its own; a non-blocking one takes no place.
     let acquirer_id = if attempt.may_wait() {
         uuid::Uuid::new_v4().simple().to_string()
     } else {
         String::new()
     };
+    let mut place = Place {
+        remote: Arc::clone(remote),
+        name: name.as_str().to_owned(),
+        acquirer_id: acquirer_id.clone(),
+        runtime: session.bridge().handle.clone(),
+        armed: false,
+    };
+    let result = run(session, &mut attempt, &acquirer_id, &mut place).await;
+    match result {
+        // A grant took our place in the queue with it.
+        Ok(_) => place.armed = false,
+        // Leave the queue before returning, so that a caller that ends its runtime right after
+        // leaves no place behind.
+        Err(_) => place.leave().await,
+    }
+    result
+}
+
+async fn run(
+    session: &Arc<HttpSession>,
+    attempt: &mut Attempt<'_>,
+    acquirer_id: &str,
+    place: &mut Place,
+) -> Result<Box<dyn Lease>, AcquireError> {
+    let remote = session.renewer();
+    let (name, opts) = (attempt.name, attempt.opts);
     let mut asked = false;
     let mut outages = 0u32;
     loop {
@@ -56,23 +82,32 @@ pub(crate) async fn acquire(
             }
             _ => None,
         };
+        // The id goes to lockgate's server only: Go v0.2's keeps an acquirer's place for 10 s
+        // after its last request and has no way to leave it, so a waiter that gave up would hold
+        // the lock up for everyone that long (Go's clients without an id poll, as we do there).
+        let id = match remote.kind() {
+            ServerKind::Lockgate => acquirer_id,
+            _ => "",
+        };
         let request = AcquireRequest {
             lock_name: name.as_str().to_owned(),
             opts: AcquireOpts {
                 shared: attempt.mode() == Mode::Shared,
-                acquirer_id: acquirer_id.clone(),
+                acquirer_id: id.to_owned(),
                 wait_ms: long_poll.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX)),
             },
         };
         let sent = Instant::now();
         let timeout = remote.config.request_timeout + long_poll.unwrap_or_default();
+        // From the first request with an id on, we may have a place to give up.
+        place.armed |= !id.is_empty();
         match call(remote, session, request, timeout).await {
             Ok(resp) => {
                 outages = 0;
                 remote.learn(session, resp.ttl_ms);
                 match resp.error_code() {
                     None => {
-                        if let Some(lease) = grant(session, &attempt, resp, sent).await? {
+                        if let Some(lease) = grant(session, attempt, resp, sent).await? {
                             return Ok(lease);
                         }
                     }
@@ -134,8 +169,57 @@ pub(crate) async fn acquire(
     }
 }
 
+/// Our place in a `lockgate serve` queue (an acquirer id sent): given up when the acquisition
+/// ends without the lock, also when it is cancelled (Go's server keeps no place we could leave:
+/// its queue members lapse after 10 s).
+struct Place {
+    remote: Arc<Remote>,
+    name: String,
+    acquirer_id: String,
+    runtime: tokio::runtime::Handle,
+    armed: bool,
+}
+
+impl Place {
+    fn cancel(&mut self) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        if !std::mem::take(&mut self.armed) || self.remote.kind() != ServerKind::Lockgate {
+            return None;
+        }
+        let remote = Arc::clone(&self.remote);
+        let req = CancelRequest {
+            lock_name: self.name.clone(),
+            acquirer_id: self.acquirer_id.clone(),
+        };
+        Some(async move {
+            let answer = remote
+                .transport
+                .post::<_, ReleaseResponse>(CANCEL_PATH, &req, remote.config.request_timeout)
+                .await;
+            if let Err(e) = answer {
+                // The place lapses one TTL after our last request anyway.
+                tracing::debug!(lock = req.lock_name, error = %crate::error::chain(&e.into_error(remote.transport.base())), "cannot leave the queue");
+            }
+        })
+    }
+
+    async fn leave(&mut self) {
+        if let Some(cancel) = self.cancel() {
+            cancel.await;
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(cancel) = self.cancel() {
+            self.runtime.spawn(cancel);
+        }
+    }
+}
+
 /// Sends `/acquire` in a task of its own: if the acquisition is dropped while the request is in
-/// flight, the task still reads the answer and releases a grant nobody will hold.
+/// flight, the task still reads the answer and releases a grant nobody will hold; an answer that
+/// reached the channel but not the acquisition is released by the channel's guard.
 async fn call(
     remote: &Arc<Remote>,
     session: &HttpSession,
@@ -151,7 +235,7 @@ async fn call(
             .post::<_, AcquireResponse>(ACQUIRE_PATH, &request, timeout)
             .await;
         if let Err(Ok(resp)) = tx.send(answer) {
-            if resp.error_code().is_none() && !resp.lock_handle.uuid.is_empty() {
+            if granted(&resp) {
                 tracing::debug!(
                     lock = resp.lock_handle.lock_name,
                     "releasing a grant that arrived after its acquisition was cancelled"
@@ -162,12 +246,43 @@ async fn call(
             }
         }
     });
-    rx.await.unwrap_or_else(|_| {
+    let mut answer = Answer {
+        rx,
+        remote: Arc::clone(remote),
+        shared,
+        runtime: session.bridge().handle.clone(),
+    };
+    (&mut answer.rx).await.unwrap_or_else(|_| {
         Err(CallError::Unreachable {
             sent: true,
             source: "the runtime shut down during a request".into(),
         })
     })
+}
+
+fn granted(resp: &AcquireResponse) -> bool {
+    resp.error_code().is_none() && !resp.lock_handle.uuid.is_empty()
+}
+
+/// The receiving end of an `/acquire` answer; dropped with a grant in it, it releases the grant.
+struct Answer {
+    rx: oneshot::Receiver<Result<AcquireResponse, CallError>>,
+    remote: Arc<Remote>,
+    shared: bool,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if let Ok(Ok(resp)) = self.rx.try_recv() {
+            if granted(&resp) {
+                let remote = Arc::clone(&self.remote);
+                let shared = self.shared;
+                self.runtime
+                    .spawn(async move { remote.release_abandoned(resp.lock_handle, shared).await });
+            }
+        }
+    }
 }
 
 /// A grant not yet handed to the session: released if the acquisition goes away first.

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod process;
 pub mod proxy;
 
 /// An environment variable the test command sets, or a panic that says how to set it.
