@@ -38,6 +38,10 @@ pub(super) struct Acquisition<'a> {
     pub(super) key: String,
     /// Our acquirer id in the queue, and when our entry was last written.
     pub(super) id: String,
+    /// The HTTP server's acquisitions for an acquirer that asks again (a poller, a long poll
+    /// that timed out): its queue entry stays when the acquisition ends without the lock (it dies
+    /// if the acquirer stops asking, as any member does), and it queues even when not waiting.
+    pub(super) keep_place: bool,
     pub(super) refreshed: Option<Instant>,
     pub(super) current: Snapshot,
     pub(super) feed: Option<Feed>,
@@ -58,22 +62,9 @@ pub(crate) async fn acquire(
     opts: &AcquireOptions,
 ) -> Result<Box<dyn Lease>, AcquireError> {
     let object = session.renewer();
-    let mut a = Acquisition {
-        object,
-        attempt: Attempt::new(name, opts),
-        key: annotation_key(name.as_str()),
-        id: queue::new_id(),
-        refreshed: None,
-        // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
-        // request; a wrong guess costs a failed `test` and a GET.
-        current: object.store.assumed(),
-        feed: None,
-        maybe: Vec::new(),
-        armed: false,
-        conflicts: 0,
-        outages: 0,
-        made_room: false,
-    };
+    // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
+    // request; a wrong guess costs a failed `test` and a GET.
+    let mut a = Acquisition::new(object, name, opts, None, object.store.assumed());
     match a.run().await {
         Ok(g) => {
             a.armed = false;
@@ -88,11 +79,67 @@ pub(crate) async fn acquire(
     }
 }
 
+/// An acquisition for the HTTP lock server's Kubernetes store: the grant, not joined to a
+/// renewing session (the server's client renews through the server). `acquirer` keeps its
+/// place in the queue across requests; `current` is what the caller knows of the object.
+pub(crate) async fn acquire_grant(
+    object: &Arc<Object>,
+    name: &LockName,
+    opts: &AcquireOptions,
+    acquirer: Option<String>,
+    current: Snapshot,
+) -> Result<Granted, AcquireError> {
+    let mut a = Acquisition::new(object, name, opts, acquirer, current);
+    match a.run().await {
+        Ok(g) => {
+            a.armed = false;
+            Ok(g)
+        }
+        Err(e) => {
+            a.clean_up().await;
+            Err(e)
+        }
+    }
+}
+
+impl<'a> Acquisition<'a> {
+    fn new(
+        object: &'a Arc<Object>,
+        name: &'a LockName,
+        opts: &'a AcquireOptions,
+        acquirer: Option<String>,
+        current: Snapshot,
+    ) -> Self {
+        Self {
+            object,
+            attempt: Attempt::new(name, opts),
+            key: annotation_key(name.as_str()),
+            keep_place: acquirer.is_some(),
+            id: acquirer.unwrap_or_else(queue::new_id),
+            refreshed: None,
+            current,
+            feed: None,
+            maybe: Vec::new(),
+            armed: false,
+            conflicts: 0,
+            outages: 0,
+            made_room: false,
+        }
+    }
+}
+
 impl Acquisition<'_> {
     async fn run(&mut self) -> Result<Granted, AcquireError> {
         loop {
             let change = match self.step()? {
-                Step::Landed(g) => return Ok(g),
+                // A grant whose answer was lost: the object as read, which holds it, stands in
+                // for the write's resourceVersion as the fencing token.
+                Step::Landed(g) => {
+                    return Ok(Granted {
+                        token: g.token.or(self.current.rv),
+                        ..g
+                    })
+                }
                 Step::Wait(rec, wake) => {
                     self.wait(&rec, wake).await?;
                     continue;
@@ -303,17 +350,16 @@ impl Acquisition<'_> {
         Ok(())
     }
 
-    /// Takes back our queue entry and any grant that may have landed.
+    /// Takes back our queue entry (unless it is kept) and any grant that may have landed.
     async fn clean_up(&mut self) {
         if std::mem::take(&mut self.armed) {
             let maybe = std::mem::take(&mut self.maybe);
+            let id = (!self.keep_place).then_some(self.id.as_str());
+            if id.is_none() && maybe.is_empty() {
+                return;
+            }
             self.object
-                .take_back(
-                    self.attempt.name.as_str(),
-                    &self.key,
-                    Some(&self.id),
-                    &maybe,
-                )
+                .take_back(self.attempt.name.as_str(), &self.key, id, &maybe)
                 .await;
         }
     }
@@ -341,15 +387,12 @@ impl Acquisition<'_> {
 impl Drop for Acquisition<'_> {
     fn drop(&mut self) {
         // Cancelled (the future was dropped) with a place in the queue or a grant in doubt.
-        if self.armed {
+        if self.armed && !(self.keep_place && self.maybe.is_empty()) {
             let object = Arc::clone(self.object);
-            let (name, key, id) = (
-                self.attempt.name.as_str().to_owned(),
-                self.key.clone(),
-                self.id.clone(),
-            );
+            let (name, key) = (self.attempt.name.as_str().to_owned(), self.key.clone());
+            let id = (!self.keep_place).then(|| self.id.clone());
             let maybe = std::mem::take(&mut self.maybe);
-            tokio::spawn(async move { object.take_back(&name, &key, Some(&id), &maybe).await });
+            tokio::spawn(async move { object.take_back(&name, &key, id.as_deref(), &maybe).await });
         }
     }
 }

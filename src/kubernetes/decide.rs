@@ -182,7 +182,7 @@ impl Acquisition<'_> {
         let refresh_due = self
             .refreshed
             .is_none_or(|t| t.elapsed() >= config.renew_period);
-        if self.attempt.may_wait() && (mine.is_none() || refresh_due) {
+        if (self.attempt.may_wait() || self.keep_place) && (mine.is_none() || refresh_due) {
             let mut queued = rec.clone();
             let member = Member {
                 id: self.id.clone(),

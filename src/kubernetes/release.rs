@@ -155,6 +155,18 @@ impl Object {
         held: Held,
         until: Instant,
     ) -> Result<Option<Held>, Error> {
+        Ok(self.release_written(name, key, held, until).await?.0)
+    }
+
+    /// [`release_record`](Self::release_record), also returning the record's value as the
+    /// release left it, when known (`None` after a write whose answer was lost).
+    pub(super) async fn release_written(
+        &self,
+        name: &str,
+        key: &str,
+        held: Held,
+        until: Instant,
+    ) -> Result<(Option<Held>, Option<String>), Error> {
         let lost = || Error::LeaseLost {
             name: name.to_owned(),
             reason: LostReason::Taken,
@@ -183,7 +195,7 @@ impl Object {
             // `doubt`: the write may have landed although we were not told.
             let (failure, doubt) = match self.store.write(std::slice::from_ref(&change), true).await
             {
-                Ok(_) => return Ok(left()),
+                Ok(_) => return Ok((left(), new.clone())),
                 Err(WriteError::Conflict) => (None, false),
                 Err(WriteError::Unknown(e)) => (Some(e), true),
                 Err(WriteError::Failed(e)) if transient(&e) => (Some(e), false),
@@ -209,7 +221,7 @@ impl Object {
             };
             match now {
                 // Our write landed.
-                n if doubt && n == new => return Ok(left()),
+                n if doubt && n == new => return Ok((left(), n)),
                 // Unchanged: it did not land (yet); the same write is safe to repeat, since it
                 // can apply at most once.
                 Some(v) if v == value => {}
@@ -219,7 +231,7 @@ impl Object {
                         lock = name,
                         "record changed after a release whose answer was lost; assuming it landed"
                     );
-                    return Ok(None);
+                    return Ok((None, None));
                 }
                 Some(v) => value = v,
                 None => return Err(lost()),

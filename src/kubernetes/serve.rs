@@ -1,0 +1,345 @@
+//! The Kubernetes side of the HTTP lock server's Kubernetes store (`lockgate serve --store
+//! kubernetes://…`): acquisitions, renewals and releases of the annotation records on behalf of
+//! HTTP clients, stateless per handle.
+//!
+//! A handle's uuid is the record's uuid (shared holders share it, as in Go's protocol), so any
+//! server over the same object can renew or release any handle, and a restarted server serves
+//! the held leases on. Acquisitions use the locker's machinery (the watch, the queue, every rule
+//! of PROTOCOL.md) but join no renewing session: the HTTP client renews through the server.
+//! What this process last wrote or read of each record is kept only to send conditional writes
+//! without reading first; a stale value costs a failed `test` and a GET.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kube::api::Api;
+
+use super::acquire::acquire_grant;
+use super::client::resolve;
+use super::queue::HOLDER_MARK;
+use super::record::{annotation_key, Record, KEY_PREFIX};
+use super::release::Held;
+use super::store::{transient, Change, Snapshot, Store, WriteError};
+use super::{LeaseConfig, Object};
+use crate::error::{AcquireError, Error};
+use crate::name::LockName;
+use crate::options::{AcquireOptions, Mode, Wait};
+
+/// Why a renewal or a release found no lease of the handle.
+#[derive(Debug)]
+pub(crate) enum LeaseError {
+    /// No record, or a free one (released): Go's `no existing lock lease found`.
+    NoLease,
+    /// A record under another uuid: Go's `lock already leased`.
+    AlreadyLeased,
+    /// The API server failed or refused.
+    Failed(Error),
+}
+
+impl From<Error> for LeaseError {
+    fn from(e: Error) -> Self {
+        LeaseError::Failed(e)
+    }
+}
+
+/// A grant: the record's uuid (the handle) and the fencing token.
+#[derive(Debug)]
+pub(crate) struct Granted {
+    pub uuid: String,
+    pub token: Option<u64>,
+}
+
+/// One record, as the server's `/status` shows it.
+#[derive(Debug)]
+pub(crate) struct RecordView {
+    pub name: String,
+    /// `None`: free (released, kept for its queue).
+    pub mode: Option<Mode>,
+    pub holders: u64,
+    pub expires_in: Duration,
+    /// Queue members: id, mode, seconds queued, seconds until the entry lapses.
+    pub waiters: Vec<(String, Mode, u64, u64)>,
+}
+
+/// The lock records of one object, served to HTTP clients.
+pub(crate) struct Served {
+    object: Arc<Object>,
+    /// The record values this process last wrote or read, by annotation key.
+    values: Mutex<HashMap<String, String>>,
+}
+
+impl Served {
+    /// The object `name` of `resource` in `namespace`, with a client configured as kubectl's.
+    pub async fn connect(
+        context: Option<&str>,
+        resource: &str,
+        namespace: Option<String>,
+        name: &str,
+        config: LeaseConfig,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let (client, target) =
+            resolve(context, resource, namespace, name, config.request_timeout).await?;
+        let api = match &target.namespace {
+            Some(ns) => Api::namespaced_with(client, ns, &target.resource),
+            None => Api::all_with(client, &target.resource),
+        };
+        let store = Store::new(
+            api,
+            target.name.clone(),
+            target.describe(),
+            config.request_timeout,
+        );
+        // Read it once: a missing object or a denied read is an error at start, not at the
+        // first acquisition.
+        store.get().await?;
+        Ok(Self {
+            object: Arc::new(Object::new(store, config)),
+            values: Mutex::default(),
+        })
+    }
+
+    /// The object, as messages name it.
+    pub fn describe(&self) -> &str {
+        &self.object.store.describe
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.object.config.ttl
+    }
+
+    fn values(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.values.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn remember(&self, key: &str, value: Option<String>) {
+        let mut values = self.values();
+        match value {
+            Some(v) => values.insert(key.to_owned(), v),
+            None => values.remove(key),
+        };
+    }
+
+    /// Acquires `name` in `mode`, waiting up to `wait` (`None`: not at all). `acquirer` (Go
+    /// v0.2's acquirer id) keeps its place in the record's queue when the request ends without
+    /// the lock. `Ok(None)`: the lock is busy.
+    pub async fn acquire(
+        &self,
+        name: &LockName,
+        mode: Mode,
+        acquirer: Option<&str>,
+        wait: Option<Duration>,
+    ) -> Result<Option<Granted>, Error> {
+        let key = annotation_key(name.as_str());
+        let opts = AcquireOptions::default().mode(mode).wait(match wait {
+            Some(w) => Wait::Timeout(w),
+            None => Wait::NonBlocking,
+        });
+        // What we know of the record: a conditional write on it without reading first.
+        let current = match self.values().get(&key) {
+            Some(v) => Snapshot {
+                annotations: Some([(key.clone(), v.clone())].into()),
+                rv: None,
+            },
+            None => self.object.store.assumed(),
+        };
+        let granted = acquire_grant(
+            &self.object,
+            name,
+            &opts,
+            acquirer.map(str::to_owned),
+            current,
+        )
+        .await;
+        match granted {
+            Ok(g) => {
+                self.remember(&key, Some(g.value));
+                Ok(Some(Granted {
+                    uuid: g.record.uuid,
+                    token: g.token,
+                }))
+            }
+            Err(AcquireError::Failed(e)) => Err(e),
+            Err(_) => {
+                // Busy: what we knew may be stale now.
+                self.remember(&key, None);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The record of `key` as read now, if any.
+    async fn read(&self, key: &str) -> Result<Option<String>, Error> {
+        let snap = self.object.store.get().await?;
+        let value = snap.get(key).map(str::to_owned);
+        self.remember(key, value.clone());
+        Ok(value)
+    }
+
+    /// The value of the record of `key` that carries the lease `uuid`: from memory when it
+    /// does, else read. `fresh`: the value was just read.
+    async fn lease_value(
+        &self,
+        key: &str,
+        uuid: &str,
+        mut fresh: bool,
+    ) -> Result<(String, Record), LeaseError> {
+        loop {
+            let known = if fresh {
+                None
+            } else {
+                self.values().get(key).cloned()
+            };
+            let value = match known {
+                Some(v) => v,
+                None => {
+                    fresh = true;
+                    self.read(key).await?.ok_or(LeaseError::NoLease)?
+                }
+            };
+            let rec = Record::parse(&value).map_err(|e| self.object.corrupt(key, e))?;
+            if rec.uuid == uuid && rec.shared_holders > 0 {
+                return Ok((value, rec));
+            }
+            if fresh {
+                return Err(if rec.uuid == uuid {
+                    LeaseError::NoLease
+                } else {
+                    LeaseError::AlreadyLeased
+                });
+            }
+            fresh = true;
+        }
+    }
+
+    /// Renews the lease `uuid` of `name` for a TTL: rewrites the record's expiry (with
+    /// `Renewals` bumped and the holder mark refreshed) if it still carries the uuid.
+    pub async fn renew(&self, name: &LockName, uuid: &str) -> Result<(), LeaseError> {
+        let key = annotation_key(name.as_str());
+        let mut fresh = false;
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..8 {
+            let (value, rec) = self.lease_value(&key, uuid, fresh).await?;
+            let new = rec.renewed(self.object.expire_at()).to_value();
+            let change = Change {
+                key: key.clone(),
+                expected: Some(value),
+                new: Some(new.clone()),
+            };
+            match self
+                .object
+                .store
+                .write(std::slice::from_ref(&change), true)
+                .await
+            {
+                Ok(_) => {
+                    self.remember(&key, Some(new));
+                    return Ok(());
+                }
+                // Changed (a holder joined or left, a waiter queued) or not known: read and
+                // renew what is there (a renewal may apply twice: it only moves the expiry).
+                Err(WriteError::Conflict) => {}
+                Err(WriteError::Unknown(e)) => {
+                    tracing::debug!(lock = name.as_str(), error = %crate::error::chain(&e), "renewal outcome unknown; reading");
+                }
+                Err(WriteError::Failed(e)) if transient(&e) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(800));
+                }
+                Err(WriteError::Failed(e)) => return Err(e.into()),
+            }
+            fresh = true;
+        }
+        Err(LeaseError::Failed(Error::Unreachable {
+            resource: self.describe().to_owned(),
+            source: "the record kept changing during the renewal".into(),
+        }))
+    }
+
+    /// Gives up one holder's share of the lease `uuid` of `name`, as a locker's release does.
+    pub async fn release(&self, name: &LockName, uuid: &str) -> Result<(), LeaseError> {
+        let key = annotation_key(name.as_str());
+        let (value, _) = self.lease_value(&key, uuid, false).await?;
+        let held = Held {
+            uuid: uuid.to_owned(),
+            value,
+        };
+        // Past a TTL from now the lease has expired anyway.
+        let until = Instant::now() + self.object.config.ttl;
+        match self
+            .object
+            .release_written(name.as_str(), &key, held, until)
+            .await
+        {
+            Ok((_, written)) => {
+                self.remember(&key, written);
+                Ok(())
+            }
+            // The record changed under us: tell which way from what is there now.
+            Err(Error::LeaseLost { .. }) => match self.lease_value(&key, uuid, true).await {
+                Ok(_) => Err(LeaseError::Failed(Error::Unreachable {
+                    resource: self.describe().to_owned(),
+                    source: "the record kept changing during the release".into(),
+                })),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes `acquirer`'s place in the queue of `name` (it gave up).
+    pub async fn cancel(&self, name: &LockName, acquirer: &str) {
+        let key = annotation_key(name.as_str());
+        self.remember(&key, None);
+        self.object
+            .take_back(name.as_str(), &key, Some(acquirer), &[])
+            .await;
+    }
+
+    /// The records with holders or waiters, by lock name (`only`: that lock).
+    pub async fn status(&self, only: Option<&str>) -> Result<Vec<RecordView>, Error> {
+        let snap = self.object.store.get().await?;
+        let now = self.object.store.server_now();
+        let secs = |t: i64| u64::try_from(t).unwrap_or(0);
+        let mut views: Vec<RecordView> = snap
+            .annotations
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(KEY_PREFIX))
+            .filter_map(|(_, v)| Record::parse(&v).ok())
+            .filter(|r| only.is_none_or(|n| r.lock_name == n))
+            .map(|r| {
+                let holding = r.shared_holders > 0 && r.expire_at >= now;
+                let waiters: Vec<_> = r
+                    .queue
+                    .values()
+                    .filter(|m| m.id != HOLDER_MARK && m.expire_at >= now)
+                    .map(|m| {
+                        let mode = if m.shared {
+                            Mode::Shared
+                        } else {
+                            Mode::Exclusive
+                        };
+                        (
+                            m.id.clone(),
+                            mode,
+                            secs(now - m.arrived),
+                            secs(m.expire_at - now),
+                        )
+                    })
+                    .collect();
+                RecordView {
+                    name: r.lock_name.clone(),
+                    mode: holding.then(|| r.mode()),
+                    holders: if holding { secs(r.shared_holders) } else { 0 },
+                    expires_in: Duration::from_secs(secs(r.expire_at - now)),
+                    waiters,
+                }
+            })
+            .filter(|v| v.holders > 0 || !v.waiters.is_empty())
+            .collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(views)
+    }
+}
