@@ -93,6 +93,7 @@ pub use name::{LockName, NameError, MAX_NAME_LEN};
 pub use options::{AcquireOptions, Holder, Mode, Wait, WaitInfo};
 
 /// Lowercase hex of `bytes`.
+#[cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

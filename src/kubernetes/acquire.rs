@@ -82,6 +82,7 @@ pub(crate) async fn acquire(
 /// An acquisition for the HTTP lock server's Kubernetes store: the grant, not joined to a
 /// renewing session (the server's client renews through the server). `acquirer` keeps its
 /// place in the queue across requests; `current` is what the caller knows of the object.
+#[cfg(feature = "server")]
 pub(crate) async fn acquire_grant(
     object: &Arc<Object>,
     name: &LockName,

@@ -311,10 +311,15 @@ impl Served {
             .filter(|r| only.is_none_or(|n| r.lock_name == n))
             .map(|r| {
                 let holding = r.shared_holders > 0 && r.expire_at >= now;
-                let waiters: Vec<_> = r
+                let mut queue: Vec<_> = r
                     .queue
                     .values()
                     .filter(|m| m.id != HOLDER_MARK && m.expire_at >= now)
+                    .collect();
+                // In the order they are served.
+                queue.sort_by(|a, b| a.order().cmp(&b.order()));
+                let waiters: Vec<_> = queue
+                    .into_iter()
                     .map(|m| {
                         let mode = if m.shared {
                             Mode::Shared
