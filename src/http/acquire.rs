@@ -228,7 +228,6 @@ async fn call(
 ) -> Result<AcquireResponse, CallError> {
     let (tx, rx) = oneshot::channel();
     let task_remote = Arc::clone(remote);
-    let shared = request.opts.shared;
     session.bridge().handle.spawn(async move {
         let answer = task_remote
             .transport
@@ -240,16 +239,13 @@ async fn call(
                     lock = resp.lock_handle.lock_name,
                     "releasing a grant that arrived after its acquisition was cancelled"
                 );
-                task_remote
-                    .release_abandoned(resp.lock_handle, shared)
-                    .await;
+                task_remote.release_abandoned(resp.lock_handle).await;
             }
         }
     });
     let mut answer = Answer {
         rx,
         remote: Arc::clone(remote),
-        shared,
         runtime: session.bridge().handle.clone(),
     };
     (&mut answer.rx).await.unwrap_or_else(|_| {
@@ -268,7 +264,6 @@ fn granted(resp: &AcquireResponse) -> bool {
 struct Answer {
     rx: oneshot::Receiver<Result<AcquireResponse, CallError>>,
     remote: Arc<Remote>,
-    shared: bool,
     runtime: tokio::runtime::Handle,
 }
 
@@ -277,9 +272,8 @@ impl Drop for Answer {
         if let Ok(Ok(resp)) = self.rx.try_recv() {
             if granted(&resp) {
                 let remote = Arc::clone(&self.remote);
-                let shared = self.shared;
                 self.runtime
-                    .spawn(async move { remote.release_abandoned(resp.lock_handle, shared).await });
+                    .spawn(async move { remote.release_abandoned(resp.lock_handle).await });
             }
         }
     }
@@ -289,7 +283,6 @@ impl Drop for Answer {
 struct Pending {
     remote: Arc<Remote>,
     handle: Option<LockHandle>,
-    shared: bool,
     runtime: tokio::runtime::Handle,
 }
 
@@ -297,9 +290,8 @@ impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
             let remote = Arc::clone(&self.remote);
-            let shared = self.shared;
             self.runtime
-                .spawn(async move { remote.release_abandoned(handle, shared).await });
+                .spawn(async move { remote.release_abandoned(handle).await });
         }
     }
 }
@@ -324,16 +316,13 @@ async fn grant(
         }
         .into());
     }
-    let shared = attempt.mode() == Mode::Shared;
     let mut pending = Pending {
         remote: Arc::clone(remote),
         handle: Some(handle.clone()),
-        shared,
         runtime: session.bridge().handle.clone(),
     };
     let held = Held {
         handle: handle.clone(),
-        shared,
     };
     // The server started the lease's clock when it granted it, at some moment between sending
     // and the answer. The session measures the renewal deadline from `sent`; a long poll may

@@ -97,11 +97,10 @@ pub(crate) struct Remote {
     ttl_ms: AtomicU64,
 }
 
-/// What the session keeps of a held lease: its handle, and its mode.
+/// What the session keeps of a held lease: its handle.
 #[derive(Debug, Clone)]
 pub(crate) struct Held {
     pub handle: LockHandle,
-    pub shared: bool,
 }
 
 /// The renewal timing for a server of `kind` whose leases live `ttl`.
@@ -148,7 +147,18 @@ impl Remote {
     /// retimes the session's renewals when that changed.
     pub fn learn(&self, session: &HttpSession, ttl_ms: Option<u64>) {
         let (kind, ms) = match ttl_ms {
-            Some(ms) if ms > 0 => (ServerKind::Lockgate, ms),
+            Some(ms) if ms > 0 => {
+                // lockgate serve's TTL is at least 1 s; a day is past any sensible one (and
+                // keeps deadline arithmetic far from overflowing).
+                let clamped = ms.clamp(1000, 86_400_000);
+                if clamped != ms {
+                    tracing::warn!(
+                        ttl_ms = ms,
+                        "the lock server's TTL is out of range; using {clamped} ms"
+                    );
+                }
+                (ServerKind::Lockgate, clamped)
+            }
             _ => (ServerKind::Go, 0),
         };
         let old_kind = self.kind.swap(kind as u8, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::client::{HttpSession, Remote, ServerKind};
+use super::client::{HttpSession, Remote};
 use super::protocol::{ErrorCode, LeaseRequest, LockHandle, ReleaseResponse, RELEASE_PATH};
 use crate::backend::{BoxFuture, Lease, LostReason, LostSignal};
 use crate::error::Error;
@@ -68,9 +68,7 @@ impl HttpLease {
             let remote = session.renewer();
             // Past this the lease has expired on the server anyway.
             let until = leaving.confirmed + remote.ttl();
-            remote
-                .release(&leaving.state.handle, leaving.state.shared, until)
-                .await?;
+            remote.release(&leaving.state.handle, until).await?;
             tracing::debug!(
                 lock = name,
                 server = remote.transport.base(),
@@ -123,17 +121,12 @@ impl Drop for HttpLease {
 impl Remote {
     /// Releases `handle` (one holder's share of it), retrying passing failures until `until`.
     ///
-    /// A release whose answer was lost is sent again: lockgate's server releases a uuid once
-    /// (a repeat answers `no existing lock lease found`, taken as done). Go's server counts the
-    /// shared holders of one uuid, so a repeat there could give up another holder's share: a
-    /// shared release in doubt is not repeated (a count left one too high only keeps the lock
-    /// until the lease expires).
-    pub(crate) async fn release(
-        &self,
-        handle: &LockHandle,
-        shared: bool,
-        until: Instant,
-    ) -> Result<(), Error> {
+    /// A release whose answer was lost is not sent again: a handle names a lease only until it
+    /// is released (Go's server and lockgate's Kubernetes store count the shared holders of one
+    /// uuid, and the Kubernetes store may grant a released record's uuid to the next holder), so
+    /// a repeat could give up someone else's hold. If it did not land, the lease expires on the
+    /// server within a TTL.
+    pub(crate) async fn release(&self, handle: &LockHandle, until: Instant) -> Result<(), Error> {
         let lost = |reason| Error::LeaseLost {
             name: handle.lock_name.clone(),
             reason,
@@ -142,7 +135,6 @@ impl Remote {
             lock_handle: handle.clone(),
         };
         let mut pause = Duration::from_millis(100);
-        let mut doubt = false;
         loop {
             let answer = self
                 .transport
@@ -152,10 +144,6 @@ impl Remote {
                 Ok(r) => {
                     return match r.error_code() {
                         None => Ok(()),
-                        // An earlier attempt whose answer was lost had released it.
-                        Some(
-                            ErrorCode::LockAlreadyLeased | ErrorCode::NoExistingLockLeaseFound,
-                        ) if doubt => Ok(()),
                         Some(ErrorCode::LockAlreadyLeased) => Err(lost(LostReason::Taken)),
                         Some(ErrorCode::NoExistingLockLeaseFound) => Err(lost(LostReason::Gone)),
                         Some(code) => Err(Error::ServerRefused {
@@ -164,19 +152,16 @@ impl Remote {
                             code: Some(code),
                             message: r.err,
                         }),
-                    };
+                    }
                 }
                 Err(e) => e,
             };
+            if e.in_doubt() {
+                tracing::warn!(lock = handle.lock_name, error = %crate::error::chain(&e.into_error(self.transport.base())), "the answer to a release was lost; not repeating it (if it did not land, the lease expires on the server within a TTL)");
+                return Ok(());
+            }
             if !e.transient() {
                 return Err(e.into_error(self.transport.base()));
-            }
-            if e.in_doubt() {
-                if shared && self.kind() != ServerKind::Lockgate {
-                    tracing::warn!(lock = handle.lock_name, "the answer to a shared release was lost; not repeating it (the lease expires on the server if it did not land)");
-                    return Ok(());
-                }
-                doubt = true;
             }
             let pause_now = e.retry_after().unwrap_or(pause);
             if Instant::now() + pause_now >= until {
@@ -189,9 +174,9 @@ impl Remote {
     }
 
     /// Releases a grant nobody holds (its acquisition was cancelled), best effort.
-    pub(crate) async fn release_abandoned(&self, handle: LockHandle, shared: bool) {
+    pub(crate) async fn release_abandoned(&self, handle: LockHandle) {
         let until = Instant::now() + self.ttl();
-        if let Err(e) = self.release(&handle, shared, until).await {
+        if let Err(e) = self.release(&handle, until).await {
             tracing::debug!(lock = handle.lock_name, error = %crate::error::chain(&e), "cannot release an abandoned grant");
         }
     }

@@ -130,8 +130,38 @@ impl<'a> Acquisition<'a> {
 }
 
 impl Acquisition<'_> {
+    /// An HTTP acquirer asking again takes up its entry in the queue (same acquirer, earlier
+    /// arrival), wherever it was written from.
+    #[cfg(feature = "server")]
+    fn adopt_place(&mut self) {
+        if !self.keep_place {
+            return;
+        }
+        let Some(rec) = self
+            .current
+            .get(&self.key)
+            .and_then(|v| Record::parse(v).ok())
+        else {
+            return;
+        };
+        if rec.queue.contains_key(&self.id) {
+            return;
+        }
+        if let Some(id) = rec
+            .queue
+            .keys()
+            .find(|k| super::serve::same_acquirer(k, &self.id))
+        {
+            self.id = id.clone();
+        }
+    }
+
+    #[cfg(not(feature = "server"))]
+    fn adopt_place(&mut self) {}
+
     async fn run(&mut self) -> Result<Granted, AcquireError> {
         loop {
+            self.adopt_place();
             let change = match self.step()? {
                 // A grant whose answer was lost: the object as read, which holds it, stands in
                 // for the write's resourceVersion as the fencing token.

@@ -17,7 +17,7 @@ use kube::api::Api;
 
 use super::acquire::acquire_grant;
 use super::client::resolve;
-use super::queue::HOLDER_MARK;
+use super::queue::{new_id, HOLDER_MARK};
 use super::record::{annotation_key, Record, KEY_PREFIX};
 use super::release::Held;
 use super::store::{transient, Change, Snapshot, Store, WriteError};
@@ -25,6 +25,22 @@ use super::{LeaseConfig, Object};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
 use crate::options::{AcquireOptions, Mode, Wait};
+
+/// The queue id for a request of the HTTP acquirer `acquirer`: a Rust waiter's id (its arrival
+/// in nanoseconds, `-`, 12 hex digits) whose hex digits are derived from the acquirer id, so that
+/// every later request of it, to any server on the object, finds its entry (the acquisition
+/// adopts the entry with the same suffix, keeping its arrival). Rust's shape makes the record's
+/// rules treat it as what it is, a waiter served by a lockgate process: a release reserves the
+/// record for it (Go v0.2 sees it unexpired and leaves it alone) and its grant keeps the
+/// record's uuid (PROTOCOL.md, "Go v0.2 peers"). With an id of Go's shape a release would leave
+/// the record expired for Go, and a Go v0.2 process taking it over would fail its re-read when
+/// the server granted it meanwhile.
+fn queue_id(acquirer: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    let h = Sha256::digest(acquirer.as_bytes());
+    let fresh = new_id();
+    format!("{}-{}", &fresh[..20], crate::hex(&h[..6]))
+}
 
 /// Why a renewal or a release found no lease of the handle.
 #[derive(Debug)]
@@ -144,14 +160,8 @@ impl Served {
             },
             None => self.object.store.assumed(),
         };
-        let granted = acquire_grant(
-            &self.object,
-            name,
-            &opts,
-            acquirer.map(str::to_owned),
-            current,
-        )
-        .await;
+        let granted =
+            acquire_grant(&self.object, name, &opts, acquirer.map(queue_id), current).await;
         match granted {
             Ok(g) => {
                 self.remember(&key, Some(g.value));
@@ -289,12 +299,23 @@ impl Served {
     }
 
     /// Removes `acquirer`'s place in the queue of `name` (it gave up).
-    pub async fn cancel(&self, name: &LockName, acquirer: &str) {
+    pub async fn cancel(&self, name: &LockName, acquirer: &str) -> Result<(), Error> {
         let key = annotation_key(name.as_str());
-        self.remember(&key, None);
+        let Some(value) = self.read(&key).await? else {
+            return Ok(());
+        };
+        let Ok(rec) = Record::parse(&value) else {
+            return Ok(());
+        };
+        let id = queue_id(acquirer);
+        let Some(entry) = rec.queue.keys().find(|k| same_acquirer(k, &id)) else {
+            return Ok(());
+        };
         self.object
-            .take_back(name.as_str(), &key, Some(acquirer), &[])
+            .take_back(name.as_str(), &key, Some(entry), &[])
             .await;
+        self.remember(&key, None);
+        Ok(())
     }
 
     /// The records with holders or waiters, by lock name (`only`: that lock).
@@ -329,8 +350,8 @@ impl Served {
                         (
                             m.id.clone(),
                             mode,
-                            secs(now - m.arrived),
-                            secs(m.expire_at - now),
+                            secs(now.saturating_sub(m.arrived)),
+                            secs(m.expire_at.saturating_sub(now)),
                         )
                     })
                     .collect();
@@ -338,7 +359,7 @@ impl Served {
                     name: r.lock_name.clone(),
                     mode: holding.then(|| r.mode()),
                     holders: if holding { secs(r.shared_holders) } else { 0 },
-                    expires_in: Duration::from_secs(secs(r.expire_at - now)),
+                    expires_in: Duration::from_secs(secs(r.expire_at.saturating_sub(now))),
                     waiters,
                 }
             })
@@ -346,5 +367,31 @@ impl Served {
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(views)
+    }
+}
+
+/// True when the queue ids `a` and `b` are of one HTTP acquirer (see [`queue_id`]).
+pub(super) fn same_acquirer(a: &str, b: &str) -> bool {
+    a.len() == 33 && b.len() == 33 && a[20..] == b[20..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{queue_id, same_acquirer};
+    use crate::kubernetes::queue::Member;
+
+    #[test]
+    fn acquirer_ids_map_to_stable_rust_shaped_queue_ids() {
+        let id = queue_id("go-first");
+        assert!(same_acquirer(&id, &queue_id("go-first")));
+        assert!(!same_acquirer(&id, &queue_id("go-second")));
+        let m = Member {
+            id,
+            arrived: 1,
+            expire_at: 2,
+            shared: false,
+            other: Default::default(),
+        };
+        assert!(m.is_rust(), "{}", m.id);
     }
 }

@@ -165,8 +165,10 @@ impl Store for KubernetesStore {
         acquirer_id: AcquirerId,
     ) -> StoreFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
-            self.served.cancel(&name, acquirer_id.as_str()).await;
-            Ok(())
+            self.served
+                .cancel(&name, acquirer_id.as_str())
+                .await
+                .map_err(unavailable)
         })
     }
 
