@@ -20,3 +20,6 @@ mod transport;
 pub use client::HttpLocker;
 #[cfg(feature = "http")]
 pub use config::HttpConfig;
+
+#[cfg(all(test, feature = "http", feature = "server"))]
+mod tests;

@@ -98,11 +98,11 @@ fn servers_and_kubernetes_lockers_on_one_object_lose_no_update() {
     let dir = tempfile::tempdir().unwrap();
     let counter = dir.path().join("counter");
     let workers: Vec<(PathBuf, String, Vec<&str>, u64)> = vec![
-        (rust_loop(), url(&a), vec![], 6),
-        (rust_loop(), url(&b), vec![], 6),
-        (go_peer(), url(&a), vec!["loop", "--acquirer-id", "auto"], 3),
-        (rust_loop(), store.clone(), vec![], 6),
-        (go_peer(), store.clone(), vec!["loop"], 3),
+        (rust_loop(), url(&a), vec![], 8),
+        (rust_loop(), url(&b), vec![], 8),
+        (go_peer(), url(&a), vec!["loop", "--acquirer-id", "auto"], 4),
+        (rust_loop(), store.clone(), vec![], 8),
+        (go_peer(), store.clone(), vec!["loop"], 4),
     ];
     let start = Instant::now();
     let mut fleet: Vec<(String, Proc)> = workers
