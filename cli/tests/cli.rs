@@ -422,8 +422,42 @@ fn usage_errors_exit_64() {
         assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
         assert!(!out.stderr.is_empty());
     }
+    for args in [
+        vec!["--locker", "http://", "status"],
+        vec!["--locker", "http://h:1/?q", "exec", "n", "true"],
+        vec![
+            "--locker",
+            "http://127.0.0.1:1",
+            "--ca-file",
+            "/nonexistent.pem",
+            "status",
+        ],
+        vec![
+            "--locker",
+            "http://127.0.0.1:1",
+            "--token-file",
+            "/nonexistent",
+            "status",
+        ],
+    ] {
+        let out = run(bin().args(&args));
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+    }
     let out = run(bin().arg("--help"));
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// A lock server that cannot be reached is the environment's problem: exit 69, one line.
+#[test]
+fn an_unreachable_lock_server_exits_69() {
+    let out = run(bin().args(["--locker", "http://127.0.0.1:1", "exec", "-n", "n", "true"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach the lock server http://127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[test]
