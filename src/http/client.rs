@@ -12,7 +12,8 @@ use super::protocol::{
     ErrorCode, LeaseRequest, LockHandle, RenewLeaseResponse, StatusResponse, RENEW_LEASE_PATH,
     STATUS_PATH,
 };
-use super::transport::{parse_url, CallError, Transport};
+use super::transport::{CallError, Transport};
+use super::url::parse_url;
 use crate::backend::{Backend, BoxFuture, Lease, LostReason};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;

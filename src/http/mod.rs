@@ -15,6 +15,8 @@ mod lease;
 pub mod protocol;
 #[cfg(feature = "http")]
 mod transport;
+#[cfg(feature = "http")]
+mod url;
 
 #[cfg(feature = "http")]
 pub use client::HttpLocker;

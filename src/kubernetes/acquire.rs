@@ -79,32 +79,8 @@ pub(crate) async fn acquire(
     }
 }
 
-/// An acquisition for the HTTP lock server's Kubernetes store: the grant, not joined to a
-/// renewing session (the server's client renews through the server). `acquirer` keeps its
-/// place in the queue across requests; `current` is what the caller knows of the object.
-#[cfg(feature = "server")]
-pub(crate) async fn acquire_grant(
-    object: &Arc<Object>,
-    name: &LockName,
-    opts: &AcquireOptions,
-    acquirer: Option<String>,
-    current: Snapshot,
-) -> Result<Granted, AcquireError> {
-    let mut a = Acquisition::new(object, name, opts, acquirer, current);
-    match a.run().await {
-        Ok(g) => {
-            a.armed = false;
-            Ok(g)
-        }
-        Err(e) => {
-            a.clean_up().await;
-            Err(e)
-        }
-    }
-}
-
 impl<'a> Acquisition<'a> {
-    fn new(
+    pub(super) fn new(
         object: &'a Arc<Object>,
         name: &'a LockName,
         opts: &'a AcquireOptions,
@@ -130,36 +106,11 @@ impl<'a> Acquisition<'a> {
 }
 
 impl Acquisition<'_> {
-    /// An HTTP acquirer asking again takes up its entry in the queue (same acquirer, earlier
-    /// arrival), wherever it was written from.
-    #[cfg(feature = "server")]
-    fn adopt_place(&mut self) {
-        if !self.keep_place {
-            return;
-        }
-        let Some(rec) = self
-            .current
-            .get(&self.key)
-            .and_then(|v| Record::parse(v).ok())
-        else {
-            return;
-        };
-        if rec.queue.contains_key(&self.id) {
-            return;
-        }
-        if let Some(id) = rec
-            .queue
-            .keys()
-            .find(|k| super::serve::same_acquirer(k, &self.id))
-        {
-            self.id = id.clone();
-        }
-    }
-
+    /// The HTTP server's acquisitions take up an acquirer's earlier queue entry (see `serve`).
     #[cfg(not(feature = "server"))]
     fn adopt_place(&mut self) {}
 
-    async fn run(&mut self) -> Result<Granted, AcquireError> {
+    pub(super) async fn run(&mut self) -> Result<Granted, AcquireError> {
         loop {
             self.adopt_place();
             let change = match self.step()? {
@@ -382,7 +333,7 @@ impl Acquisition<'_> {
     }
 
     /// Takes back our queue entry (unless it is kept) and any grant that may have landed.
-    async fn clean_up(&mut self) {
+    pub(super) async fn clean_up(&mut self) {
         if std::mem::take(&mut self.armed) {
             let maybe = std::mem::take(&mut self.maybe);
             let id = (!self.keep_place).then_some(self.id.as_str());

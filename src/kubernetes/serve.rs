@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::Api;
 
-use super::acquire::acquire_grant;
+use super::acquire::{Acquisition, Granted as Grant};
 use super::client::resolve;
 use super::queue::{new_id, HOLDER_MARK};
 use super::record::{annotation_key, Record, KEY_PREFIX};
@@ -367,6 +367,52 @@ impl Served {
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(views)
+    }
+}
+
+/// An acquisition for the HTTP lock server's Kubernetes store: the grant, not joined to a
+/// renewing session (the server's client renews through the server). `acquirer` keeps its
+/// place in the queue across requests; `current` is what the caller knows of the object.
+async fn acquire_grant(
+    object: &Arc<Object>,
+    name: &LockName,
+    opts: &AcquireOptions,
+    acquirer: Option<String>,
+    current: Snapshot,
+) -> Result<Grant, AcquireError> {
+    let mut a = Acquisition::new(object, name, opts, acquirer, current);
+    match a.run().await {
+        Ok(g) => {
+            a.armed = false;
+            Ok(g)
+        }
+        Err(e) => {
+            a.clean_up().await;
+            Err(e)
+        }
+    }
+}
+
+impl Acquisition<'_> {
+    /// An HTTP acquirer asking again takes up its entry in the queue (same acquirer, earlier
+    /// arrival), wherever it was written from.
+    pub(super) fn adopt_place(&mut self) {
+        if !self.keep_place {
+            return;
+        }
+        let Some(rec) = self
+            .current
+            .get(&self.key)
+            .and_then(|v| Record::parse(v).ok())
+        else {
+            return;
+        };
+        if rec.queue.contains_key(&self.id) {
+            return;
+        }
+        if let Some(id) = rec.queue.keys().find(|k| same_acquirer(k, &self.id)) {
+            self.id = id.clone();
+        }
     }
 }
 
