@@ -63,6 +63,7 @@ pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+mod host;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod http;
 #[cfg(feature = "kubernetes")]

@@ -88,7 +88,16 @@ fn options(args: &ExecArgs) -> AcquireOptions {
         Some(t) => Wait::Timeout(t),
         None => Wait::Forever,
     };
-    let opts = AcquireOptions::default().mode(mode).wait(wait);
+    // Who holds the lock, for whoever waits or looks: the command line.
+    let command: Vec<String> = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let opts = AcquireOptions::default()
+        .mode(mode)
+        .wait(wait)
+        .description(command.join(" "));
     if args.quiet {
         return opts;
     }
@@ -97,7 +106,7 @@ fn options(args: &ExecArgs) -> AcquireOptions {
         let held_by = if holders.is_empty() {
             String::new()
         } else {
-            format!(", held by {}", holders.join(", "))
+            format!(" held by {}", holders.join("; "))
         };
         eprintln!(
             "lockgate: waiting for {} lock {:?}{held_by}",

@@ -218,7 +218,7 @@ fn conflicts_and_timeouts() {
     );
     let err = stderr(&out);
     assert!(
-        err.contains("waiting for exclusive lock \"busy\", held by pid"),
+        err.contains("waiting for exclusive lock \"busy\" held by pid"),
         "{err}"
     );
     assert!(err.contains("timed out"), "{err}");
@@ -577,8 +577,16 @@ fn status_lists_every_lock_on_a_busy_host() {
             .filter_map(|l| {
                 let name = l["name"].as_str().unwrap_or_default();
                 let owner: usize = name[1..name.find('-')?].parse().ok()?;
-                let want = serde_json::json!([{"mode": "exclusive", "pid": holders[owner].id()}]);
-                (l["holders"] != want || l["state"] != "exclusive")
+                let want = serde_json::json!([["exclusive", holders[owner].id()]]);
+                let got: Vec<serde_json::Value> = l["holders"]
+                    .as_array()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| serde_json::json!([h["mode"], h["pid"]]))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (serde_json::Value::from(got) != want || l["state"] != "exclusive")
                     .then(|| format!("{name}: {} {}", l["state"], l["holders"]))
             })
             .collect();

@@ -183,6 +183,7 @@ fn read_whole(path: &str, first: usize, buf: &mut Vec<u8>) -> io::Result<()> {
 /// Entries by file, holders in the order they were listed.
 fn group(entries: Vec<Entry>) -> HashMap<(u64, u64), Locks> {
     let mut out: HashMap<(u64, u64), Locks> = HashMap::new();
+    let mut processes: HashMap<u32, Holder> = HashMap::new();
     for e in entries {
         let locks = out.entry((e.dev, e.ino)).or_default();
         if e.waiting {
@@ -195,16 +196,38 @@ fn group(entries: Vec<Entry>) -> HashMap<(u64, u64), Locks> {
             Mode::Shared
         };
         locks.holders.push(match e.pid {
-            Some(pid) => Holder::process(mode, pid),
-            None => Holder {
-                mode,
-                pid: None,
-                id: None,
-                count: None,
-            },
+            Some(pid) => {
+                let mut h = processes
+                    .entry(pid)
+                    .or_insert_with(|| process_holder(mode, pid))
+                    .clone();
+                h.mode = mode;
+                h
+            }
+            None => Holder::new(mode),
         });
     }
     out
+}
+
+/// The holder with process id `pid`, with its command line and its user when /proc shows them.
+/// (When it took the lock is not recorded anywhere for flock locks.)
+fn process_holder(mode: Mode, pid: u32) -> Holder {
+    let mut h = Holder::process(mode, pid);
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.is_empty() {
+            h.description = Some(args.join(" "));
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) {
+        h.user = Some(crate::host::user_name(meta.uid()));
+    }
+    h
 }
 
 /// Parses `/proc/locks` lines such as
@@ -429,7 +452,13 @@ mod tests {
                     garbage line\n";
         let m = group(parse_proc_locks(text).collect());
         let a = &m[&(libc::makedev(0xfd, 1), 56789)];
-        assert_eq!(a.holders, vec![Holder::process(Mode::Exclusive, 1234)]);
+        assert_eq!(
+            a.holders
+                .iter()
+                .map(|h| (h.mode, h.pid))
+                .collect::<Vec<_>>(),
+            vec![(Mode::Exclusive, Some(1234))]
+        );
         assert_eq!(a.waiters, 1);
         let b = &m[&(libc::makedev(0, 0x2a), 5)];
         assert_eq!(b.holders.len(), 2);

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::acquire::{Acquisition, Granted};
 use super::queue::{self, Member, HOLDER_MARK};
-use super::record::Record;
+use super::record::{HolderEntry, Record};
 use super::release::MARK_MARGIN_SECS;
 use super::store::Change;
 use crate::error::Error;
@@ -83,7 +83,8 @@ impl Acquisition<'_> {
                     .or_default()
                     .record(None);
             }
-            let record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
+            let mut record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
+            record.holders.insert(self.id.clone(), self.holder_entry());
             return Ok(Step::Grant {
                 change: self.change(None, &record),
                 record,
@@ -161,6 +162,7 @@ impl Acquisition<'_> {
                 new.queue
                     .insert(HOLDER_MARK.to_owned(), Member::mark(expire_at));
             }
+            new.holders = [(self.id.clone(), self.holder_entry())].into();
             let record = new.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),
@@ -172,6 +174,7 @@ impl Acquisition<'_> {
             let mut joined = rec.renewed(object.expire_at());
             joined.shared_holders = joined.shared_holders.saturating_add(1);
             joined.queue.remove(&self.id);
+            joined.holders.insert(self.id.clone(), self.holder_entry());
             let record = joined.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),
@@ -207,6 +210,14 @@ impl Acquisition<'_> {
         .flatten()
         .min();
         Ok(Step::Wait(rec, wake))
+    }
+
+    /// This acquisition as a holder, for the record.
+    fn holder_entry(&self) -> HolderEntry {
+        HolderEntry::this_process(
+            self.object.store.server_now(),
+            self.attempt.opts.description.clone(),
+        )
     }
 
     fn change(&self, expected: Option<String>, record: &Record) -> Change {

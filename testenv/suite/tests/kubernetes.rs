@@ -991,3 +991,96 @@ fn the_blocking_api_works_without_a_runtime() {
     waiter.join().unwrap().unwrap().unwrap();
     drop(a);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Who holds it
+
+/// Holders are recorded with host, pid, user, since and a description, shown to waiters and by
+/// `status`, for each shared holder; Go lockgate (v0.1.1 and v0.2.0) reads, joins, renews and
+/// releases such records, and a record Go rewrote without them still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holders_are_recorded_shown_and_kept_compatible() {
+    let cm = configmap("default").await;
+    let k = KubernetesLocker::new(
+        client(false).await,
+        Target::configmap("default", &cm),
+        LeaseConfig::default(),
+    )
+    .unwrap();
+    let a = Locker::new(k.clone());
+    let b = locker(&cm).await;
+    let g1 = a
+        .acquire(
+            "who",
+            AcquireOptions::shared().description("helm upgrade web"),
+        )
+        .await
+        .unwrap();
+    let g2 = b
+        .acquire(
+            "who",
+            AcquireOptions::shared().description("helm upgrade api"),
+        )
+        .await
+        .unwrap();
+    // A waiter is told who holds it.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let e = b
+        .acquire(
+            "who",
+            ex().timeout(Duration::from_millis(300))
+                .on_wait(move |info| {
+                    s.lock().unwrap().extend(info.holders.iter().cloned());
+                }),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AcquireError::TimedOut { .. }), "{e}");
+    let holders = seen.lock().unwrap().clone();
+    assert_eq!(holders.len(), 2, "{holders:?}");
+    let mut descriptions: Vec<_> = holders
+        .iter()
+        .filter_map(|h| h.description.clone())
+        .collect();
+    descriptions.sort();
+    assert_eq!(descriptions, ["helm upgrade api", "helm upgrade web"]);
+    for h in &holders {
+        assert_eq!(h.pid, Some(std::process::id()));
+        assert!(h.host.as_deref().is_some_and(|s| !s.is_empty()), "{h:?}");
+        assert!(h.user.is_some() && h.since.is_some(), "{h:?}");
+        let shown = h.to_string();
+        assert!(shown.contains("(helm upgrade "), "{shown}");
+    }
+    // status shows them too.
+    let status = k.status().await.unwrap();
+    let rec = status
+        .iter()
+        .find(|r| r.name.as_deref() == Some("who"))
+        .unwrap();
+    assert_eq!((rec.count, rec.holders.len()), (2, 2));
+    // Go joins (rewriting the record without our fields), renews, leaves; we leave cleanly.
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    for peer in [lockgate_testenv::go_peer(), lockgate_testenv::go_peer_v01()] {
+        let u = url.clone();
+        let code = tokio::task::spawn_blocking(move || {
+            Command::new(peer)
+                .args([
+                    "exec", "--locker", &u, "-s", "-n", "who", "--", "sleep", "4",
+                ])
+                .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+                .status()
+                .unwrap()
+                .code()
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, Some(0), "Go could not join, renew and release");
+    }
+    assert!(!g1.is_lost() && !g2.is_lost());
+    g1.release().await.unwrap();
+    g2.release().await.unwrap();
+    let rec: serde_json::Value =
+        serde_json::from_str(&annotations(&cm).await[&annotation_key("who")]).unwrap();
+    assert_eq!(rec["SharedHoldersCount"], 0, "{rec}");
+}
