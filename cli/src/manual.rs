@@ -47,6 +47,7 @@ pub(crate) fn man(subcommand: Option<&str>, out_dir: Option<&Path>) -> Result<u8
                 )
             })?;
             sub.name(format!("lockgate-{name}"))
+                .version(env!("CARGO_PKG_VERSION"))
         }
     };
     let mut out = Vec::new();
