@@ -773,6 +773,8 @@ fn a_missing_kubeconfig_exits_69() {
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+    // What to do next.
+    assert!(err.contains("set KUBECONFIG to a kubeconfig file"), "{err}");
 }
 
 /// Each cause once: kube's errors repeat their source in their own text, and the library's chain
