@@ -4,6 +4,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use crate::errors::{code, Failure};
+use crate::json;
 use crate::locator::Locator;
 
 /// Prints the locks of `locator`.
@@ -11,10 +12,17 @@ pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
     if matches!(locator, Locator::Kubernetes { .. }) {
         return kubernetes_status(locator, json);
     }
-    let locks = locator.file_locker()?.status()?;
+    let locker = locator.file_locker()?;
+    let locks = locker.status()?;
     let mut out = std::io::stdout().lock();
     if json {
-        write_json(&mut out, &locks)?;
+        let doc = json::FileStatus {
+            schema: json::SCHEMA,
+            backend: "file",
+            dir: locker.dir(),
+            locks: &locks,
+        };
+        write_json(&mut out, &doc)?;
     } else {
         file_table(&mut out, &locks).map_err(Failure::output)?;
     }
@@ -25,10 +33,18 @@ pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
 /// Deletes unused lock files older than `older_than` and prints what it did. Exits 69 when some
 /// files could not be examined or deleted.
 pub(crate) fn gc(locator: &Locator, older_than: Duration, json: bool) -> Result<u8, Failure> {
-    let report = locator.file_locker()?.gc(older_than)?;
+    let locker = locator.file_locker()?;
+    let report = locker.gc(older_than)?;
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer(&mut out, &report).map_err(|e| Failure::output(e.into()))?;
+        let doc = json::Gc {
+            schema: json::SCHEMA,
+            backend: "file",
+            dir: locker.dir(),
+            older_than_secs: older_than.as_secs(),
+            report: &report,
+        };
+        serde_json::to_writer(&mut out, &doc).map_err(|e| Failure::output(e.into()))?;
         writeln!(out).map_err(Failure::output)?;
     } else {
         writeln!(
@@ -102,11 +118,19 @@ fn file_table(out: &mut impl Write, locks: &[lockgate::file::LockStatus]) -> std
 }
 
 fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
-    let records = crate::runtime()?
-        .block_on(async { Ok::<_, Failure>(locator.kubernetes_locker().await?.status().await?) })?;
+    let (object, records) = crate::runtime()?.block_on(async {
+        let locker = locator.kubernetes_locker().await?;
+        Ok::<_, Failure>((locker.object().to_owned(), locker.status().await?))
+    })?;
     let mut out = std::io::stdout().lock();
     if json {
-        write_json(&mut out, &records)?;
+        let doc = json::KubernetesStatus {
+            schema: json::SCHEMA,
+            backend: "kubernetes",
+            object: &object,
+            locks: &records,
+        };
+        write_json(&mut out, &doc)?;
         out.flush().map_err(Failure::output)?;
         return Ok(0);
     }

@@ -113,7 +113,8 @@ fn a_rust_waiter_gets_a_go_holders_lock_on_release() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v: serde_json::Value = serde_json::from_slice(&status().stdout).unwrap();
-        if v.as_array()
+        if v["locks"]
+            .as_array()
             .unwrap()
             .iter()
             .any(|l| l["waiters"].as_u64() == Some(1))
