@@ -21,6 +21,9 @@ pub(crate) struct Seen {
     members: queue::Observer,
     /// The uuid of the record last seen (`None`: absent, or never looked at).
     last_uuid: Option<String>,
+    /// Whether this locker saw the current lease change (be renewed) under its uuid: then it
+    /// is alive as far as we can tell, and only our own clock may expire it.
+    renewal_seen: bool,
     /// A uuid that this locker saw replace another record without Rust's `Renewals`: a take-over
     /// by Go v0.2, which keeps the old `IsShared`. Its shared flag is not trusted.
     taken_over: Option<String>,
@@ -102,7 +105,7 @@ impl Acquisition<'_> {
         }
         let server_now = object.store.server_now();
         let ttl = config.ttl;
-        let (since, live, next_expiry, joinable) = {
+        let (since, live, next_expiry, joinable, stale_allowed) = {
             let mut seen = object.seen();
             let seen = seen.entry(self.key.clone()).or_default();
             seen.record(Some(&rec));
@@ -110,8 +113,16 @@ impl Acquisition<'_> {
             let lease = rec.lease_part();
             match &seen.lease {
                 Some((v, _)) if *v == lease => {}
-                _ => seen.lease = Some((lease, Instant::now())),
+                previous => {
+                    // A change under the same uuid: a renewal (or a join) seen with our own
+                    // eyes. From then on only our clock counts for this lease.
+                    seen.renewal_seen = previous
+                        .as_ref()
+                        .is_some_and(|(v, _)| v.split('/').next() == Some(rec.uuid.as_str()));
+                    seen.lease = Some((lease, Instant::now()));
+                }
             }
+            let stale_allowed = !seen.renewal_seen;
             let since = seen.lease.as_ref().map_or_else(Instant::now, |(_, t)| *t);
             let live: Vec<Member> = seen
                 .members
@@ -119,13 +130,19 @@ impl Acquisition<'_> {
                 .into_iter()
                 .cloned()
                 .collect();
-            (since, live, seen.members.next_expiry(ttl), joinable)
+            (
+                since,
+                live,
+                seen.members.next_expiry(ttl),
+                joinable,
+                stale_allowed,
+            )
         };
-        // Free: released with waiters queued (count 0). Expired: stood still for a TTL on our
-        // clock, or (for a record we have not watched that long) its expiry passed more than a
-        // TTL ago by the API server's clock.
+        // Free: released (count 0). Expired: stood still for a TTL on our clock, or (for a
+        // lease we have not seen renewed) its expiry passed more than a TTL ago by the API
+        // server's clock.
         let free = rec.shared_holders <= 0;
-        let stale = rec.expire_at.saturating_add(config.ttl_secs()) < server_now;
+        let stale = stale_allowed && rec.expire_at.saturating_add(config.ttl_secs()) < server_now;
         let expired = !free && (since.elapsed() >= ttl || stale);
         let mine = rec.queue.get(&self.id);
         let live_refs: Vec<&Member> = live.iter().collect();
