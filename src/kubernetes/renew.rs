@@ -27,7 +27,7 @@ impl Object {
     async fn renew_all(&self, leases: Vec<(String, Held)>) -> Vec<Renewal<Held>> {
         let mut out: Vec<Option<Renewal<Held>>> = leases.iter().map(|_| None).collect();
         // Work list: (items, conflicts so far).
-        let mut work: Vec<(Vec<(usize, String, Held)>, u32)> = vec![(
+        let mut work: Vec<(Chunk, u32)> = vec![(
             leases
                 .into_iter()
                 .enumerate()
@@ -123,6 +123,9 @@ impl Object {
         }
     }
 }
+
+/// Leases to renew together: (index in the answer, record key, lease).
+type Chunk = Vec<(usize, String, Held)>;
 
 /// Why a chunk was not renewed.
 enum ChunkError {
