@@ -14,7 +14,7 @@
 //!   message naming it, after killing every [`Proc`]: a failure, never a hang.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Child;
@@ -143,7 +143,9 @@ fn watchdog() {
             .find(|l| now >= l.deadline)
             .map(|l| (l.test.clone(), l.limit));
         if let Some((test, limit)) = over {
-            eprintln!(
+            // Straight to stderr: libtest captures eprintln! of the threads a test spawned.
+            let _ = writeln!(
+                std::io::stderr(),
                 "\nlockgate-testenv: test {test} is still running after its time limit of \
                  {limit:?}: killing its child processes and ending the test binary"
             );
