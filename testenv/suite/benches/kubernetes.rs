@@ -529,6 +529,11 @@ impl Rounds {
         self.requests / (ops_per_round * self.walls.len()) as f64
     }
 
+    /// kube-apiserver CPU per API request, in milliseconds, over all rounds.
+    fn apiserver_ms_per_request(&self) -> f64 {
+        self.apiserver.as_secs_f64() * 1e3 / self.requests
+    }
+
     /// The median wall time, in seconds.
     fn wall(&self) -> f64 {
         median(self.walls.iter().map(Duration::as_secs_f64).collect())
@@ -741,9 +746,9 @@ async fn distinct_locks(plan: &Plan, go: &str) {
     );
     println!();
     println!(
-        "| implementation | operations | wall time | per second | API requests each | kube-apiserver CPU | etcd CPU | clients' CPU |"
+        "| implementation | operations | wall time | per second | API requests each | kube-apiserver CPU | etcd CPU | clients' CPU | kube-apiserver CPU per request |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let (mut rust, mut go_rounds, mut plain) =
         (Rounds::default(), Rounds::default(), Rounds::default());
     let mut retried = 0;
@@ -762,9 +767,10 @@ async fn distinct_locks(plan: &Plan, go: &str) {
         let rate = r.rate(n * ops);
         let (api, etcd, clients) = r.shares();
         println!(
-            "| {who} | {n} × {ops} | {:.2} s | {rate:.1} | {:.2} | {api} | {etcd} | {clients} |",
+            "| {who} | {n} × {ops} | {:.2} s | {rate:.1} | {:.2} | {api} | {etcd} | {clients} | {:.2} ms |",
             r.wall(),
             r.requests_per_op(n * ops),
+            r.apiserver_ms_per_request(),
         );
         rate
     };
@@ -774,9 +780,15 @@ async fn distinct_locks(plan: &Plan, go: &str) {
     println!();
     println!(
         "lockgate: {:.1}× Go; {:.2} cycles per plain write (goal ≥ 0.45; 0.5 = two writes a \
-         cycle at the server's own rate).",
+         cycle at the server's own rate). By the API server's CPU: a plain write costs {:.2} \
+         ms, a lockgate cycle {:.2} ms ({:.2} plain writes).",
         rust_rate / go_rate,
-        rust_rate / plain_rate
+        rust_rate / plain_rate,
+        plain.apiserver_ms_per_request(),
+        rust.apiserver.as_secs_f64() * 1e3 / (n * each * rust.walls.len()) as f64,
+        rust.apiserver.as_secs_f64()
+            / (n * each * rust.walls.len()) as f64
+            / (plain.apiserver.as_secs_f64() / plain.requests),
     );
     if retried > 0 {
         println!();
