@@ -480,7 +480,11 @@ pub async fn record(cm: &str, name: &str) -> Option<serde_json::Value> {
 pub async fn queue_len(cm: &str, name: &str) -> usize {
     record(cm, name)
         .await
-        .and_then(|r| r["QueueMembers"].as_object().map(|q| q.len()))
+        .and_then(|r| {
+            r["QueueMembers"]
+                .as_object()
+                .map(|q| q.keys().filter(|k| *k != "lockgate-holder").count())
+        })
         .unwrap_or(0)
 }
 
