@@ -17,7 +17,20 @@
 //! runtime. Storage formats are those of Go lockgate, so Rust and Go processes exclude each other;
 //! see `PROTOCOL.md`.
 //!
+//! # Features
+//!
+//! | feature | default | gives |
+//! |---|---|---|
+//! | `file` | yes | [`FileLocker`]: flock(2) locks on one host |
+//! | `kubernetes` | no | `KubernetesLocker`: locks in the annotations of any Kubernetes object (kube-rs; the final binary chooses a `k8s-openapi` version feature) |
+//! | `server` | no | `lockgate::server`: the HTTP lock server (axum, rustls) |
+//! | `http` | no | `lockgate::http::protocol`: the HTTP wire types |
+//!
 //! # Examples
+//!
+//! The repository's `examples/` has runnable programs: Go lockgate's three cases on file and on
+//! Kubernetes locks, the handle API, and a worker fenced by its lock's tokens
+//! (`cargo run --example file_locks`).
 //!
 //! A blocking lock with a timeout:
 //!
@@ -68,6 +81,7 @@ pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+mod host;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod http;
 #[cfg(feature = "kubernetes")]

@@ -17,7 +17,7 @@ use crate::acquire::Attempt;
 use crate::backend::{Lease, LostNotifier};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Holder};
+use crate::options::AcquireOptions;
 
 /// A grant written, with what a lease needs to know of it.
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub(crate) struct Granted {
     pub(super) record: Record,
     /// The record's value in the store, as written.
     pub(super) value: String,
+    /// Our entry in the record's `Holders`.
+    pub(super) holder: String,
     /// When the granting write was sent.
     pub(super) sent: Instant,
     pub(super) token: Option<u64>,
@@ -133,6 +135,7 @@ impl Acquisition<'_> {
                 } => {
                     let sent = Instant::now();
                     let granted = Granted {
+                        holder: self.id.clone(),
                         value: change.new.clone().unwrap_or_default(),
                         record,
                         sent,
@@ -200,11 +203,7 @@ impl Acquisition<'_> {
         if !self.attempt.may_wait() {
             return Err(self.attempt.busy());
         }
-        self.attempt.waiting(|| {
-            let mut holder = Holder::with_id(rec.mode(), rec.uuid.clone());
-            holder.count = u64::try_from(rec.shared_holders).ok();
-            vec![holder]
-        });
+        self.attempt.waiting(|| rec.holders());
         let object = self.object;
         let feed = self.feed.get_or_insert_with(|| object.watch());
         let wake = match (wake, self.attempt.deadline()) {
@@ -359,7 +358,7 @@ impl Acquisition<'_> {
             Arc::clone(session),
             name,
             &self.key,
-            member,
+            (member, self.id.clone()),
             signal,
             g.token,
         ))
