@@ -160,7 +160,10 @@ impl Object {
         held: Held,
         until: Instant,
     ) -> Result<Option<Held>, Error> {
-        Ok(self.release_written(name, key, held, until).await?.0)
+        Ok(self
+            .release_written(name, key, holder, held, until)
+            .await?
+            .0)
     }
 
     /// [`release_record`](Self::release_record), also returning the record's value as the
@@ -169,6 +172,7 @@ impl Object {
         &self,
         name: &str,
         key: &str,
+        holder: &str,
         held: Held,
         until: Instant,
     ) -> Result<(Option<Held>, Option<String>), Error> {

@@ -277,9 +277,11 @@ impl Served {
         };
         // Past a TTL from now the lease has expired anyway.
         let until = Instant::now() + self.object.config.ttl;
+        // A handle does not name its holder entry: a shared record keeps the entry of an HTTP
+        // holder that left until its last holder leaves (the count is what matters).
         match self
             .object
-            .release_written(name.as_str(), &key, held, until)
+            .release_written(name.as_str(), &key, "", held, until)
             .await
         {
             Ok((_, written)) => {
