@@ -179,3 +179,7 @@ async fn create_configmap(
         .expect("create a ConfigMap");
     name
 }
+
+pub mod checker;
+pub mod history;
+pub mod register;
