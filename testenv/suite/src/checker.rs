@@ -70,7 +70,7 @@ pub enum Kind {
     TokenOrder,
     Unfinished,
     Takeover,
-    Malformed,
+    ActedAfterLost,
 }
 
 impl fmt::Display for Kind {
@@ -82,7 +82,7 @@ impl fmt::Display for Kind {
             Kind::TokenOrder => "token order",
             Kind::Unfinished => "unfinished history",
             Kind::Takeover => "takeover",
-            Kind::Malformed => "malformed history",
+            Kind::ActedAfterLost => "acted after it was told lost",
         })
     }
 }
@@ -174,6 +174,10 @@ struct Hold {
     end: u64,
     why: &'static str,
     token: Option<u64>,
+    /// When it was told its lease was lost.
+    lost: Option<u64>,
+    /// Its last guarded action (a counter update or a register write begun).
+    last_action: Option<u64>,
     /// Zombie windows: [pause, resume + grace).
     zombie: Vec<(u64, u64)>,
 }
@@ -341,6 +345,8 @@ pub fn check(input: &Input, params: &Params) -> Report {
                         end: end.max(e.mono),
                         why,
                         token: e.token,
+                        lost: None,
+                        last_action: None,
                         zombie: Vec::new(),
                     });
                     report.holds += 1;
@@ -355,9 +361,17 @@ pub fn check(input: &Input, params: &Params) -> Report {
                     report.lost_signals += 1;
                     if let Some(hold) = current.as_mut().filter(|c| e.h.is_none_or(|h| h == c.h)) {
                         close(hold, e.mono, "lost");
+                        hold.lost.get_or_insert(e.mono);
                     }
                 }
-                (Op::Counter, Phase::Invoke) => {
+                (Op::Counter | Op::Register, Phase::Invoke) => {
+                    if let Some(hold) = current.as_mut().filter(|c| e.h == Some(c.h)) {
+                        hold.last_action = Some(e.mono);
+                    }
+                    if e.op == Op::Register {
+                        report.operations += 1;
+                        continue;
+                    }
                     report.operations += 1;
                     if let Some(h) = e.h {
                         counter_invoked.insert(h, e.mono);
@@ -379,7 +393,6 @@ pub fn check(input: &Input, params: &Params) -> Report {
                     }
                 }
                 (Op::Counter, Phase::Info) => {}
-                (Op::Register, Phase::Invoke) => report.operations += 1,
                 _ => {}
             }
         }
@@ -388,7 +401,36 @@ pub fn check(input: &Input, params: &Params) -> Report {
         }
         counter_unknown += counter_invoked.len() as u64;
     }
+    let tolerance = 100 * 1_000_000;
     for hold in &mut holds {
+        // A holder that acts believes it holds, whatever it was told.
+        if let (Some(lost), Some(act)) = (hold.lost, hold.last_action) {
+            if act > hold.end {
+                hold.end = act;
+                hold.why = "acted after it was told lost";
+            }
+            let zombie = pauses
+                .get(&hold.client)
+                .into_iter()
+                .flatten()
+                .any(|(p, r)| *p <= act && act < *r);
+            if act > lost + tolerance && !zombie {
+                report.violation(
+                    Kind::ActedAfterLost,
+                    format!(
+                        "{} {} hold {} acted {:.0} ms after it was told its lease was lost",
+                        hold.client,
+                        if hold.exclusive {
+                            "exclusive"
+                        } else {
+                            "shared"
+                        },
+                        hold.h,
+                        ms(act - lost)
+                    ),
+                );
+            }
+        }
         hold.zombie = pauses
             .get(&hold.client)
             .into_iter()
@@ -704,10 +746,28 @@ mod tests {
         let b = [hold("b", 1, 30, 50, 7, 1), vec![end("b", 100)]].concat();
         let r = run(vec![a.clone(), b.clone()], 2);
         assert!(r.ok(), "{r}");
+        // Told in time, but it went on acting: it still believed it held the lock.
+        let mut deaf = a.clone();
+        deaf.insert(5, ev("a", Op::Counter, Phase::Invoke, 1, 36));
+        let r = run(vec![deaf, b.clone()], 2);
+        assert_eq!(r.count(Kind::Exclusion), 1, "{r}");
         // Told only after the overlap began: a violation.
         a[4].mono = 35 * MS;
         let r = run(vec![a, b], 2);
         assert_eq!(r.count(Kind::Exclusion), 1, "{r}");
+    }
+
+    #[test]
+    fn acting_long_after_being_told_lost_is_caught() {
+        let mut a = hold("a", 1, 10, 900, 5, 0);
+        a.insert(4, ev("a", Op::Lost, Phase::Ok, 1, 100));
+        a.insert(5, ev("a", Op::Register, Phase::Invoke, 1, 150));
+        a.push(end("a", 1000));
+        let r = run(vec![a.clone()], 1);
+        assert!(r.ok(), "within the tolerance for a decision in flight: {r}");
+        a[5].mono = 400 * MS;
+        let r = run(vec![a], 1);
+        assert_eq!(r.count(Kind::ActedAfterLost), 1, "{r}");
     }
 
     #[test]

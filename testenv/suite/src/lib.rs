@@ -181,5 +181,7 @@ async fn create_configmap(
 }
 
 pub mod checker;
+pub mod fault;
+pub mod fault_plans;
 pub mod history;
 pub mod register;
