@@ -74,6 +74,12 @@ pub(crate) async fn acquire(
         outages: 0,
         made_room: false,
     };
+    // A locker that has not heard from the API server yet does not know its clock, which the
+    // record's expiry must be written in (Go peers and fresh processes read it): read first
+    // instead of writing blind. Once per locker.
+    if !object.store.knows_server_time() {
+        a.reread().await?;
+    }
     match a.run().await {
         Ok(g) => {
             a.armed = false;
