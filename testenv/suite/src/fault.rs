@@ -129,6 +129,8 @@ pub struct Plan {
     pub server: Option<ServerSpec>,
     /// How long the clients get to stop once asked.
     pub stop_within: Duration,
+    /// The clients faults may strike (empty: any).
+    pub victims: Vec<String>,
 }
 
 /// What a run did and what the checker found.
@@ -481,11 +483,12 @@ impl Running {
     }
 
     /// The clients alive now (the last incarnation of each).
-    fn alive(&mut self) -> Vec<String> {
+    fn alive(&mut self, victims: &[String]) -> Vec<String> {
         self.fleet
             .children
             .iter_mut()
             .filter_map(|(id, c)| c.try_wait().ok().flatten().is_none().then(|| id.clone()))
+            .filter(|id| victims.is_empty() || victims.iter().any(|v| v == base_id(id)))
             .collect()
     }
 
@@ -514,7 +517,7 @@ impl Running {
     }
 
     async fn apply(&mut self, plan: &Plan, fault: &Fault) {
-        let alive = self.alive();
+        let alive = self.alive(&plan.victims);
         match fault {
             Fault::Wait(d) => tokio::time::sleep(*d).await,
             Fault::Kill(moment) => {

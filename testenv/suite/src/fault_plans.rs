@@ -148,6 +148,7 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
             gc: false,
             server: None,
             stop_within: 30 * SECOND,
+            victims: Vec::new(),
         };
     let four = || {
         (0..4)
@@ -229,20 +230,31 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
             ]),
             short,
         ),
-        "kube-mixed" => base(
-            cm().await,
-            four_proxied(),
-            repeat(vec![
-                Fault::Kill(Moment::InHold),
-                Fault::Pause(Moment::InHold, secs(6.0)),
-                Fault::Partition(Net::BlackHole, secs(6.0)),
-                Fault::Partition(Net::LoseReplies, secs(6.0)),
-                Fault::Restart("apiserver"),
-                Fault::Everyone(Net::Latency(Duration::from_millis(800)), secs(4.0)),
-                Fault::Restart("etcd"),
-            ]),
-            short,
-        ),
+        "kube-mixed" => {
+            // The short version (one round, for the test suite): four faults; longer runs
+            // cycle through all of them.
+            let faults = if rounds <= 1 {
+                vec![
+                    Fault::Kill(Moment::InHold),
+                    Fault::Pause(Moment::InHold, secs(5.0)),
+                    Fault::Partition(Net::BlackHole, secs(5.0)),
+                    Fault::Restart("apiserver"),
+                ]
+            } else {
+                repeat(vec![
+                    Fault::Kill(Moment::InHold),
+                    Fault::Pause(Moment::InHold, secs(6.0)),
+                    Fault::Partition(Net::BlackHole, secs(6.0)),
+                    Fault::Partition(Net::LoseReplies, secs(6.0)),
+                    Fault::Restart("apiserver"),
+                    Fault::Everyone(Net::Latency(Duration::from_millis(800)), secs(4.0)),
+                    Fault::Restart("etcd"),
+                ])
+            };
+            let mut p = base(cm().await, four_proxied(), faults, short);
+            p.gap = 4 * SECOND;
+            p
+        }
         "go-fleet-kill" => {
             let mut p = base(
                 cm().await,
@@ -307,6 +319,7 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
                 long,
             );
             p.gap = 14 * SECOND;
+            p.victims = vec!["e0".into(), "e1".into()];
             p
         }
         "exec-pause" | "planted-no-fence" => {
@@ -328,6 +341,7 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
                 long,
             );
             p.gap = 2 * SECOND;
+            p.victims = vec!["e0".into()];
             p
         }
         "file-kill-tmpfs" | "file-gc-ext4" => {
