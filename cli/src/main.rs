@@ -10,6 +10,8 @@ mod errors;
 mod exec;
 mod job;
 mod locator;
+#[cfg(test)]
+mod locator_proptests;
 mod serve;
 mod status;
 mod watchdog;

@@ -148,7 +148,8 @@ macro_rules! corrupt_records {
     ($($test:ident => $value:expr),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $test() {
-            corrupt(foreign_record(&$value).await);
+            let value: String = $value;
+            corrupt(foreign_record(&value).await);
         }
     )*};
 }
