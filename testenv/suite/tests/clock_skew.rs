@@ -128,3 +128,107 @@ async fn a_holder_whose_clock_is_stepped_back_is_not_taken_over() {
     drop(holder.stdin.take());
     assert!(holder.wait().unwrap().success());
 }
+
+/// A Go holder on a host whose clock is `skew_s` seconds off, simulated (Go binaries read the
+/// clock without libc, so faketime cannot shift them): a record of Go's shape (no `Renewals`)
+/// whose `ExpireAtTimestamp` is its clock + 10 s, rewritten every 3 s as Go renews, until the
+/// returned sender is dropped (the holder dies).
+async fn skewed_go_holder(cm: &str, name: &str, skew_s: i64) -> tokio::sync::oneshot::Sender<()> {
+    use kube::api::{Patch, PatchParams};
+    let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(client(false).await, "default");
+    let key = annotation_key(name);
+    let uuid = format!("go-{}", lockgate_testenv::unique("lease"));
+    let write = {
+        let (api, cm, key, name) = (api.clone(), cm.to_owned(), key.clone(), name.to_owned());
+        move || {
+            let (api, cm, key, name, uuid) = (
+                api.clone(),
+                cm.clone(),
+                key.clone(),
+                name.clone(),
+                uuid.clone(),
+            );
+            async move {
+                let rec = serde_json::json!({"uuid": uuid, "lockName": name,
+                    "ExpireAtTimestamp": now() + skew_s + 10, "SharedHoldersCount": 1,
+                    "IsShared": false, "QueueMembers": {}});
+                let patch =
+                    serde_json::json!({"metadata": {"annotations": {key: rec.to_string()}}});
+                api.patch(&cm, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    write().await;
+    let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut rx => return,
+                _ = tokio::time::sleep(Duration::from_secs(3)) => write().await,
+            }
+        }
+    });
+    tx
+}
+
+/// Go holders with clocks 10 minutes fast and 10 s slow (within PROTOCOL.md's 17 s) are not
+/// taken over while they renew, by waiting or fresh Rust processes; once they die, a waiting
+/// Rust process takes over one TTL after the last renewal it saw, whatever the dead holder's
+/// clock said (not 10 minutes later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_holders_with_skewed_clocks_are_not_taken_over_while_they_renew() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    for (name, skew) in [("go-fast", 600), ("go-slow", -10)] {
+        let holder = skewed_go_holder(&cm, name, skew).await;
+        let (u, n) = (url.clone(), name.to_owned());
+        // A waiter for 12 s (more than a TTL) and fresh non-blocking processes meanwhile.
+        let waited = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let code = Command::new(rust_cli())
+                .args(["--locker", &u, "exec", "-q", "-w", "12", &n, "--", "true"])
+                .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+                .status()
+                .unwrap()
+                .code();
+            (code, start.elapsed())
+        });
+        for _ in 0..3 {
+            let (u, n) = (url.clone(), name.to_owned());
+            let code = tokio::task::spawn_blocking(move || try_lock(&rust_cli(), &u, &[], &n))
+                .await
+                .unwrap();
+            assert_eq!(code, 1, "{name}: a fresh process took a live lease over");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let (code, _) = waited.await.unwrap();
+        assert_eq!(code, Some(1), "{name}: a waiter took a live lease over");
+        // The holder dies: a waiter takes over about a TTL (10 s) after the last renewal.
+        drop(holder);
+        let (u, n) = (url.clone(), name.to_owned());
+        let (code, took) = tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let code = Command::new(rust_cli())
+                .args(["--locker", &u, "exec", "-q", "-w", "30", &n, "--", "true"])
+                .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+                .status()
+                .unwrap()
+                .code();
+            (code, start.elapsed())
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            code,
+            Some(0),
+            "{name}: never taken over after its holder died"
+        );
+        assert!(
+            took <= Duration::from_secs(14),
+            "{name}: taken over after {took:?}"
+        );
+    }
+}
