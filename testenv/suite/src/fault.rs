@@ -70,6 +70,9 @@ pub enum Moment {
     /// After its first register write, or its counter update when it has no token: in the
     /// sleep of its hold.
     InHold,
+    /// In the sleep of a hold granted less than 300 ms ago: most of the hold still to come (a
+    /// fault that must outlast the renewal deadline inside the hold).
+    Fresh,
 }
 
 /// What a network fault does to the victim's proxy.
@@ -210,8 +213,9 @@ impl Drop for Fleet {
 /// What the nemesis knows of a client from its history so far.
 #[derive(Debug, Clone, Default)]
 struct Seen {
-    /// The hold in progress: (h, pid of the holder, pid of its supervisor, exclusive, last op).
-    holding: Option<(u64, u32, Option<u32>, bool, Op, Phase)>,
+    /// The hold in progress: (h, pid of the holder, pid of its supervisor, exclusive, last op,
+    /// when it was granted).
+    holding: Option<(u64, u32, Option<u32>, bool, Op, Phase, u64)>,
 }
 
 /// Reads the clients' histories as they grow.
@@ -258,6 +262,7 @@ impl Watcher {
                             ev.mode.as_deref() != Some("s"),
                             ev.op,
                             ev.phase,
+                            ev.mono,
                         ));
                     }
                     (Op::Release, Phase::Invoke) | (Op::Lost, _) | (Op::End, _) => {
@@ -278,13 +283,15 @@ impl Watcher {
     /// A client holding the lock exclusively at `moment`: (client, holder pid, supervisor pid).
     fn victim(&self, moment: Moment, among: &[String]) -> Option<(String, u32, Option<u32>)> {
         self.clients.iter().find_map(|(c, s)| {
-            let (_, pid, sup, excl, op, phase) = s.holding?;
+            let (_, pid, sup, excl, op, phase, granted) = s.holding?;
+            let in_hold = (op == Op::Register && phase != Phase::Invoke)
+                || (op == Op::Counter && phase == Phase::Ok);
             let at = match moment {
                 Moment::Holding => true,
                 Moment::MidWrite => op == Op::Counter && phase == Phase::Invoke,
-                Moment::InHold => {
-                    (op == Op::Register && phase != Phase::Invoke)
-                        || (op == Op::Counter && phase == Phase::Ok)
+                Moment::InHold => in_hold,
+                Moment::Fresh => {
+                    in_hold && history::mono_ns().saturating_sub(granted) < 300_000_000
                 }
             };
             (excl && at && among.contains(c)).then(|| (c.clone(), pid, sup))
@@ -397,6 +404,8 @@ impl Plan {
         if let Some(t) = gc {
             t.join().expect("the gc loop");
         }
+        // Supervisors (Go peers, `lockgate exec`) lead groups of their own: end what is left.
+        r.watcher.poll();
         let groups: Vec<i32> = r.watcher.supervisors.iter().map(|&p| p as i32).collect();
         r.fleet.groups.extend(groups);
         let histories = history::read_dir(&hist).expect("read the histories");
@@ -582,7 +591,7 @@ impl Running {
                     .filter(|c| self.proxies.contains_key(base_id(c)))
                     .cloned()
                     .collect();
-                let Some((client, pid, _)) = self.victim(Moment::InHold, &proxied).await else {
+                let Some((client, pid, _)) = self.victim(Moment::Fresh, &proxied).await else {
                     self.missed.push(format!("{fault:?}"));
                     return;
                 };
@@ -616,6 +625,10 @@ impl Running {
                 );
             }
             Fault::Restart(what) => {
+                // Strike while somebody holds the lock: its renewals must fail over the restart.
+                if self.victim(Moment::Fresh, &alive).await.is_none() {
+                    self.missed.push(format!("{fault:?}"));
+                }
                 self.nemesis.log(
                     &Event::now("nemesis", Op::Fault, Phase::Invoke)
                         .detail(format!("restart {what}")),
@@ -643,6 +656,10 @@ impl Running {
             }
             Fault::RestartServer => {
                 let ttl = plan.server.as_ref().expect("an HTTP run").ttl.clone();
+                // Strike while somebody holds a lease: its holder must learn it lost it.
+                if self.victim(Moment::Fresh, &alive).await.is_none() {
+                    self.missed.push(format!("{fault:?}"));
+                }
                 let (port, mut old) = self.server.take().expect("a server");
                 self.nemesis
                     .log(&Event::now("nemesis", Op::Fault, Phase::Invoke).detail("server kill -9"));

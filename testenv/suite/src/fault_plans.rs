@@ -157,7 +157,8 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
     };
     let four_proxied = || {
         (0..4)
-            .map(|i| kube(&format!("k{i}"), &[]).proxied())
+            // Holds long enough (4 to 6 s) that a holder cut off at its start loses its lease mid-hold.
+            .map(|i| kube(&format!("k{i}"), &["--hold", "4000:6000"]).proxied())
             .collect::<Vec<_>>()
     };
     match name {
@@ -173,24 +174,23 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
             repeat(vec![Fault::Pause(Moment::InHold, secs(6.0))]),
             short,
         ),
-        "kube-restart-apiserver" => base(
-            cm().await,
-            four(),
-            repeat(vec![Fault::Restart("apiserver")]),
-            short,
-        ),
-        "kube-restart-etcd" => base(
-            cm().await,
-            four(),
-            repeat(vec![Fault::Restart("etcd")]),
-            short,
-        ),
-        "kube-restart-both" => base(
-            cm().await,
-            four(),
-            repeat(vec![Fault::Restart("both")]),
-            short,
-        ),
+        "kube-restart-apiserver" | "kube-restart-etcd" | "kube-restart-both" => {
+            // Holds long enough (4 to 6 s) that a holder caught by the restart loses its lease mid-hold.
+            let what: &'static str = match name {
+                "kube-restart-apiserver" => "apiserver",
+                "kube-restart-etcd" => "etcd",
+                _ => "both",
+            };
+            let clients = (0..4)
+                .map(|i| kube(&format!("k{i}"), &["--hold", "4000:6000"]))
+                .collect();
+            base(
+                cm().await,
+                clients,
+                repeat(vec![Fault::Restart(what)]),
+                short,
+            )
+        }
         "kube-black-hole" => base(
             cm().await,
             four_proxied(),
@@ -401,7 +401,14 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
                     ClientSpec::new(
                         &format!("h{i}"),
                         "http",
-                        &["--lease", SHORT_LEASE, "--hold", "20:300", "--shared", "20"],
+                        &[
+                            "--lease",
+                            SHORT_LEASE,
+                            "--hold",
+                            "4000:6000",
+                            "--shared",
+                            "20",
+                        ],
                     )
                 })
                 .collect();
