@@ -210,12 +210,24 @@ impl Drop for Fleet {
     }
 }
 
+/// A hold in progress, as the nemesis sees it.
+#[derive(Debug, Clone)]
+struct Holding {
+    /// The process that holds (for Go and `lockgate exec` clients, the command under the lock).
+    pid: u32,
+    /// The Go peer or `lockgate exec` that supervises it.
+    supervisor: Option<u32>,
+    exclusive: bool,
+    /// The hold's last event.
+    op: Op,
+    phase: Phase,
+    granted: u64,
+}
+
 /// What the nemesis knows of a client from its history so far.
 #[derive(Debug, Clone, Default)]
 struct Seen {
-    /// The hold in progress: (h, pid of the holder, pid of its supervisor, exclusive, last op,
-    /// when it was granted).
-    holding: Option<(u64, u32, Option<u32>, bool, Op, Phase, u64)>,
+    holding: Option<Holding>,
 }
 
 /// Reads the clients' histories as they grow.
@@ -255,23 +267,22 @@ impl Watcher {
                         if let Some(p) = ev.target_pid {
                             self.supervisors.push(p);
                         }
-                        seen.holding = Some((
-                            ev.h.unwrap_or(0),
-                            ev.pid,
-                            ev.target_pid,
-                            ev.mode.as_deref() != Some("s"),
-                            ev.op,
-                            ev.phase,
-                            ev.mono,
-                        ));
+                        seen.holding = Some(Holding {
+                            pid: ev.pid,
+                            supervisor: ev.target_pid,
+                            exclusive: ev.mode.as_deref() != Some("s"),
+                            op: ev.op,
+                            phase: ev.phase,
+                            granted: ev.mono,
+                        });
                     }
                     (Op::Release, Phase::Invoke) | (Op::Lost, _) | (Op::End, _) => {
                         seen.holding = None
                     }
                     (op, phase) => {
                         if let Some(hold) = seen.holding.as_mut() {
-                            hold.4 = op;
-                            hold.5 = phase;
+                            hold.op = op;
+                            hold.phase = phase;
                         }
                     }
                 }
@@ -283,7 +294,14 @@ impl Watcher {
     /// A client holding the lock exclusively at `moment`: (client, holder pid, supervisor pid).
     fn victim(&self, moment: Moment, among: &[String]) -> Option<(String, u32, Option<u32>)> {
         self.clients.iter().find_map(|(c, s)| {
-            let (_, pid, sup, excl, op, phase, granted) = s.holding?;
+            let Holding {
+                pid,
+                supervisor: sup,
+                exclusive: excl,
+                op,
+                phase,
+                granted,
+            } = s.holding.clone()?;
             let in_hold = (op == Op::Register && phase != Phase::Invoke)
                 || (op == Op::Counter && phase == Phase::Ok);
             let at = match moment {
