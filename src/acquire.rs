@@ -6,13 +6,15 @@ use std::time::{Duration, Instant};
 
 use crate::error::AcquireError;
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Holder, Mode, WaitInfo};
+use crate::options::{AcquireOptions, Holder, Mode, Wait, WaitInfo};
 
 /// One acquisition in progress.
 pub(crate) struct Attempt<'a> {
     pub name: &'a LockName,
     pub opts: &'a AcquireOptions,
-    start: Instant,
+    /// When it started; not read for an acquisition that waits forever (a clock read saved on
+    /// the uncontended path).
+    start: Option<Instant>,
     deadline: Option<Instant>,
     notified: bool,
 }
@@ -20,12 +22,18 @@ pub(crate) struct Attempt<'a> {
 impl<'a> Attempt<'a> {
     /// Starts the clock of an acquisition of `name` with `opts`.
     pub fn new(name: &'a LockName, opts: &'a AcquireOptions) -> Self {
-        let start = Instant::now();
+        let (start, deadline) = match opts.wait {
+            Wait::Forever => (None, None),
+            wait => {
+                let start = Instant::now();
+                (Some(start), wait.deadline(start))
+            }
+        };
         Self {
             name,
             opts,
             start,
-            deadline: opts.wait.deadline(start),
+            deadline,
             notified: false,
         }
     }
@@ -60,7 +68,7 @@ impl<'a> Attempt<'a> {
         if self.may_wait() {
             AcquireError::TimedOut {
                 name: self.name.as_str().to_owned(),
-                waited: self.start.elapsed(),
+                waited: self.start.map_or(Duration::ZERO, |s| s.elapsed()),
             }
         } else {
             AcquireError::WouldBlock {

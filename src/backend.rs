@@ -70,6 +70,10 @@ pub enum LostReason {
     /// Another owner's record replaced ours.
     #[error("another owner took the lock")]
     Taken,
+    /// The lock server no longer has the lease: it expired there, was released, or ended with
+    /// the server (a restarted server with an in-memory store).
+    #[error("the lock server no longer has the lease")]
+    Gone,
 }
 
 /// Fires when a lease is lost; see [`LockGuard::lost`](crate::LockGuard::lost).

@@ -188,6 +188,43 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The lock server refused the request's credentials: it requires a token and the request
+    /// had none, or another one.
+    #[cfg(feature = "http")]
+    #[error(
+        "the lock server {server} refused the token (none was sent, or it is not the server's)"
+    )]
+    Unauthorized {
+        /// The server's URL (without credentials).
+        server: String,
+    },
+
+    /// The lock server could not be reached, or did not answer in time.
+    #[cfg(feature = "http")]
+    #[error("cannot reach the lock server {server}")]
+    ServerUnreachable {
+        /// The server's URL (without credentials).
+        server: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The lock server refused a request, or answered with something that is not the lock
+    /// protocol.
+    #[cfg(feature = "http")]
+    #[error("the lock server {server} answered {status}: {message}")]
+    ServerRefused {
+        /// The server's URL (without credentials).
+        server: String,
+        /// The HTTP status (200 for an outcome the client does not know).
+        status: u16,
+        /// The server's machine-readable code, when it sent one.
+        code: Option<crate::http::protocol::ErrorCode>,
+        /// The server's `err`, or what was wrong with the answer.
+        message: String,
+    },
+
     /// An operating system facility the locker relies on is not available.
     #[error("cannot {op}")]
     System {

@@ -6,6 +6,8 @@
 //!   files locked with flock(2).
 //! - `KubernetesLocker` (feature `kubernetes`): processes anywhere, locks in the annotations of
 //!   any Kubernetes object, with leases renewed in the background.
+//! - `HttpLocker` (feature `http`): processes that reach a lock server, `lockgate serve` or Go
+//!   lockgate's, with leases renewed in the background.
 //! - [`server`] (feature `server`): an HTTP lock server, wire-compatible with Go lockgate's
 //!   HTTP locker clients, with long polls, fair queues and fencing tokens.
 //!
@@ -15,7 +17,20 @@
 //! runtime. Storage formats are those of Go lockgate, so Rust and Go processes exclude each other;
 //! see `PROTOCOL.md`.
 //!
+//! # Features
+//!
+//! | feature | default | gives |
+//! |---|---|---|
+//! | `file` | yes | [`FileLocker`]: flock(2) locks on one host |
+//! | `kubernetes` | no | `KubernetesLocker`: locks in the annotations of any Kubernetes object (kube-rs; the final binary chooses a `k8s-openapi` version feature) |
+//! | `server` | no | `lockgate::server`: the HTTP lock server (axum, rustls) |
+//! | `http` | no | `lockgate::http::protocol`: the HTTP wire types |
+//!
 //! # Examples
+//!
+//! The repository's `examples/` has runnable programs: Go lockgate's three cases on file and on
+//! Kubernetes locks, the handle API, and a worker fenced by its lock's tokens
+//! (`cargo run --example file_locks`).
 //!
 //! A blocking lock with a timeout:
 //!
@@ -56,13 +71,17 @@
 //! ```
 #![warn(missing_docs)]
 // Without a backend the crate is only its API; helpers the backends share go unused.
-#![cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
+#![cfg_attr(
+    not(any(feature = "file", feature = "kubernetes", feature = "http")),
+    allow(dead_code)
+)]
 
 mod acquire;
 pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+mod host;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod http;
 #[cfg(feature = "kubernetes")]
@@ -74,13 +93,15 @@ mod name_proptests;
 mod options;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "kubernetes")]
+#[cfg(any(feature = "kubernetes", feature = "http"))]
 mod session;
 
 pub use backend::{LostReason, LostSignal};
 pub use error::{AcquireError, Error, Result};
 #[cfg(feature = "file")]
 pub use file::FileLocker;
+#[cfg(feature = "http")]
+pub use http::{HttpConfig, HttpLocker};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::KubernetesLocker;
 pub use locker::{with_acquire, with_acquire_blocking, LockGuard, LockHandle, Locker};
@@ -88,6 +109,7 @@ pub use name::{LockName, NameError, MAX_NAME_LEN};
 pub use options::{AcquireOptions, Holder, Mode, Wait, WaitInfo};
 
 /// Lowercase hex of `bytes`.
+#[cfg_attr(not(any(feature = "file", feature = "kubernetes")), allow(dead_code))]
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);

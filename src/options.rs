@@ -69,56 +69,127 @@ impl Wait {
 }
 
 /// Someone who holds, or waits for, a lock, as far as the backend can tell.
+///
+/// Displayed for people: `ci-runner-7 pid 4242 (helm upgrade …) for 3m12s, exclusive`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Holder {
     /// The mode the holder has (or wants).
     pub mode: Mode,
-    /// The holder's process id, when it runs on this host and the backend can see it.
+    /// The host it runs on, when recorded (Kubernetes and HTTP locks; a pod's name in a pod).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The holder's process id: on this host for file locks, as recorded otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// The user it runs as, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Since when it holds the lock, unix seconds (by the store's clock), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    /// What it does: the caller's description ([`AcquireOptions::description`]; `lockgate exec`
+    /// puts its command line there), or a file lock holder's command line from /proc.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
     /// A backend-specific holder identity (a lease UUID, an acquirer id), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// How many holders share this lease, when the backend counts them (a shared record of
-    /// the Kubernetes backend is one lease held by a count of holders).
+    /// How many holders share this lease, when the backend counts them but cannot tell them
+    /// apart (a shared Go lockgate record is one lease held by a count of holders).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
 }
 
 impl Holder {
+    /// A holder with nothing known but its mode.
+    pub fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            host: None,
+            pid: None,
+            user: None,
+            since: None,
+            description: None,
+            id: None,
+            count: None,
+        }
+    }
+
     /// A holder known by its process id.
     pub fn process(mode: Mode, pid: u32) -> Self {
         Self {
-            mode,
             pid: Some(pid),
-            id: None,
-            count: None,
+            ..Self::new(mode)
         }
     }
 
     /// A holder known by a backend-specific identity.
     pub fn with_id(mode: Mode, id: impl Into<String>) -> Self {
         Self {
-            mode,
-            pid: None,
             id: Some(id.into()),
-            count: None,
+            ..Self::new(mode)
         }
     }
+
+    /// How long it has held the lock at `now` (unix seconds), when known.
+    pub fn held_for(&self, now: i64) -> Option<std::time::Duration> {
+        let secs = now.checked_sub(self.since?)?;
+        Some(std::time::Duration::from_secs(u64::try_from(secs).ok()?))
+    }
+}
+
+/// The current wall clock, unix seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.pid, &self.id) {
-            (Some(pid), _) => write!(f, "pid {pid} ({}", self.mode)?,
-            (None, Some(id)) => write!(f, "{id} ({}", self.mode)?,
-            (None, None) => write!(f, "unknown ({}", self.mode)?,
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(host) = &self.host {
+            parts.push(host.clone());
+        }
+        if let Some(pid) = self.pid {
+            parts.push(format!("pid {pid}"));
+        }
+        if let Some(user) = &self.user {
+            parts.push(format!("user {user}"));
+        }
+        if parts.is_empty() {
+            parts.push(self.id.clone().unwrap_or_else(|| "unknown".into()));
+        }
+        let mut s = parts.join(" ");
+        if let Some(d) = &self.description {
+            // One line, and not a novel.
+            let d: String = d
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let short: String = d.chars().take(60).collect();
+            let ellipsis = if d.chars().count() > 60 { "…" } else { "" };
+            s.push_str(&format!(" ({short}{ellipsis})"));
+        }
+        if let Some(held) = self.held_for(unix_now()) {
+            s.push_str(&format!(" for {}", short_duration(held)));
         }
         match self.count {
-            Some(n) if n != 1 => write!(f, ", {n} holders)"),
-            _ => f.write_str(")"),
+            Some(n) if n != 1 => write!(f, "{s}, {} by {n} holders", self.mode),
+            _ => write!(f, "{s}, {}", self.mode),
         }
+    }
+}
+
+/// `42s`, `3m12s`, `2h5m`, `3d4h`.
+pub(crate) fn short_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
     }
 }
 
@@ -156,6 +227,7 @@ pub struct AcquireOptions {
     pub(crate) wait: Wait,
     pub(crate) on_wait: Option<OnWait>,
     pub(crate) on_lost: Option<OnLost>,
+    pub(crate) description: Option<String>,
 }
 
 impl AcquireOptions {
@@ -217,18 +289,25 @@ impl AcquireOptions {
         self
     }
 
-    /// The requested mode.
-    pub fn get_mode(&self) -> Mode {
-        self.mode
-    }
-
-    /// The requested waiting policy.
-    pub fn get_wait(&self) -> Wait {
-        self.wait
+    /// Says what the holder does, for whoever waits for the lock or looks at it (`lockgate
+    /// status`): recorded with the lease by the Kubernetes and HTTP backends, with the host,
+    /// the process id and the user. `lockgate exec` puts its command line here. At most 256
+    /// bytes are kept.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        let mut text = text.into();
+        if text.len() > 256 {
+            let mut end = 256;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        self.description = Some(text);
+        self
     }
 
     /// Runs the on-wait hook, if any.
-    pub fn notify_wait(&self, info: &WaitInfo<'_>) {
+    pub(crate) fn notify_wait(&self, info: &WaitInfo<'_>) {
         if let Some(hook) = &self.on_wait {
             hook(info);
         }
@@ -242,6 +321,7 @@ impl fmt::Debug for AcquireOptions {
             .field("wait", &self.wait)
             .field("on_wait", &self.on_wait.as_ref().map(|_| "<hook>"))
             .field("on_lost", &self.on_lost.as_ref().map(|_| "<hook>"))
+            .field("description", &self.description)
             .finish()
     }
 }

@@ -72,7 +72,7 @@ struct Held<S> {
 /// The leases of one locker and the task that renews them.
 pub(crate) struct Session<R: Renewer> {
     renewer: R,
-    timing: Timing,
+    timing: Mutex<Timing>,
     bridge: Bridge,
     held: Mutex<HashMap<String, Held<R::State>>>,
     wakeup: Arc<Notify>,
@@ -85,6 +85,7 @@ pub(crate) struct Leaving<S> {
     /// The lease's state, for the releasing write.
     pub state: S,
     /// How many members of this process still hold it.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub remaining: usize,
     /// When the lease could expire for others at the earliest (last confirmed send + TTL is the
     /// backend's to add; this is the last confirmed send).
@@ -95,7 +96,7 @@ impl<R: Renewer> Session<R> {
     pub fn new(renewer: R, timing: Timing, bridge: Bridge) -> Arc<Self> {
         Arc::new(Self {
             renewer,
-            timing,
+            timing: Mutex::new(timing),
             bridge,
             held: Mutex::default(),
             wakeup: Arc::new(Notify::new()),
@@ -110,6 +111,18 @@ impl<R: Renewer> Session<R> {
 
     pub fn bridge(&self) -> &Bridge {
         &self.bridge
+    }
+
+    fn timing(&self) -> Timing {
+        *self.timing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the renewal timing, for a backend that learns the lease TTL from its store (the
+    /// HTTP locker, from the server's answers). Takes effect at the next renewal round.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub fn set_timing(&self, timing: Timing) {
+        *self.timing.lock().unwrap_or_else(PoisonError::into_inner) = timing;
+        self.wakeup.notify_one();
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held<R::State>>> {
@@ -168,6 +181,7 @@ impl<R: Renewer> Session<R> {
 
     /// Records a change of the lease `key` made outside the renewer (a release that left other
     /// members holding it).
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn update(&self, key: &str, state: R::State) {
         if let Some(h) = self.held().get_mut(key) {
             h.state = state;
@@ -200,7 +214,7 @@ impl<R: Renewer> Session<R> {
         let Timing {
             renew_period,
             renew_deadline,
-        } = self.timing;
+        } = self.timing();
         let overdue: Vec<String> = self
             .held()
             .iter()
@@ -224,10 +238,11 @@ impl<R: Renewer> Session<R> {
 
     /// The earliest renewal deadline among `keys`.
     fn deadline(&self, keys: &Batch<R::State>) -> Option<Instant> {
+        let renew_deadline = self.timing().renew_deadline;
         let held = self.held();
         keys.iter()
             .filter_map(|(k, _, _)| held.get(k))
-            .map(|h| h.confirmed + self.timing.renew_deadline)
+            .map(|h| h.confirmed + renew_deadline)
             .min()
     }
 

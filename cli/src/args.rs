@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-/// Run commands under shared or exclusive locks: flock(1) for directories of lock files,
-/// compatible with Go lockgate.
+/// Run a command while holding a shared or exclusive lock: flock(1) for lock files, and locks
+/// in the annotations of a Kubernetes object; an HTTP lock server. Compatible with Go lockgate
+/// (werf, nelm).
 #[derive(Debug, Parser)]
-#[command(name = "lockgate", version, about, long_about = None)]
+#[command(name = "lockgate", version, long_about = None)]
 pub(crate) struct Cli {
     #[command(flatten)]
     pub locator: LocatorArgs,
@@ -25,9 +26,10 @@ pub(crate) struct Cli {
 /// Where the locks live.
 #[derive(Debug, Args)]
 pub(crate) struct LocatorArgs {
-    /// Where locks live, as a URL: `file:DIR` (flock on lock files in DIR), or
+    /// Where locks live, as a URL: `file:DIR` (flock on lock files in DIR),
     /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME` (annotations of a Kubernetes object; an
-    /// empty NAMESPACE means cluster-scoped). [env: LOCKGATE_LOCKER]
+    /// empty NAMESPACE means cluster-scoped), or `http://HOST:PORT` / `https://HOST:PORT` (a
+    /// lock server: `lockgate serve`, or Go lockgate's). [env: LOCKGATE_LOCKER]
     #[arg(long, global = true, value_name = "URL", conflicts_with = "dir")]
     pub locker: Option<String>,
     /// Shorthand for `--locker file:DIR`. [env: LOCKGATE_DIR; default: $XDG_RUNTIME_DIR/lockgate,
@@ -40,6 +42,15 @@ pub(crate) struct LocatorArgs {
     /// Create the ConfigMap of a `kubernetes://NAMESPACE/configmaps/NAME` locker when missing.
     #[arg(long, global = true)]
     pub create_missing: bool,
+    /// The lock server's token, read from FILE (surrounding whitespace removed): what an
+    /// `http(s)://` locker sends (`Authorization: Bearer`; otherwise `$LOCKGATE_TOKEN`, else the
+    /// password of the URL), and what `serve` requires of its clients.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust the PEM certificates in FILE (a CA, or the server's own) for an `https://` locker,
+    /// besides the system's roots. [env: LOCKGATE_CA_FILE]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The subcommands.
@@ -64,6 +75,27 @@ pub(crate) enum Command {
     },
     /// Run an HTTP lock server (Go lockgate's protocol, with long polls and fair queues).
     Serve(crate::serve::ServeArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    ///
+    /// bash: `lockgate completions bash > /etc/bash_completion.d/lockgate`;
+    /// zsh: `lockgate completions zsh > "${fpath[1]}/_lockgate"`;
+    /// fish: `lockgate completions fish > ~/.config/fish/completions/lockgate.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout: `lockgate man | man -l -`.
+    ///
+    /// Without SUBCOMMAND, lockgate(1); with one, its page (lockgate-exec(1), ...).
+    /// `--out-dir DIR` writes every page into DIR instead, as `lockgate.1`, `lockgate-exec.1`, ...
+    Man {
+        /// The subcommand whose page to print.
+        subcommand: Option<String>,
+        /// Write every page into this directory instead of printing one.
+        #[arg(long, value_name = "DIR", conflicts_with = "subcommand")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// `lockgate exec`.

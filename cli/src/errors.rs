@@ -10,6 +10,8 @@ pub(crate) mod code {
     pub const UNAVAILABLE: u8 = 69;
     /// An internal error (including output that cannot be written).
     pub const SOFTWARE: u8 = 70;
+    /// An output file or directory cannot be created (`man --out-dir`).
+    pub const CANT_CREATE: u8 = 73;
     /// The lease was lost while the command ran.
     pub const TEMPFAIL: u8 = 75;
     /// The command could not be executed.
@@ -64,8 +66,74 @@ impl From<lockgate::Error> for Failure {
             // fine.
             _ => code::UNAVAILABLE,
         };
-        Self::new(code, error_chain(&e))
+        let mut message = error_chain(&e);
+        if let Some(advice) = advice(&e) {
+            message.push_str("; ");
+            message.push_str(&advice);
+        }
+        Self::new(code, message)
     }
+}
+
+impl Failure {
+    /// A failure to take or release the lock `name`: the library's error, prefixed with what
+    /// lockgate was doing.
+    pub(crate) fn lock(doing: &str, name: &str, e: lockgate::Error) -> Self {
+        let f = Self::from(e);
+        Self::new(
+            f.code,
+            format!("cannot {doing} lock {name:?}: {}", f.message),
+        )
+    }
+}
+
+/// What to do next, for the errors whose message does not say it already.
+fn advice(e: &lockgate::Error) -> Option<String> {
+    use lockgate::Error as E;
+    let choose_dir = "or choose another directory with --dir DIR or $LOCKGATE_DIR";
+    Some(match e {
+        E::LockDir { .. } | E::LockFile { .. } => {
+            format!(
+                "check that the directory exists or can be created and is writable, {choose_dir}"
+            )
+        }
+        E::NotADirectory { .. } => format!("remove what is there, {choose_dir}"),
+        E::ForeignLockDir { .. } => {
+            format!("another user may have created it to interfere with your locks: remove it, {choose_dir}")
+        }
+        E::SymlinkAtLockPath { .. } | E::NotARegularFile { .. } => {
+            "remove it (nothing there is a lockgate lock file)".to_owned()
+        }
+        E::KubeConfig { .. } => {
+            "set KUBECONFIG to a kubeconfig file, or run in a pod with a service account \
+             (KUBERNETES_SERVICE_HOST and /var/run/secrets/kubernetes.io/serviceaccount)"
+                .to_owned()
+        }
+        E::UnknownResource { .. } => {
+            "name the resource as `kubectl api-resources` lists it (configmaps, \
+             leases.coordination.k8s.io, PLURAL.VERSION.GROUP)"
+                .to_owned()
+        }
+        E::Forbidden { verb, .. } if *verb == "create" => {
+            "grant create on configmaps (deploy/rbac/role-create-missing.yaml), or create the \
+             ConfigMap beforehand and drop --create-missing"
+                .to_owned()
+        }
+        E::Forbidden { .. } => {
+            "grant get, list, watch and patch on the object (deploy/rbac/role.yaml is the \
+             minimal Role)"
+                .to_owned()
+        }
+        E::CorruptRecord { key, .. } => {
+            format!("if no lockgate uses it, remove it with `kubectl annotate OBJECT {key}-`")
+        }
+        E::Unreachable { .. } => {
+            "check the API server address of the kubeconfig (or KUBERNETES_SERVICE_HOST) and the \
+             network, then retry"
+                .to_owned()
+        }
+        _ => return None,
+    })
 }
 
 /// `error: cause: cause`, each source once.

@@ -18,7 +18,7 @@
 //! lockgate exits: a leased lock merely dropped would be released by a task that dies with the
 //! runtime, and stay held for a TTL.
 
-use std::io;
+use std::io::{self, IsTerminal};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -45,39 +45,52 @@ const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, 
 
 pub(crate) fn run(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
     let rt = crate::runtime()?;
+    // On a terminal, a long wait is told now and then; in a log, once.
+    let reminders = (!args.quiet && io::stderr().is_terminal()).then(Reminders::start);
+    let opts = options(&args, reminders.as_ref());
     let (_locker, acquired) = match locator {
         // A file lock is waited for on this very thread: the kernel wakes it at the release,
         // with no hop through another thread (and a timer interrupts it for `-w`). Nothing
         // else runs yet.
         Locator::File { .. } => {
             let locker = Locker::new(locator.file_locker()?);
-            let acquired = locker.acquire_blocking(&args.name, options(&args));
+            let acquired = locker.acquire_blocking(&args.name, opts);
             (locker, acquired)
         }
-        Locator::Kubernetes { .. } => rt.block_on(async {
+        Locator::Kubernetes { .. } | Locator::Http { .. } => rt.block_on(async {
             let locker = locator.locker().await?;
-            let acquired = locker.acquire(&args.name, options(&args)).await;
+            let acquired = locker.acquire(&args.name, opts).await;
             Ok::<_, Failure>((locker, acquired))
         })?,
     };
+    drop(reminders);
     let guard = match acquired {
         Ok(guard) => guard,
-        Err(AcquireError::Failed(e)) => return Err(e.into()),
+        Err(AcquireError::Failed(e)) => return Err(Failure::lock("take", &args.name, e)),
         Err(e) => {
             if !args.quiet {
-                eprintln!("lockgate: {}", error_chain(&e));
+                let next = match e {
+                    AcquireError::TimedOut { .. } => {
+                        "; it is still held (a longer -w waits longer)"
+                    }
+                    _ => "; not waiting for it (-n)",
+                };
+                eprintln!("lockgate: {}{next}", error_chain(&e));
             }
             return Ok(args.conflict_exit_code);
         }
     };
     rt.block_on(async {
         let ended = supervise(&guard, &args).await;
-        let released = guard.release().await;
+        let released = guard
+            .release()
+            .await
+            .map_err(|e| Failure::lock("release", &args.name, e));
         exit_code(ended, released)
     })
 }
 
-fn options(args: &ExecArgs) -> AcquireOptions {
+fn options(args: &ExecArgs, reminders: Option<&Reminders>) -> AcquireOptions {
     let mode = if args.shared {
         Mode::Shared
     } else {
@@ -88,22 +101,117 @@ fn options(args: &ExecArgs) -> AcquireOptions {
         Some(t) => Wait::Timeout(t),
         None => Wait::Forever,
     };
-    let opts = AcquireOptions::default().mode(mode).wait(wait);
+    // Who holds the lock, for whoever waits or looks: the command line.
+    let command: Vec<String> = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let opts = AcquireOptions::default()
+        .mode(mode)
+        .wait(wait)
+        .description(command.join(" "));
     if args.quiet {
         return opts;
     }
-    opts.on_wait(|info| {
+    let began = reminders.map(Reminders::sender);
+    opts.on_wait(move |info| {
         let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
         let held_by = if holders.is_empty() {
             String::new()
         } else {
-            format!(", held by {}", holders.join(", "))
+            format!(" held by {}", holders.join("; "))
         };
         eprintln!(
             "lockgate: waiting for {} lock {:?}{held_by}",
             info.mode, info.name
         );
+        if let Some(began) = &began {
+            let _ = began.send(Reminder::Began {
+                at: std::time::Instant::now(),
+                what: format!("{} lock {:?}", info.mode, info.name),
+                held_by,
+            });
+        }
     })
+}
+
+/// When a wait on a terminal is told again: the first reminder after this long, then each one
+/// after as long again as the wait has lasted, but at least once a minute (5 s, 10 s, 20 s,
+/// 40 s, 80 s, 140 s, ...).
+const FIRST_REMINDER: Duration = Duration::from_secs(5);
+const MAX_REMINDER_GAP: Duration = Duration::from_secs(60);
+
+/// What the reminder thread is told.
+enum Reminder {
+    /// The acquisition started to wait.
+    Began {
+        at: std::time::Instant,
+        /// `exclusive lock "NAME"`.
+        what: String,
+        /// `, held by ...` as the first line said it, or nothing.
+        held_by: String,
+    },
+    /// The acquisition has ended.
+    Stop,
+}
+
+/// A thread that says now and then that lockgate still waits for its lock (how long, and who
+/// held it when the wait began), until the acquisition ends. Only on a terminal: a log gets the
+/// first line alone.
+struct Reminders {
+    tx: std::sync::mpsc::Sender<Reminder>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reminders {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("lockgate-reminders".into())
+            .spawn(move || Self::run(&rx))
+            .ok();
+        Self { tx, thread }
+    }
+
+    fn sender(&self) -> std::sync::mpsc::Sender<Reminder> {
+        self.tx.clone()
+    }
+
+    fn run(rx: &std::sync::mpsc::Receiver<Reminder>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        let Ok(Reminder::Began { at, what, held_by }) = rx.recv() else {
+            return;
+        };
+        let mut after = FIRST_REMINDER;
+        loop {
+            let due = at + after;
+            match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
+                Err(RecvTimeoutError::Timeout) => {}
+                Ok(_) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let waited = Duration::from_secs(at.elapsed().as_secs());
+            let held_by = if held_by.is_empty() {
+                String::new()
+            } else {
+                format!(" (when the wait began{held_by})")
+            };
+            eprintln!(
+                "lockgate: still waiting for {what} after {}{held_by}",
+                humantime::format_duration(waited)
+            );
+            after += after.min(MAX_REMINDER_GAP);
+        }
+    }
+}
+
+impl Drop for Reminders {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Reminder::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// How the command ended.
@@ -112,15 +220,12 @@ struct Ended {
     lost: Option<LostReason>,
 }
 
-fn exit_code(
-    ended: Result<Ended, Failure>,
-    released: Result<(), lockgate::Error>,
-) -> Result<u8, Failure> {
+fn exit_code(ended: Result<Ended, Failure>, released: Result<(), Failure>) -> Result<u8, Failure> {
     let ended = match ended {
         Ok(ended) => ended,
         Err(f) => {
             if let Err(e) = released {
-                eprintln!("lockgate: {}", error_chain(&e));
+                eprintln!("lockgate: {}", e.message);
             }
             return Err(f);
         }
@@ -129,7 +234,7 @@ fn exit_code(
         return Ok(code::TEMPFAIL);
     }
     if let Err(e) = released {
-        eprintln!("lockgate: {}", error_chain(&e));
+        eprintln!("lockgate: {}", e.message);
         return Ok(code::UNAVAILABLE);
     }
     Ok(match (ended.status.code(), ended.status.signal()) {

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use lockgate::file::Naming;
 use lockgate::kubernetes::LeaseConfig;
-use lockgate::{FileLocker, KubernetesLocker, Locker};
+use lockgate::{FileLocker, HttpConfig, HttpLocker, KubernetesLocker, Locker};
 
 use crate::args::LocatorArgs;
-use crate::errors::{code, Failure};
+use crate::errors::{code, error_chain, Failure};
 
 /// Where the locks live, as the command line and the environment name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,14 @@ pub(crate) enum Locator {
         name: String,
         create_missing: bool,
     },
+    /// A lock server.
+    Http {
+        url: String,
+        /// `--token-file` (else `$LOCKGATE_TOKEN`, else the URL's password).
+        token_file: Option<PathBuf>,
+        /// `--ca-file` or `$LOCKGATE_CA_FILE`.
+        ca_file: Option<PathBuf>,
+    },
 }
 
 impl Locator {
@@ -31,8 +39,21 @@ impl Locator {
     /// directory.
     pub(crate) fn resolve(args: &LocatorArgs) -> Result<Self, Failure> {
         let mut locator = Self::resolve_location(args)?;
-        if let Locator::Kubernetes { create_missing, .. } = &mut locator {
-            *create_missing = args.create_missing;
+        match &mut locator {
+            Locator::Kubernetes { create_missing, .. } => *create_missing = args.create_missing,
+            Locator::Http {
+                token_file,
+                ca_file,
+                ..
+            } => {
+                token_file.clone_from(&args.token_file);
+                *ca_file = args.ca_file.clone().or_else(|| {
+                    std::env::var_os("LOCKGATE_CA_FILE")
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from)
+                });
+            }
+            Locator::File { .. } => {}
         }
         Ok(locator)
     }
@@ -95,13 +116,26 @@ impl Locator {
                 })
             }
             "kubernetes" => parse_kubernetes(url, rest),
-            "http" | "https" => Err(Failure::new(
-                code::USAGE,
-                format!("the {scheme} locker is not built into this lockgate yet; supported: file:DIR, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"),
-            )),
+            "http" | "https" => {
+                let host = rest
+                    .strip_prefix("//")
+                    .map(|r| r.split(['/', '?', '#']).next().unwrap_or(""))
+                    .unwrap_or("");
+                if host.rsplit('@').next().unwrap_or("").is_empty() {
+                    return Err(Failure::new(
+                        code::USAGE,
+                        format!("locker {scheme}:… names no server; expected {scheme}://HOST:PORT"),
+                    ));
+                }
+                Ok(Locator::Http {
+                    url: url.to_owned(),
+                    token_file: None,
+                    ca_file: None,
+                })
+            }
             _ => Err(Failure::new(
                 code::USAGE,
-                format!("unknown locker scheme {scheme:?} in {url:?}; supported: file:DIR, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"),
+                format!("unknown locker scheme {scheme:?} in {url:?}; supported: file:DIR, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME, http(s)://HOST:PORT"),
             )),
         }
     }
@@ -110,7 +144,7 @@ impl Locator {
     pub(crate) fn file_locker(&self) -> Result<FileLocker, Failure> {
         match self {
             Locator::File { dir, naming } => Ok(FileLocker::with_naming(dir, *naming)?),
-            Locator::Kubernetes { .. } => Err(Failure::new(
+            Locator::Kubernetes { .. } | Locator::Http { .. } => Err(Failure::new(
                 code::USAGE,
                 "this command needs a file locker (--dir or --locker file:DIR)",
             )),
@@ -143,11 +177,52 @@ impl Locator {
         Ok(locker.create_missing(*create_missing))
     }
 
+    /// The HTTP locker this locator names. Must run inside the Tokio runtime.
+    pub(crate) async fn http_locker(&self) -> Result<HttpLocker, Failure> {
+        let Locator::Http {
+            url,
+            token_file,
+            ca_file,
+        } = self
+        else {
+            return Err(Failure::new(
+                code::USAGE,
+                "this command needs an http:// or https:// locker",
+            ));
+        };
+        let mut config = HttpConfig::default();
+        let token = match token_file {
+            Some(path) => Some(crate::serve::read_token(path)?),
+            None => std::env::var("LOCKGATE_TOKEN")
+                .ok()
+                .filter(|t| !t.trim().is_empty()),
+        };
+        if let Some(token) = token {
+            config = config.token(token.trim());
+        }
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                Failure::new(
+                    code::USAGE,
+                    format!("cannot read the CA file {}: {e}", path.display()),
+                )
+            })?;
+            config = config
+                .root_certificates_pem(&pem)
+                .map_err(|e| Failure::new(code::USAGE, format!("{}: {e}", path.display())))?;
+        }
+        HttpLocker::connect(url, config).await.map_err(|e| match e {
+            lockgate::Error::InvalidConfig(_) => Failure::new(code::USAGE, error_chain(&e)),
+            e => e.into(),
+        })
+    }
+
     /// The locker this locator names. Must run inside the Tokio runtime.
     pub(crate) async fn locker(&self) -> Result<Locker, Failure> {
         match self {
             Locator::File { .. } => Ok(Locker::new(self.file_locker()?)),
             Locator::Kubernetes { .. } => Ok(Locker::new(self.kubernetes_locker().await?)),
+            Locator::Http { .. } => Ok(Locker::new(self.http_locker().await?)),
         }
     }
 }
@@ -271,6 +346,25 @@ mod tests {
     }
 
     #[test]
+    fn parses_http_urls() {
+        for url in [
+            "http://127.0.0.1:7780",
+            "https://locks.example/ci/locker",
+            "http://lockgate:s3cret@h:1",
+        ] {
+            assert_eq!(
+                Locator::parse(url, Naming::Sha256).unwrap(),
+                Locator::Http {
+                    url: url.into(),
+                    token_file: None,
+                    ca_file: None
+                },
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_other_urls() {
         for url in [
             "file:",
@@ -281,7 +375,9 @@ mod tests {
             "kubernetes://@ns/configmaps/cm",
             "kubernetes:ns/configmaps/cm",
             "kubernetes://a/b/c/d",
-            "http://127.0.0.1:1",
+            "http://",
+            "https:host",
+            "http://user:pw@/x",
         ] {
             assert_eq!(
                 Locator::parse(url, Naming::Sha256).unwrap_err().code,

@@ -9,9 +9,11 @@ mod args;
 mod errors;
 mod exec;
 mod job;
+mod json;
 mod locator;
 #[cfg(test)]
 mod locator_proptests;
+mod manual;
 mod serve;
 mod status;
 mod watchdog;
@@ -35,7 +37,15 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    match run(cli) {
+    std::panic::set_hook(Box::new(report_panic));
+    // A panic is a bug; it still unwinds (the release profile keeps `panic = "unwind"`), so a
+    // held lock's guard is dropped and released on the way, and lockgate exits 70 like any
+    // other internal error rather than dying of SIGABRT.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli)));
+    let Ok(ran) = ran else {
+        return ExitCode::from(code::SOFTWARE);
+    };
+    match ran {
         Ok(code) => ExitCode::from(code),
         // A closed pipe (`lockgate status | head`) is the reader's choice, not a failure.
         Err(f) if f.broken_pipe => ExitCode::SUCCESS,
@@ -66,17 +76,42 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// One line for a panic (lockgate's messages are one line each), with where it happened.
+fn report_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let what = info
+        .payload()
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic");
+    let at = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    eprintln!(
+        "lockgate: internal error{at}: {what}; this is a bug, please report it with the command line"
+    );
+}
+
 fn run(cli: Cli) -> Result<u8, Failure> {
-    // A server needs no locker: nothing to resolve (the default directory is not created).
-    if let Command::Serve(args) = cli.command {
-        return serve::run(args);
-    }
+    // Commands that need no locker: nothing to resolve (the default directory is not created).
+    let command = match cli.command {
+        Command::Serve(args) => return serve::run(args, cli.locator.token_file.as_deref()),
+        Command::Completions { shell } => return manual::completions(shell),
+        Command::Man {
+            subcommand,
+            out_dir,
+        } => return manual::man(subcommand.as_deref(), out_dir.as_deref()),
+        command => command,
+    };
     let locator = Locator::resolve(&cli.locator)?;
-    match cli.command {
+    match command {
         Command::Exec(args) => exec::run(&locator, args),
         Command::Status { json } => status::status(&locator, json),
         Command::Gc { older_than, json } => status::gc(&locator, older_than, json),
-        Command::Serve(_) => unreachable!("handled above"),
+        Command::Serve(_) | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

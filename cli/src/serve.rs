@@ -1,15 +1,42 @@
 //! `lockgate serve`: the HTTP lock server.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use lockgate::server::{MemoryConfig, MemoryStore, Server, ServerConfig, TlsConfig};
+use lockgate::kubernetes::LeaseConfig;
+use lockgate::server::{
+    KubernetesStore, MemoryConfig, MemoryStore, Server, ServerConfig, Store, TlsConfig,
+};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::errors::{code, error_chain, Failure};
+use crate::locator::Locator;
+
+/// The Kubernetes store's lease timing for `ttl`: the defaults (Go's) for 10 s, scaled otherwise.
+/// Every participant of an object must use the same TTL.
+fn lease_config(ttl: Duration) -> Result<LeaseConfig, Failure> {
+    let config = if ttl == LeaseConfig::default().ttl {
+        LeaseConfig::default()
+    } else {
+        LeaseConfig {
+            ttl,
+            renew_period: ttl * 3 / 10,
+            renew_deadline: ttl * 8 / 10,
+            request_timeout: ttl * 3 / 10,
+        }
+    };
+    // The store validates it; an invalid one is the command line's fault.
+    if ttl < Duration::from_secs(5) {
+        return Err(Failure::new(
+            code::USAGE,
+            "--ttl must be at least 5s with the Kubernetes store",
+        ));
+    }
+    Ok(config)
+}
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -17,15 +44,12 @@ pub(crate) struct ServeArgs {
     /// `serving on ADDR` with the address bound.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780")]
     listen: String,
-    /// Where leases live: `memory` (in this process; they end with it). The Kubernetes store
-    /// (`kubernetes://…`) is not available yet.
+    /// Where leases live: `memory` (in this process; they end with it), or
+    /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME` (the annotation records of that object,
+    /// shared with every server, Kubernetes locker and Go process using it; leases outlive the
+    /// server).
     #[arg(long, value_name = "STORE", default_value = "memory")]
     store: String,
-    /// Require this token (the file's content, without surrounding whitespace) as
-    /// `Authorization: Bearer TOKEN` or as the password of HTTP basic authentication (Go
-    /// clients: `http://lockgate:TOKEN@HOST:PORT`). `/healthz` stays open.
-    #[arg(long, value_name = "FILE")]
-    token_file: Option<PathBuf>,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key).
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -55,18 +79,33 @@ pub(crate) struct ServeArgs {
     max_connections: usize,
 }
 
-pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
-    if args.store != "memory" {
-        let msg = if args.store.starts_with("kubernetes://") {
-            "the Kubernetes store is not available yet; use --store memory".to_owned()
-        } else {
-            format!(
-                "unknown store {:?}: expected `memory` (or, later, kubernetes://…)",
-                args.store
-            )
-        };
-        return Err(Failure::new(code::USAGE, msg));
-    }
+/// Runs the server; `token_file` (the global `--token-file`) holds the token clients must send as
+/// `Authorization: Bearer TOKEN` or as the password of HTTP basic authentication (Go clients:
+/// `http://lockgate:TOKEN@HOST:PORT`); `/healthz` stays open.
+pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Failure> {
+    let kubernetes = match args.store.as_str() {
+        "memory" => None,
+        s if s.starts_with("kubernetes://") => {
+            match Locator::parse(s, lockgate::file::Naming::Sha256)? {
+                Locator::Kubernetes {
+                    context,
+                    namespace,
+                    resource,
+                    name,
+                    ..
+                } => Some((context, namespace, resource, name)),
+                _ => unreachable!("a kubernetes:// URL parses as a Kubernetes locator"),
+            }
+        }
+        other => {
+            return Err(Failure::new(
+                code::USAGE,
+                format!(
+                    "unknown store {other:?}: expected `memory` or kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"
+                ),
+            ))
+        }
+    };
     if args.ttl < Duration::from_secs(1) {
         return Err(Failure::new(code::USAGE, "--ttl must be at least 1s"));
     }
@@ -78,7 +117,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
     let mut config = ServerConfig::default()
         .max_wait(args.max_wait)
         .max_connections(args.max_connections.max(1));
-    if let Some(path) = &args.token_file {
+    if let Some(path) = token_file {
         config = config.token(read_token(path)?);
     }
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
@@ -115,7 +154,22 @@ pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
             .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
         let mut int = signal(SignalKind::interrupt())
             .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
-        let store = Arc::new(MemoryStore::new(memory));
+        let store: Arc<dyn Store> = match kubernetes {
+            None => Arc::new(MemoryStore::new(memory)),
+            Some((context, namespace, resource, name)) => {
+                let lease = lease_config(args.ttl)?;
+                let store = KubernetesStore::connect(
+                    context.as_deref(),
+                    &resource,
+                    namespace,
+                    &name,
+                    lease,
+                )
+                .await?;
+                tracing::info!(object = store.object(), "leases in the Kubernetes object");
+                Arc::new(store)
+            }
+        };
         let server = Server::new(store, config);
         {
             let mut out = std::io::stdout().lock();
@@ -136,7 +190,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<u8, Failure> {
     })
 }
 
-fn read_token(path: &std::path::Path) -> Result<String, Failure> {
+pub(crate) fn read_token(path: &Path) -> Result<String, Failure> {
     use std::os::unix::fs::MetadataExt as _;
     let token = std::fs::read_to_string(path).map_err(|e| {
         Failure::new(

@@ -4,17 +4,27 @@ use std::io::Write;
 use std::time::Duration;
 
 use crate::errors::{code, Failure};
+use crate::json;
 use crate::locator::Locator;
 
 /// Prints the locks of `locator`.
 pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
-    if matches!(locator, Locator::Kubernetes { .. }) {
-        return kubernetes_status(locator, json);
+    match locator {
+        Locator::Kubernetes { .. } => return kubernetes_status(locator, json),
+        Locator::Http { .. } => return http_status(locator, json),
+        Locator::File { .. } => {}
     }
-    let locks = locator.file_locker()?.status()?;
+    let locker = locator.file_locker()?;
+    let locks = locker.status()?;
     let mut out = std::io::stdout().lock();
     if json {
-        write_json(&mut out, &locks)?;
+        let doc = json::FileStatus {
+            schema: json::SCHEMA,
+            backend: "file",
+            dir: locker.dir(),
+            locks: &locks,
+        };
+        write_json(&mut out, &doc)?;
     } else {
         file_table(&mut out, &locks).map_err(Failure::output)?;
     }
@@ -25,10 +35,18 @@ pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
 /// Deletes unused lock files older than `older_than` and prints what it did. Exits 69 when some
 /// files could not be examined or deleted.
 pub(crate) fn gc(locator: &Locator, older_than: Duration, json: bool) -> Result<u8, Failure> {
-    let report = locator.file_locker()?.gc(older_than)?;
+    let locker = locator.file_locker()?;
+    let report = locker.gc(older_than)?;
     let mut out = std::io::stdout().lock();
     if json {
-        serde_json::to_writer(&mut out, &report).map_err(|e| Failure::output(e.into()))?;
+        let doc = json::Gc {
+            schema: json::SCHEMA,
+            backend: "file",
+            dir: locker.dir(),
+            older_than_secs: older_than.as_secs(),
+            report: &report,
+        };
+        serde_json::to_writer(&mut out, &doc).map_err(|e| Failure::output(e.into()))?;
         writeln!(out).map_err(Failure::output)?;
     } else {
         writeln!(
@@ -55,85 +73,160 @@ fn write_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<(),
     writeln!(out).map_err(Failure::output)
 }
 
-fn file_table(out: &mut impl Write, locks: &[lockgate::file::LockStatus]) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "{:<10} {:<30} {:>7}  NAME",
-        "STATE", "HOLDERS", "WAITING"
-    )?;
-    for l in locks {
-        let holders = if l.holders.is_empty() {
-            "-".to_owned()
-        } else {
-            l.holders
-                .iter()
-                .map(|h| h.pid.map_or_else(|| "?".to_owned(), |p| p.to_string()))
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let state = match l.state {
-            lockgate::file::LockState::Free => "free",
-            lockgate::file::LockState::Shared => "shared",
-            lockgate::file::LockState::Exclusive => "exclusive",
-        };
-        let name = match &l.name {
-            Some(n) => format!("{n:?}"),
-            None => format!(
-                "({})",
-                l.path
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            ),
-        };
-        writeln!(out, "{state:<10} {holders:<30} {:>7}  {name}", l.waiters)?;
+/// One lock as the table shows it.
+struct Row<'a> {
+    state: &'a str,
+    waiters: usize,
+    name: String,
+    holders: &'a [lockgate::Holder],
+}
+
+/// `STATE WAITING NAME`, then one indented line per holder.
+fn table(out: &mut impl Write, rows: &[Row<'_>]) -> std::io::Result<()> {
+    writeln!(out, "{:<10} {:>7}  NAME", "STATE", "WAITING")?;
+    for r in rows {
+        writeln!(out, "{:<10} {:>7}  {}", r.state, r.waiters, r.name)?;
+        for h in r.holders {
+            writeln!(out, "{:<19}  held by {h}", "")?;
+        }
     }
     Ok(())
 }
 
+fn file_table(out: &mut impl Write, locks: &[lockgate::file::LockStatus]) -> std::io::Result<()> {
+    let rows: Vec<Row<'_>> = locks
+        .iter()
+        .map(|l| Row {
+            state: match l.state {
+                lockgate::file::LockState::Free => "free",
+                lockgate::file::LockState::Shared => "shared",
+                lockgate::file::LockState::Exclusive => "exclusive",
+            },
+            waiters: l.waiters,
+            name: match &l.name {
+                Some(n) => format!("{n:?}"),
+                None => format!(
+                    "({})",
+                    l.path
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+            },
+            holders: &l.holders,
+        })
+        .collect();
+    table(out, &rows)
+}
+
 fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
-    let records = crate::runtime()?
-        .block_on(async { Ok::<_, Failure>(locator.kubernetes_locker().await?.status().await?) })?;
+    let (object, records) = crate::runtime()?.block_on(async {
+        let locker = locator.kubernetes_locker().await?;
+        Ok::<_, Failure>((locker.object().to_owned(), locker.status().await?))
+    })?;
     let mut out = std::io::stdout().lock();
     if json {
-        write_json(&mut out, &records)?;
+        let doc = json::KubernetesStatus {
+            schema: json::SCHEMA,
+            backend: "kubernetes",
+            object: &object,
+            locks: &records,
+        };
+        write_json(&mut out, &doc)?;
         out.flush().map_err(Failure::output)?;
         return Ok(0);
     }
-    let row = |mode: &str, holders: &str, waiting: &str, expires: &str, uuid: &str, name: &str| {
-        format!("{mode:<10} {holders:>7} {waiting:>7} {expires:>10}  {uuid:<36}  {name}")
+    let rows: Vec<Row<'_>> = records
+        .iter()
+        .map(|r| match (&r.error, r.mode) {
+            (Some(e), _) => Row {
+                state: "corrupt",
+                waiters: 0,
+                name: format!("({}: {e})", r.key),
+                holders: &[],
+            },
+            (None, mode) => Row {
+                state: match (r.count, mode) {
+                    (..=0, _) => "free",
+                    (_, Some(lockgate::Mode::Shared)) => "shared",
+                    _ => "exclusive",
+                },
+                waiters: r.waiters,
+                name: format!("{:?}", r.name.as_deref().unwrap_or("")),
+                holders: &r.holders,
+            },
+        })
+        .collect();
+    table(&mut out, &rows)
+        .and_then(|()| out.flush())
+        .map_err(Failure::output)?;
+    Ok(0)
+}
+
+/// `GET /status` of a lock server: passed through with `--json`, else a table.
+fn http_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
+    let rt = crate::runtime()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let text = rt.block_on(async {
+            Ok::<_, Failure>(locator.http_locker().await?.status_json().await?)
+        })?;
+        writeln!(out, "{}", text.trim_end()).map_err(Failure::output)?;
+        out.flush().map_err(Failure::output)?;
+        return Ok(0);
+    }
+    let status =
+        rt.block_on(async { Ok::<_, Failure>(locator.http_locker().await?.status().await?) })?;
+    http_table(&mut out, &status).map_err(Failure::output)?;
+    out.flush().map_err(Failure::output)?;
+    Ok(0)
+}
+
+fn http_table(
+    out: &mut impl Write,
+    status: &lockgate::http::protocol::StatusResponse,
+) -> std::io::Result<()> {
+    let row = |mode: &str, holders: &str, waiting: &str, token: &str, expires: &str, name: &str| {
+        format!("{mode:<10} {holders:>7} {waiting:>7} {token:>20} {expires:>10}  {name}")
     };
-    let mut table = || -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        row(
+            "MODE",
+            "HOLDERS",
+            "WAITING",
+            "FENCING TOKEN",
+            "EXPIRES IN",
+            "NAME"
+        )
+    )?;
+    for l in &status.locks {
+        let token = l.holders.iter().map(|h| h.fencing_token).max();
+        let expires = l.holders.iter().map(|h| h.expires_in_ms).min();
         writeln!(
             out,
             "{}",
-            row("MODE", "HOLDERS", "WAITING", "EXPIRES IN", "UUID", "NAME")
+            row(
+                &l.mode.map_or_else(|| "free".to_owned(), |m| m.to_string()),
+                &l.holders.len().to_string(),
+                &l.waiters.len().to_string(),
+                &token.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                &expires.map_or_else(
+                    || "-".to_owned(),
+                    |ms| format!("{:.1}s", ms as f64 / 1000.0)
+                ),
+                &format!("{:?}", l.lock_name),
+            )
         )?;
-        for r in &records {
-            let line = match (&r.error, &r.mode) {
-                (Some(e), _) => row(
-                    "?",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    &format!("corrupt record in {}: {e}", r.key),
-                ),
-                (None, mode) => row(
-                    &mode.map(|m| m.to_string()).unwrap_or_default(),
-                    &r.holders.to_string(),
-                    &r.waiters.to_string(),
-                    &r.expires_in_secs
-                        .map(|s| format!("{s}s"))
-                        .unwrap_or_default(),
-                    r.uuid.as_deref().unwrap_or("-"),
-                    &format!("{:?}", r.name.as_deref().unwrap_or("")),
-                ),
-            };
-            writeln!(out, "{line}")?;
-        }
-        out.flush()
-    };
-    table().map_err(Failure::output)?;
-    Ok(0)
+    }
+    if status.truncated {
+        writeln!(
+            out,
+            "({} of {} locks shown)",
+            status.locks.len(),
+            status.total
+        )?;
+    }
+    Ok(())
 }

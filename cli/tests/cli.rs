@@ -197,7 +197,11 @@ fn conflicts_and_timeouts() {
         out.stdout.is_empty(),
         "the command must not run without the lock"
     );
-    assert!(stderr(&out).contains("\"busy\""));
+    // The lock, and what happened: one line.
+    assert_eq!(
+        stderr(&out),
+        "lockgate: lock \"busy\" is held elsewhere; not waiting for it (-n)\n"
+    );
 
     let out = run(lockgate(dir.path()).args(["exec", "-n", "-E", "7", "busy", "--", "true"]));
     assert_eq!(out.status.code(), Some(7));
@@ -218,10 +222,17 @@ fn conflicts_and_timeouts() {
     );
     let err = stderr(&out);
     assert!(
-        err.contains("waiting for exclusive lock \"busy\", held by pid"),
+        err.contains("waiting for exclusive lock \"busy\" held by pid"),
         "{err}"
     );
     assert!(err.contains("timed out"), "{err}");
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .ends_with("waiting for lock \"busy\"; it is still held (a longer -w waits longer)"),
+        "{err}"
+    );
 
     // Shared while exclusive is held: busy too. -q silences.
     let out =
@@ -422,8 +433,42 @@ fn usage_errors_exit_64() {
         assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
         assert!(!out.stderr.is_empty());
     }
+    for args in [
+        vec!["--locker", "http://", "status"],
+        vec!["--locker", "http://h:1/?q", "exec", "n", "true"],
+        vec![
+            "--locker",
+            "http://127.0.0.1:1",
+            "--ca-file",
+            "/nonexistent.pem",
+            "status",
+        ],
+        vec![
+            "--locker",
+            "http://127.0.0.1:1",
+            "--token-file",
+            "/nonexistent",
+            "status",
+        ],
+    ] {
+        let out = run(bin().args(&args));
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+    }
     let out = run(bin().arg("--help"));
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// A lock server that cannot be reached is the environment's problem: exit 69, one line.
+#[test]
+fn an_unreachable_lock_server_exits_69() {
+    let out = run(bin().args(["--locker", "http://127.0.0.1:1", "exec", "-n", "n", "true"]));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach the lock server http://127.0.0.1:1"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -469,9 +514,12 @@ fn a_directory_that_cannot_hold_lock_files_is_named() {
     assert!(out.stdout.is_empty());
     let err = stderr(&out);
     assert!(
-        err.starts_with("lockgate: cannot use lock directory /proc/1:"),
+        err.starts_with("lockgate: cannot take lock \"n\": cannot use lock directory /proc/1:"),
         "{err}"
     );
+    // What to do next.
+    assert!(err.contains("choose another directory with --dir"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]
@@ -509,7 +557,11 @@ fn status_and_gc() {
     let out = run(lockgate(dir.path()).args(["status", "--json"]));
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let locks = v.as_array().unwrap();
+    // The documented, versioned envelope (README, "JSON output").
+    assert_eq!(v["schema"], 1, "{v}");
+    assert_eq!(v["backend"], "file");
+    assert_eq!(v["dir"], dir.path().to_str().unwrap());
+    let locks = v["locks"].as_array().unwrap();
     let shown = locks.iter().find(|l| l["name"] == "shown").unwrap();
     assert_eq!(shown["state"], "shared");
     assert_eq!(shown["holders"][0]["pid"], holder.id());
@@ -529,6 +581,9 @@ fn status_and_gc() {
 
     let out = run(lockgate(dir.path()).args(["gc", "--older-than", "0s", "--json"]));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["schema"], 1, "{report}");
+    assert_eq!(report["backend"], "file");
+    assert_eq!(report["older_than_secs"], 0);
     assert_eq!(
         (report["removed"].as_u64(), report["in_use"].as_u64()),
         (Some(1), Some(1))
@@ -570,15 +625,23 @@ fn status_lists_every_lock_on_a_busy_host() {
         let out = run(lockgate(dir.path()).args(["status", "--json"]));
         assert!(out.status.success(), "{}", stderr(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let locks = v.as_array().unwrap();
+        let locks = v["locks"].as_array().unwrap();
         assert_eq!(locks.len(), procs * per_proc);
         let wrong: Vec<String> = locks
             .iter()
             .filter_map(|l| {
                 let name = l["name"].as_str().unwrap_or_default();
                 let owner: usize = name[1..name.find('-')?].parse().ok()?;
-                let want = serde_json::json!([{"mode": "exclusive", "pid": holders[owner].id()}]);
-                (l["holders"] != want || l["state"] != "exclusive")
+                let want = serde_json::json!([["exclusive", holders[owner].id()]]);
+                let got: Vec<serde_json::Value> = l["holders"]
+                    .as_array()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| serde_json::json!([h["mode"], h["pid"]]))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (serde_json::Value::from(got) != want || l["state"] != "exclusive")
                     .then(|| format!("{name}: {} {}", l["state"], l["holders"]))
             })
             .collect();
@@ -752,6 +815,8 @@ fn a_missing_kubeconfig_exits_69() {
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+    // What to do next.
+    assert!(err.contains("set KUBECONFIG to a kubeconfig file"), "{err}");
 }
 
 /// Each cause once: kube's errors repeat their source in their own text, and the library's chain
@@ -764,6 +829,172 @@ fn a_missing_kubeconfig_is_reported_once() {
         1,
         "each cause once: {err}"
     );
+}
+
+/// `--version`, shell completions and manual pages, generated from the command line itself.
+#[test]
+fn version_completions_and_manual_pages() {
+    let out = run(bin().arg("--version"));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("lockgate {}\n", env!("CARGO_PKG_VERSION"))
+    );
+
+    // bash loads the completion script, and it completes subcommands and options.
+    let script = r#"source <("$LOCKGATE" completions bash) || exit 9
+complete -p lockgate || exit 8
+COMP_WORDS=(lockgate e); COMP_CWORD=1; _lockgate lockgate e lockgate; echo "subcommands: ${COMPREPLY[*]}"
+COMP_WORDS=(lockgate exec --non); COMP_CWORD=2; _lockgate lockgate --non exec; echo "options: ${COMPREPLY[*]}""#;
+    let out = run(Command::new("bash")
+        .args(["-c", script])
+        .env("LOCKGATE", lockgate_path()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("subcommands: exec"), "{text}");
+    assert!(text.contains("options: --nonblock"), "{text}");
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let out = run(bin().args(["completions", shell]));
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("nonblock") && text.contains("create-missing"),
+            "{shell}"
+        );
+    }
+    let out = run(bin().args(["completions", "tcsh"]));
+    assert_eq!(out.status.code(), Some(64));
+
+    // Manual pages: lockgate(1) lists the subcommands; each subcommand has its page.
+    let page = |args: &[&str]| {
+        let out = run(bin().arg("man").args(args));
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let main = page(&[]);
+    assert!(
+        main.starts_with(".ie") || main.contains(".TH lockgate 1"),
+        "{main}"
+    );
+    assert!(main.contains(".TH lockgate 1"), "{main}");
+    for sub in ["exec", "status", "gc", "serve", "completions"] {
+        assert!(
+            main.contains(&format!("lockgate\\-{sub}(1)")),
+            "{sub} in {main}"
+        );
+    }
+    let exec = page(&["exec"]);
+    assert!(
+        exec.contains(&format!(
+            ".TH lockgate-exec 1  \"lockgate-exec {}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{exec}"
+    );
+    assert!(exec.contains("\\-\\-nonblock") && exec.contains("\\-\\-conflict\\-exit\\-code"));
+    let out = run(bin().args(["man", "frobnicate"]));
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        stderr(&out).contains("pages exist for: exec"),
+        "{}",
+        stderr(&out)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(bin().arg("man").arg("--out-dir").arg(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    pages.sort();
+    assert_eq!(
+        pages,
+        [
+            "lockgate-completions.1",
+            "lockgate-exec.1",
+            "lockgate-gc.1",
+            "lockgate-man.1",
+            "lockgate-serve.1",
+            "lockgate-status.1",
+            "lockgate.1"
+        ]
+    );
+}
+
+/// Off a terminal, a long wait is told once: a CI log gets the first line only, whatever the
+/// wait; with -q, nothing. On a terminal, it is told again now and then (how long, and by whom
+/// the lock was held). The reminder on the terminal is what marks the time: by then, the
+/// other two waiters have waited as long.
+#[test]
+fn a_long_wait_is_told_again_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = hold(dir.path(), &[], "slow", "read _ || true");
+    let holder_pid = holder.id();
+    let path = lock_path(dir.path(), "slow");
+
+    let mut logged = Proc::spawn(lockgate(dir.path()).args(["exec", "slow", "--", "true"]));
+    logged.expect_err("lockgate: waiting for exclusive lock \"slow\"");
+    let mut quiet = Proc::spawn(lockgate(dir.path()).args(["exec", "-q", "slow", "--", "true"]));
+    wait_until("both waiters wait", PATIENCE, || {
+        support::flock_waiters(&path) == 2
+    });
+
+    let script = format!(
+        "'{}' --dir '{}' exec slow -- echo ran",
+        lockgate_path(),
+        dir.path().display()
+    );
+    let mut s = Session::start("sh", &script);
+    let first = s.expect("lockgate: waiting for exclusive lock \"slow\"");
+    assert!(
+        first.contains(&format!("held by pid {holder_pid}")),
+        "{first}"
+    );
+    let again = s.expect("lockgate: still waiting");
+    assert!(
+        again.starts_with("lockgate: still waiting for exclusive lock \"slow\" after 5s"),
+        "{again}"
+    );
+    assert!(
+        again.contains(&format!("held by pid {holder_pid}")),
+        "{again}"
+    );
+
+    assert!(holder.finish().success());
+    s.expect("ran");
+    assert!(s.proc.wait().success());
+    assert!(logged.wait().success());
+    assert!(quiet.wait().success());
+    let logged_err = logged.stderr.take().unwrap().rest_within(PATIENCE);
+    assert!(
+        logged_err.is_empty(),
+        "told again off a terminal: {logged_err:?}"
+    );
+    let quiet_err = quiet.stderr.take().unwrap().rest_within(PATIENCE);
+    assert!(quiet_err.is_empty(), "-q printed: {quiet_err:?}");
+}
+
+/// With -q on a terminal, a wait prints nothing, first line and reminders alike.
+#[test]
+fn quiet_is_quiet_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = hold(dir.path(), &[], "hush", "read _ || true");
+    let script = format!(
+        "'{}' --dir '{}' exec -q hush -- echo ran; echo end",
+        lockgate_path(),
+        dir.path().display()
+    );
+    let path = lock_path(dir.path(), "hush");
+    let mut s = Session::start("sh", &script);
+    wait_until("the quiet waiter waits", PATIENCE, || {
+        support::flock_waiters(&path) == 1
+    });
+    assert!(holder.finish().success());
+    // Everything the terminal showed, up to the end: `ran` and `end`, nothing from lockgate.
+    let first = s.output.next_within(PATIENCE).expect("output");
+    assert_eq!(first.trim_end(), "ran");
+    assert_eq!(s.expect("end"), "end");
+    assert!(s.proc.wait().success());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -69,9 +69,12 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
 
 #[test]
 fn refuses_bad_settings_with_usage_errors() {
-    let (code, err) = refused(&["--store", "kubernetes://ns/configmaps/locks"]);
+    let (code, err) = refused(&["--store", "kubernetes://ns/configmaps"]);
     assert_eq!(code, 64);
-    assert!(err.contains("not available yet"), "{err}");
+    assert!(err.contains("three parts"), "{err}");
+    let (code, err) = refused(&["--store", "kubernetes://ns/configmaps/locks", "--ttl", "2s"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("at least 5s"), "{err}");
     let (code, err) = refused(&["--store", "redis://x"]);
     assert_eq!(code, 64);
     assert!(err.contains("unknown store"), "{err}");

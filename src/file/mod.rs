@@ -15,14 +15,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
+use crate::acquire::Attempt;
 use crate::backend::{Backend, BoxFuture, Lease, LostSignal};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Mode, Wait, WaitInfo};
+use crate::options::{AcquireOptions, Mode};
 
 pub use status::{GcReport, LockState, LockStatus};
 use wait::Waiter;
@@ -333,68 +333,43 @@ impl FileLocker {
     /// us. `Ok(Err(file))`: busy, and the acquisition may wait on `file`.
     fn try_acquire(
         &self,
-        name: &LockName,
         path: &LockPath,
-        opts: &AcquireOptions,
-        notified: &mut bool,
+        attempt: &mut Attempt<'_>,
     ) -> Result<Result<Box<dyn Lease>, File>, AcquireError> {
         loop {
             let file = self.open(path)?;
-            let locked = Self::try_flock(&file, opts.mode).map_err(|source| Error::LockFile {
-                op: "lock",
-                path: path.path(),
-                source,
-            })?;
+            let locked =
+                Self::try_flock(&file, attempt.mode()).map_err(|source| Error::LockFile {
+                    op: "lock",
+                    path: path.path(),
+                    source,
+                })?;
             if locked {
-                match self.locked(name, file, path)? {
+                match self.locked(attempt.name, file, path)? {
                     Some(lease) => return Ok(Ok(lease)),
                     None => continue,
                 }
             }
-            if opts.wait.is_non_blocking() {
-                return Err(AcquireError::WouldBlock {
-                    name: name.as_str().to_owned(),
-                });
+            if !attempt.may_wait() {
+                return Err(attempt.busy());
             }
             // Never wait on something that is not a lock file (a FIFO, a device).
             if !Self::is_regular(&Self::stat(&file, path)?) {
                 return Err(Error::NotARegularFile { path: path.path() }.into());
             }
-            if !*notified && opts.on_wait.is_some() {
-                *notified = true;
-                let holders = status::holders_of(&path.path()).unwrap_or_default();
-                opts.notify_wait(&WaitInfo {
-                    name: name.as_str(),
-                    mode: opts.mode,
-                    holders,
-                });
-            }
+            attempt.waiting(|| status::holders_of(&path.path()).unwrap_or_default());
             return Ok(Err(file));
         }
     }
 
-    /// When the acquisition started and its deadline; an acquisition that waits forever needs
-    /// neither (and skips reading the clock).
-    fn clock(opts: &AcquireOptions) -> (Option<Instant>, Option<Instant>) {
-        if opts.wait == Wait::Forever {
-            return (None, None);
-        }
-        let start = Instant::now();
-        (Some(start), opts.wait.deadline(start))
-    }
-
     fn wait_error(
-        name: &LockName,
+        attempt: &Attempt<'_>,
         path: &LockPath,
-        start: Option<Instant>,
         r: io::Result<Option<File>>,
     ) -> Result<File, AcquireError> {
         match r {
             Ok(Some(file)) => Ok(file),
-            Ok(None) => Err(AcquireError::TimedOut {
-                name: name.as_str().to_owned(),
-                waited: start.map_or(std::time::Duration::ZERO, |s| s.elapsed()),
-            }),
+            Ok(None) => Err(attempt.busy()),
             Err(source) => Err(Error::LockFile {
                 op: "lock",
                 path: path.path(),
@@ -485,16 +460,17 @@ impl Backend for FileLocker {
         opts: &'a AcquireOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>> {
         Box::pin(async move {
-            let (start, deadline) = Self::clock(opts);
+            let mut attempt = Attempt::new(name, opts);
             let path = self.c_path(name);
-            let mut notified = false;
             loop {
-                let file = match self.try_acquire(name, &path, opts, &mut notified)? {
+                let file = match self.try_acquire(&path, &mut attempt)? {
                     Ok(lease) => return Ok(lease),
                     Err(file) => file,
                 };
-                let waited = Waiter::start(file, op(opts.mode))?.wait(deadline).await;
-                let file = Self::wait_error(name, &path, start, waited)?;
+                let waited = Waiter::start(file, op(opts.mode))?
+                    .wait(attempt.deadline())
+                    .await;
+                let file = Self::wait_error(&attempt, &path, waited)?;
                 if let Some(lease) = self.locked(name, file, &path)? {
                     return Ok(lease);
                 }
@@ -507,11 +483,11 @@ impl Backend for FileLocker {
         name: &LockName,
         opts: &AcquireOptions,
     ) -> Result<Box<dyn Lease>, AcquireError> {
-        let (start, deadline) = Self::clock(opts);
+        let mut attempt = Attempt::new(name, opts);
+        let deadline = attempt.deadline();
         let path = self.c_path(name);
-        let mut notified = false;
         loop {
-            let file = match self.try_acquire(name, &path, opts, &mut notified)? {
+            let file = match self.try_acquire(&path, &mut attempt)? {
                 Ok(lease) => return Ok(lease),
                 Err(file) => file,
             };
@@ -525,7 +501,7 @@ impl Backend for FileLocker {
                     Err(file) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
                 },
             };
-            let file = Self::wait_error(name, &path, start, waited)?;
+            let file = Self::wait_error(&attempt, &path, waited)?;
             if let Some(lease) = self.locked(name, file, &path)? {
                 return Ok(lease);
             }

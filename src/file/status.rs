@@ -136,7 +136,9 @@ fn is_possible(entries: &[Entry]) -> bool {
         })
 }
 
-/// Every entry as many times as the median reading has it.
+/// Every entry as many times as the median reading has it, then each file's state made one
+/// that flock can be in (a duplicate or a shift can win the vote on a host where locks change
+/// on every reading).
 fn vote(readings: &[Vec<Entry>]) -> Vec<Entry> {
     let mut counts: std::collections::BTreeMap<&Entry, Vec<usize>> = Default::default();
     for (i, reading) in readings.iter().enumerate() {
@@ -147,11 +149,45 @@ fn vote(readings: &[Vec<Entry>]) -> Vec<Entry> {
             c[i] = run.len();
         }
     }
+    // Entries sorted (the map's order), each with its median count and in how many readings it
+    // appeared at all.
+    let voted: Vec<(Entry, usize, usize)> = counts
+        .into_iter()
+        .map(|(entry, mut c)| {
+            let support = c.iter().filter(|&&n| n > 0).count();
+            c.sort_unstable();
+            (entry.clone(), c[c.len() / 2], support)
+        })
+        .filter(|(_, n, _)| *n > 0)
+        .collect();
     let mut out = Vec::new();
-    for (entry, mut c) in counts {
-        c.sort_unstable();
-        out.extend(std::iter::repeat_n(entry.clone(), c[c.len() / 2]));
+    for file in voted.chunk_by(|a, b| (a.0.dev, a.0.ino) == (b.0.dev, b.0.ino)) {
+        let holder = |v: &&(Entry, usize, usize)| !v.0.waiting;
+        let exclusive = file
+            .iter()
+            .filter(holder)
+            .filter(|v| v.0.exclusive)
+            .max_by_key(|v| v.2);
+        let others = file
+            .iter()
+            .filter(holder)
+            .filter(|v| exclusive.is_none_or(|x| v.0 != x.0))
+            .map(|v| v.2)
+            .max();
+        for (entry, n, _) in file.iter().filter(|v| v.0.waiting) {
+            out.extend(std::iter::repeat_n(entry.clone(), *n));
+        }
+        match (exclusive, others) {
+            // An exclusive holder is alone, and listed once.
+            (Some(x), o) if o.is_none_or(|o| x.2 >= o) => out.push(x.0.clone()),
+            _ => {
+                for (entry, n, _) in file.iter().filter(holder).filter(|v| !v.0.exclusive) {
+                    out.extend(std::iter::repeat_n(entry.clone(), *n));
+                }
+            }
+        }
     }
+    out.sort_unstable();
     out
 }
 
@@ -183,6 +219,7 @@ fn read_whole(path: &str, first: usize, buf: &mut Vec<u8>) -> io::Result<()> {
 /// Entries by file, holders in the order they were listed.
 fn group(entries: Vec<Entry>) -> HashMap<(u64, u64), Locks> {
     let mut out: HashMap<(u64, u64), Locks> = HashMap::new();
+    let mut processes: HashMap<u32, Holder> = HashMap::new();
     for e in entries {
         let locks = out.entry((e.dev, e.ino)).or_default();
         if e.waiting {
@@ -195,16 +232,38 @@ fn group(entries: Vec<Entry>) -> HashMap<(u64, u64), Locks> {
             Mode::Shared
         };
         locks.holders.push(match e.pid {
-            Some(pid) => Holder::process(mode, pid),
-            None => Holder {
-                mode,
-                pid: None,
-                id: None,
-                count: None,
-            },
+            Some(pid) => {
+                let mut h = processes
+                    .entry(pid)
+                    .or_insert_with(|| process_holder(mode, pid))
+                    .clone();
+                h.mode = mode;
+                h
+            }
+            None => Holder::new(mode),
         });
     }
     out
+}
+
+/// The holder with process id `pid`, with its command line and its user when /proc shows them.
+/// (When it took the lock is not recorded anywhere for flock locks.)
+fn process_holder(mode: Mode, pid: u32) -> Holder {
+    let mut h = Holder::process(mode, pid);
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.is_empty() {
+            h.description = Some(args.join(" "));
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}")) {
+        h.user = Some(crate::host::user_name(meta.uid()));
+    }
+    h
 }
 
 /// Parses `/proc/locks` lines such as
@@ -429,7 +488,13 @@ mod tests {
                     garbage line\n";
         let m = group(parse_proc_locks(text).collect());
         let a = &m[&(libc::makedev(0xfd, 1), 56789)];
-        assert_eq!(a.holders, vec![Holder::process(Mode::Exclusive, 1234)]);
+        assert_eq!(
+            a.holders
+                .iter()
+                .map(|h| (h.mode, h.pid))
+                .collect::<Vec<_>>(),
+            vec![(Mode::Exclusive, Some(1234))]
+        );
         assert_eq!(a.waiters, 1);
         let b = &m[&(libc::makedev(0, 0x2a), 5)];
         assert_eq!(b.holders.len(), 2);
@@ -477,5 +542,22 @@ mod tests {
         let mut voted = vote(&readings);
         voted.sort();
         assert_eq!(voted, good);
+    }
+
+    #[test]
+    fn the_vote_never_shows_an_impossible_state() {
+        // A busy host: the exclusive entry of file 1 is doubled in most readings.
+        let doubled = vec![entry(1, true, 10), entry(1, true, 10), entry(2, false, 11)];
+        let good = vec![entry(1, true, 10), entry(2, false, 11)];
+        let readings = vec![doubled.clone(), doubled.clone(), good.clone(), doubled];
+        assert_eq!(vote(&readings), good);
+        // A file going from shared to exclusive while it is read: one of the two, never both.
+        let shared = vec![entry(3, false, 20), entry(3, false, 21)];
+        let exclusive = vec![entry(3, true, 22)];
+        let voted = vote(&[shared.clone(), exclusive.clone(), shared.clone()]);
+        assert_eq!(voted, shared);
+        let voted = vote(&[exclusive.clone(), exclusive.clone(), shared]);
+        assert_eq!(voted, exclusive);
+        assert!(is_possible(&voted));
     }
 }

@@ -46,6 +46,9 @@ pub const ACQUIRE_PATH: &str = "/acquire";
 pub const RENEW_LEASE_PATH: &str = "/renew-lease";
 /// `POST`: release a lease ([`LeaseRequest`] → [`ReleaseResponse`]).
 pub const RELEASE_PATH: &str = "/release";
+/// `POST`: an acquirer gives up its place in a lock's queue ([`CancelRequest`] →
+/// [`ReleaseResponse`]); lockgate only.
+pub const CANCEL_PATH: &str = "/cancel";
 /// `GET`: the locks, holders and waiters ([`StatusResponse`]); lockgate only.
 pub const STATUS_PATH: &str = "/status";
 /// `GET`: liveness ([`HealthResponse`]), never behind the token; lockgate only.
@@ -155,6 +158,16 @@ impl AcquireResponse {
 pub struct LeaseRequest {
     /// The handle `/acquire` answered.
     pub lock_handle: LockHandle,
+}
+
+/// `POST /cancel` body (lockgate only): the acquirer `acquirerId` gives up acquiring `lockName`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRequest {
+    /// The lock.
+    pub lock_name: String,
+    /// The acquirer id its acquisition sent.
+    pub acquirer_id: String,
 }
 
 /// `/renew-lease` answer.

@@ -17,7 +17,7 @@ use crate::acquire::Attempt;
 use crate::backend::{Lease, LostNotifier};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Holder};
+use crate::options::AcquireOptions;
 
 /// A grant written, with what a lease needs to know of it.
 #[derive(Clone)]
@@ -25,6 +25,8 @@ pub(crate) struct Granted {
     pub(super) record: Record,
     /// The record's value in the store, as written.
     pub(super) value: String,
+    /// Our entry in the record's `Holders`.
+    pub(super) holder: String,
     /// When the granting write was sent.
     pub(super) sent: Instant,
     pub(super) token: Option<u64>,
@@ -38,6 +40,10 @@ pub(super) struct Acquisition<'a> {
     pub(super) key: String,
     /// Our acquirer id in the queue, and when our entry was last written.
     pub(super) id: String,
+    /// The HTTP server's acquisitions for an acquirer that asks again (a poller, a long poll
+    /// that timed out): its queue entry stays when the acquisition ends without the lock (it dies
+    /// if the acquirer stops asking, as any member does), and it queues even when not waiting.
+    pub(super) keep_place: bool,
     pub(super) refreshed: Option<Instant>,
     pub(super) current: Snapshot,
     pub(super) feed: Option<Feed>,
@@ -58,22 +64,9 @@ pub(crate) async fn acquire(
     opts: &AcquireOptions,
 ) -> Result<Box<dyn Lease>, AcquireError> {
     let object = session.renewer();
-    let mut a = Acquisition {
-        object,
-        attempt: Attempt::new(name, opts),
-        key: annotation_key(name.as_str()),
-        id: queue::new_id(),
-        refreshed: None,
-        // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
-        // request; a wrong guess costs a failed `test` and a GET.
-        current: object.store.assumed(),
-        feed: None,
-        maybe: Vec::new(),
-        armed: false,
-        conflicts: 0,
-        outages: 0,
-        made_room: false,
-    };
+    // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
+    // request; a wrong guess costs a failed `test` and a GET.
+    let mut a = Acquisition::new(object, name, opts, None, object.store.assumed());
     // A locker that has not heard from the API server yet does not know its clock, which the
     // record's expiry must be written in (Go peers and fresh processes read it): read first
     // instead of writing blind. Once per locker.
@@ -94,11 +87,49 @@ pub(crate) async fn acquire(
     }
 }
 
+impl<'a> Acquisition<'a> {
+    pub(super) fn new(
+        object: &'a Arc<Object>,
+        name: &'a LockName,
+        opts: &'a AcquireOptions,
+        acquirer: Option<String>,
+        current: Snapshot,
+    ) -> Self {
+        Self {
+            object,
+            attempt: Attempt::new(name, opts),
+            key: annotation_key(name.as_str()),
+            keep_place: acquirer.is_some(),
+            id: acquirer.unwrap_or_else(queue::new_id),
+            refreshed: None,
+            current,
+            feed: None,
+            maybe: Vec::new(),
+            armed: false,
+            conflicts: 0,
+            outages: 0,
+            made_room: false,
+        }
+    }
+}
+
 impl Acquisition<'_> {
-    async fn run(&mut self) -> Result<Granted, AcquireError> {
+    /// The HTTP server's acquisitions take up an acquirer's earlier queue entry (see `serve`).
+    #[cfg(not(feature = "server"))]
+    fn adopt_place(&mut self) {}
+
+    pub(super) async fn run(&mut self) -> Result<Granted, AcquireError> {
         loop {
+            self.adopt_place();
             let change = match self.step()? {
-                Step::Landed(g) => return Ok(g),
+                // A grant whose answer was lost: the object as read, which holds it, stands in
+                // for the write's resourceVersion as the fencing token.
+                Step::Landed(g) => {
+                    return Ok(Granted {
+                        token: g.token.or(self.current.rv),
+                        ..g
+                    })
+                }
                 Step::Wait(rec, wake) => {
                     self.wait(&rec, wake).await?;
                     continue;
@@ -110,6 +141,7 @@ impl Acquisition<'_> {
                 } => {
                     let sent = Instant::now();
                     let granted = Granted {
+                        holder: self.id.clone(),
                         value: change.new.clone().unwrap_or_default(),
                         record,
                         sent,
@@ -177,11 +209,7 @@ impl Acquisition<'_> {
         if !self.attempt.may_wait() {
             return Err(self.attempt.busy());
         }
-        self.attempt.waiting(|| {
-            let mut holder = Holder::with_id(rec.mode(), rec.uuid.clone());
-            holder.count = u64::try_from(rec.shared_holders).ok();
-            vec![holder]
-        });
+        self.attempt.waiting(|| rec.holders());
         let object = self.object;
         let feed = self.feed.get_or_insert_with(|| object.watch());
         let wake = match (wake, self.attempt.deadline()) {
@@ -309,17 +337,16 @@ impl Acquisition<'_> {
         Ok(())
     }
 
-    /// Takes back our queue entry and any grant that may have landed.
-    async fn clean_up(&mut self) {
+    /// Takes back our queue entry (unless it is kept) and any grant that may have landed.
+    pub(super) async fn clean_up(&mut self) {
         if std::mem::take(&mut self.armed) {
             let maybe = std::mem::take(&mut self.maybe);
+            let id = (!self.keep_place).then_some(self.id.as_str());
+            if id.is_none() && maybe.is_empty() {
+                return;
+            }
             self.object
-                .take_back(
-                    self.attempt.name.as_str(),
-                    &self.key,
-                    Some(&self.id),
-                    &maybe,
-                )
+                .take_back(self.attempt.name.as_str(), &self.key, id, &maybe)
                 .await;
         }
     }
@@ -337,7 +364,7 @@ impl Acquisition<'_> {
             Arc::clone(session),
             name,
             &self.key,
-            member,
+            (member, self.id.clone()),
             signal,
             g.token,
         ))
@@ -347,15 +374,12 @@ impl Acquisition<'_> {
 impl Drop for Acquisition<'_> {
     fn drop(&mut self) {
         // Cancelled (the future was dropped) with a place in the queue or a grant in doubt.
-        if self.armed {
+        if self.armed && !(self.keep_place && self.maybe.is_empty()) {
             let object = Arc::clone(self.object);
-            let (name, key, id) = (
-                self.attempt.name.as_str().to_owned(),
-                self.key.clone(),
-                self.id.clone(),
-            );
+            let (name, key) = (self.attempt.name.as_str().to_owned(), self.key.clone());
+            let id = (!self.keep_place).then(|| self.id.clone());
             let maybe = std::mem::take(&mut self.maybe);
-            tokio::spawn(async move { object.take_back(&name, &key, Some(&id), &maybe).await });
+            tokio::spawn(async move { object.take_back(&name, &key, id.as_deref(), &maybe).await });
         }
     }
 }

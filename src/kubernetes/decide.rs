@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::acquire::{Acquisition, Granted};
 use super::queue::{self, Member, HOLDER_MARK};
-use super::record::Record;
+use super::record::{HolderEntry, Record};
 use super::release::MARK_MARGIN_SECS;
 use super::store::Change;
 use crate::error::Error;
@@ -21,6 +21,9 @@ pub(crate) struct Seen {
     members: queue::Observer,
     /// The uuid of the record last seen (`None`: absent, or never looked at).
     last_uuid: Option<String>,
+    /// Whether this locker saw the current lease change (be renewed) under its uuid: then it
+    /// is alive as far as we can tell, and only our own clock may expire it.
+    renewal_seen: bool,
     /// A uuid that this locker saw replace another record without Rust's `Renewals`: a take-over
     /// by Go v0.2, which keeps the old `IsShared`. Its shared flag is not trusted.
     taken_over: Option<String>,
@@ -83,7 +86,8 @@ impl Acquisition<'_> {
                     .or_default()
                     .record(None);
             }
-            let record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
+            let mut record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
+            record.holders.insert(self.id.clone(), self.holder_entry());
             return Ok(Step::Grant {
                 change: self.change(None, &record),
                 record,
@@ -101,7 +105,7 @@ impl Acquisition<'_> {
         }
         let server_now = object.store.server_now();
         let ttl = config.ttl;
-        let (since, live, next_expiry, joinable) = {
+        let (since, live, next_expiry, joinable, stale_allowed) = {
             let mut seen = object.seen();
             let seen = seen.entry(self.key.clone()).or_default();
             seen.record(Some(&rec));
@@ -109,8 +113,16 @@ impl Acquisition<'_> {
             let lease = rec.lease_part();
             match &seen.lease {
                 Some((v, _)) if *v == lease => {}
-                _ => seen.lease = Some((lease, Instant::now())),
+                previous => {
+                    // A change under the same uuid: a renewal (or a join) seen with our own
+                    // eyes. From then on only our clock counts for this lease.
+                    seen.renewal_seen = previous
+                        .as_ref()
+                        .is_some_and(|(v, _)| v.split('/').next() == Some(rec.uuid.as_str()));
+                    seen.lease = Some((lease, Instant::now()));
+                }
             }
+            let stale_allowed = !seen.renewal_seen;
             let since = seen.lease.as_ref().map_or_else(Instant::now, |(_, t)| *t);
             let live: Vec<Member> = seen
                 .members
@@ -118,13 +130,19 @@ impl Acquisition<'_> {
                 .into_iter()
                 .cloned()
                 .collect();
-            (since, live, seen.members.next_expiry(ttl), joinable)
+            (
+                since,
+                live,
+                seen.members.next_expiry(ttl),
+                joinable,
+                stale_allowed,
+            )
         };
-        // Free: released with waiters queued (count 0). Expired: stood still for a TTL on our
-        // clock, or (for a record we have not watched that long) its expiry passed more than a
-        // TTL ago by the API server's clock.
+        // Free: released (count 0). Expired: stood still for a TTL on our clock, or (for a
+        // lease we have not seen renewed) its expiry passed more than a TTL ago by the API
+        // server's clock.
         let free = rec.shared_holders <= 0;
-        let stale = rec.expire_at.saturating_add(config.ttl_secs()) < server_now;
+        let stale = stale_allowed && rec.expire_at.saturating_add(config.ttl_secs()) < server_now;
         let expired = !free && (since.elapsed() >= ttl || stale);
         let mine = rec.queue.get(&self.id);
         let live_refs: Vec<&Member> = live.iter().collect();
@@ -161,6 +179,7 @@ impl Acquisition<'_> {
                 new.queue
                     .insert(HOLDER_MARK.to_owned(), Member::mark(expire_at));
             }
+            new.holders = [(self.id.clone(), self.holder_entry())].into();
             let record = new.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),
@@ -172,6 +191,7 @@ impl Acquisition<'_> {
             let mut joined = rec.renewed(object.expire_at());
             joined.shared_holders = joined.shared_holders.saturating_add(1);
             joined.queue.remove(&self.id);
+            joined.holders.insert(self.id.clone(), self.holder_entry());
             let record = joined.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),
@@ -182,7 +202,7 @@ impl Acquisition<'_> {
         let refresh_due = self
             .refreshed
             .is_none_or(|t| t.elapsed() >= config.renew_period);
-        if self.attempt.may_wait() && (mine.is_none() || refresh_due) {
+        if (self.attempt.may_wait() || self.keep_place) && (mine.is_none() || refresh_due) {
             let mut queued = rec.clone();
             let member = Member {
                 id: self.id.clone(),
@@ -207,6 +227,14 @@ impl Acquisition<'_> {
         .flatten()
         .min();
         Ok(Step::Wait(rec, wake))
+    }
+
+    /// This acquisition as a holder, for the record.
+    fn holder_entry(&self) -> HolderEntry {
+        HolderEntry::this_process(
+            self.object.store.server_now(),
+            self.attempt.opts.description.clone(),
+        )
     }
 
     fn change(&self, expected: Option<String>, record: &Record) -> Change {

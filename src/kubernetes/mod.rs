@@ -21,6 +21,8 @@ mod queue;
 mod record;
 mod release;
 mod renew;
+#[cfg(feature = "server")]
+pub(crate) mod serve;
 mod status;
 mod store;
 mod watch;

@@ -61,10 +61,14 @@ impl Member {
     }
 }
 
-/// True when the Rust member `head` is older (in whole seconds, what Go compares) than every
-/// Go member of `queue` alive by Go's rule: then no Go v0.2 process counts itself first in line.
+/// True when the Rust member `head` is older (in whole seconds, what Go compares, with a margin
+/// for clocks) than every Go member of `queue` alive by Go's rule and than any Go process that
+/// would queue now: then no Go v0.2 process counts itself first in line.
 pub(crate) fn first_for_go(head: &Member, queue: &BTreeMap<String, Member>, now: i64) -> bool {
     head.is_rust()
+        // A Go process that is not queued yet adds itself with its clock's now as it takes over:
+        // the head must be older than that too (Go breaks ties at random).
+        && head.arrived < now
         && queue
             .values()
             // Alive for Go by its own clock, which may be a second or two ahead of our estimate

@@ -54,8 +54,80 @@ pub(crate) struct Record {
     /// the same second): waiters count a lease as expired only when it stood still.
     #[serde(rename = "Renewals", default, skip_serializing_if = "is_zero")]
     pub renewals: u64,
+    /// Who holds the lease, by holder id (our field: Go ignores it and drops it when it
+    /// rewrites the record, so it may be missing or incomplete; it is for people, and nothing
+    /// is decided from it).
+    #[serde(
+        rename = "Holders",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub holders: BTreeMap<String, HolderEntry>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One holder of a lease, as recorded for `lockgate status` and waiting messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub(crate) struct HolderEntry {
+    #[serde(rename = "Host", default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(rename = "Pid", default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(rename = "User", default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// When it took the lock, unix seconds by the API server's clock.
+    #[serde(rename = "Since", default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<i64>,
+    #[serde(
+        rename = "Description",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub description: Option<String>,
+}
+
+impl HolderEntry {
+    /// This process, holding since `since`, doing `description`.
+    pub fn this_process(since: i64, description: Option<String>) -> Self {
+        Self {
+            host: crate::host::host_name(),
+            pid: Some(std::process::id()),
+            user: Some(crate::host::current_user()),
+            since: Some(since),
+            description,
+        }
+    }
+
+    /// As a [`Holder`](crate::Holder) in `mode`.
+    pub fn holder(&self, mode: crate::Mode, id: &str) -> crate::Holder {
+        let mut h = crate::Holder::with_id(mode, id);
+        h.host.clone_from(&self.host);
+        h.pid = self.pid;
+        h.user.clone_from(&self.user);
+        h.since = self.since;
+        h.description.clone_from(&self.description);
+        h
+    }
+}
+
+impl Record {
+    /// The holders for people: the recorded ones, or, for a record without them (written by
+    /// Go), the lease itself with its count.
+    pub fn holders(&self) -> Vec<crate::Holder> {
+        if self.shared_holders <= 0 {
+            return Vec::new();
+        }
+        if self.holders.is_empty() {
+            let mut h = crate::Holder::with_id(self.mode(), self.uuid.clone());
+            h.count = u64::try_from(self.shared_holders).ok();
+            return vec![h];
+        }
+        self.holders
+            .iter()
+            .map(|(id, e)| e.holder(self.mode(), id))
+            .collect()
+    }
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -73,6 +145,7 @@ impl Record {
             is_shared: shared,
             queue: BTreeMap::new(),
             renewals: 0,
+            holders: BTreeMap::new(),
             other: Default::default(),
         }
     }

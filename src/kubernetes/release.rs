@@ -35,6 +35,8 @@ pub(crate) struct KubeLease {
     name: String,
     key: String,
     member: u64,
+    /// Our entry in the record's `Holders`.
+    holder: String,
     signal: LostSignal,
     token: Option<u64>,
     released: bool,
@@ -54,7 +56,7 @@ impl KubeLease {
         session: Arc<KubeSession>,
         name: &str,
         key: &str,
-        member: u64,
+        (member, holder): (u64, String),
         signal: LostSignal,
         token: Option<u64>,
     ) -> Self {
@@ -63,6 +65,7 @@ impl KubeLease {
             name: name.to_owned(),
             key: key.to_owned(),
             member,
+            holder,
             signal,
             token,
             released: false,
@@ -71,11 +74,12 @@ impl KubeLease {
 
     fn take(&mut self) -> impl std::future::Future<Output = Result<(), Error>> + Send + 'static {
         self.released = true;
-        let (session, name, key, member, signal) = (
+        let (session, name, key, member, holder, signal) = (
             Arc::clone(&self.session),
             self.name.clone(),
             self.key.clone(),
             self.member,
+            self.holder.clone(),
             self.signal.clone(),
         );
         async move {
@@ -88,7 +92,7 @@ impl KubeLease {
             let object = session.renewer();
             let until = leaving.confirmed + object.config.ttl;
             let left = object
-                .release_record(&name, &key, leaving.state, until)
+                .release_record(&name, &key, &holder, leaving.state, until)
                 .await?;
             if let (Some(left), true) = (left, leaving.remaining > 0) {
                 // Other members of this process still hold it: renew what is there now.
@@ -152,9 +156,26 @@ impl Object {
         &self,
         name: &str,
         key: &str,
+        holder: &str,
         held: Held,
         until: Instant,
     ) -> Result<Option<Held>, Error> {
+        Ok(self
+            .release_written(name, key, holder, held, until)
+            .await?
+            .0)
+    }
+
+    /// [`release_record`](Self::release_record), also returning the record's value as the
+    /// release left it, when known (`None` after a write whose answer was lost).
+    pub(super) async fn release_written(
+        &self,
+        name: &str,
+        key: &str,
+        holder: &str,
+        held: Held,
+        until: Instant,
+    ) -> Result<(Option<Held>, Option<String>), Error> {
         let lost = || Error::LeaseLost {
             name: name.to_owned(),
             reason: LostReason::Taken,
@@ -168,7 +189,7 @@ impl Object {
             if rec.uuid != held.uuid || rec.shared_holders <= 0 {
                 return Err(lost());
             }
-            let mut freed = self.released(&rec);
+            let mut freed = self.released(&rec, holder);
             if compact && freed.shared_holders <= 0 {
                 // Without the holder mark a free record is no larger than the held one was:
                 // expired, as when a Go waiter is first in line.
@@ -192,7 +213,7 @@ impl Object {
             // `doubt`: the write may have landed although we were not told.
             let (failure, doubt) = match self.store.write(std::slice::from_ref(&change), true).await
             {
-                Ok(_) => return Ok(left()),
+                Ok(_) => return Ok((left(), new.clone())),
                 Err(WriteError::Conflict) => (None, false),
                 Err(WriteError::Unknown(e)) => (Some(e), true),
                 Err(WriteError::Failed(e)) if transient(&e) => (Some(e), false),
@@ -222,7 +243,7 @@ impl Object {
             };
             match now {
                 // Our write landed.
-                n if doubt && n == new => return Ok(left()),
+                n if doubt && n == new => return Ok((left(), n)),
                 // Unchanged: it did not land (yet); the same write is safe to repeat, since it
                 // can apply at most once.
                 Some(v) if v == value => {}
@@ -232,7 +253,7 @@ impl Object {
                         lock = name,
                         "record changed after a release whose answer was lost; assuming it landed"
                     );
-                    return Ok(None);
+                    return Ok((None, None));
                 }
                 Some(v) => value = v,
                 None => return Err(lost()),
@@ -253,9 +274,10 @@ impl Object {
     ///   same uuid meanwhile), then expired for Go, which takes it at its next poll;
     /// - a Go waiter: expired (`ExpireAtTimestamp` in the past), as Go v0.2 releases to its
     ///   queue: the Go waiter takes it over.
-    pub(super) fn released(&self, rec: &Record) -> Record {
+    pub(super) fn released(&self, rec: &Record, holder: &str) -> Record {
         let now = self.store.server_now();
         let mut left = rec.clone();
+        left.holders.remove(holder);
         if rec.shared_holders > 1 {
             left.shared_holders -= 1;
             return left;
@@ -263,6 +285,7 @@ impl Object {
         left.queue.remove(HOLDER_MARK);
         left.shared_holders = 0;
         left.is_shared = false;
+        left.holders.clear();
         let head = left
             .queue
             .values()
@@ -325,7 +348,7 @@ impl Object {
                     value: value.to_owned(),
                 };
                 let until = g.sent + self.config.ttl;
-                if let Err(e) = self.release_record(name, key, held, until).await {
+                if let Err(e) = self.release_record(name, key, &g.holder, held, until).await {
                     tracing::debug!(key, error = %crate::error::chain(&e), "cannot release an abandoned grant");
                 }
                 maybe.clear();
@@ -337,7 +360,7 @@ impl Object {
                 // A free record: give it to whoever is first now, as a release would.
                 if left.shared_holders <= 0 {
                     left.shared_holders = 1;
-                    left = self.released(&left);
+                    left = self.released(&left, me);
                 }
                 let new = Some(left.to_value());
                 let change = Change {

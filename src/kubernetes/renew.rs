@@ -10,9 +10,6 @@ use super::Object;
 use crate::backend::{BoxFuture, LostReason};
 use crate::session::{Renewal, Renewer};
 
-/// How many times a renewal round re-reads after a conflict before it lets the session retry.
-const ROUNDS: usize = 3;
-
 impl Renewer for Arc<Object> {
     type State = Held;
 
@@ -22,73 +19,119 @@ impl Renewer for Arc<Object> {
 }
 
 impl Object {
+    /// Renews `leases` in one conditional write. A write that fails because some record changed
+    /// (shared holders joined or left, waiters queued: still ours; a take-over: lost) is retried
+    /// on the records as they are now; after a second conflict the batch is split in halves, so
+    /// that records changing all the time (being released one after another, say) cannot keep
+    /// the others from being renewed.
     async fn renew_all(&self, leases: Vec<(String, Held)>) -> Vec<Renewal<Held>> {
         let mut out: Vec<Option<Renewal<Held>>> = leases.iter().map(|_| None).collect();
-        let mut pending: Vec<(usize, String, Held)> = leases
-            .into_iter()
-            .enumerate()
-            .map(|(i, (k, h))| (i, k, h))
-            .collect();
-        for _ in 0..ROUNDS {
-            if pending.is_empty() {
+        // Work list: (items, conflicts so far).
+        let mut work: Vec<(Chunk, u32)> = vec![(
+            leases
+                .into_iter()
+                .enumerate()
+                .map(|(i, (k, h))| (i, k, h))
+                .collect(),
+            0,
+        )];
+        let mut budget = 8 + 2 * out.len();
+        while let Some((mut chunk, conflicts)) = work.pop() {
+            chunk.retain(|(i, _, _)| out[*i].is_none());
+            if chunk.is_empty() {
+                continue;
+            }
+            if budget == 0 {
                 break;
             }
-            let expire_at = self.expire_at();
-            let mut changes = Vec::with_capacity(pending.len());
-            for (i, key, held) in &pending {
-                match Record::parse(&held.value) {
-                    Ok(rec) => changes.push(Change {
-                        key: key.clone(),
-                        expected: Some(held.value.clone()),
-                        new: Some(rec.renewed(expire_at).to_value()),
-                    }),
-                    Err(e) => {
-                        tracing::error!(key, error = %e, "a held record does not parse");
-                        out[*i] = Some(Renewal::Unknown);
-                    }
+            budget -= 1;
+            match self.renew_chunk(&mut chunk, &mut out).await {
+                Ok(()) => {}
+                Err(Conflict) if conflicts >= 1 && chunk.len() > 1 => {
+                    let rest = chunk.split_off(chunk.len() / 2);
+                    work.push((rest, 0));
+                    work.push((chunk, 0));
                 }
-            }
-            pending.retain(|(i, _, _)| out[*i].is_none());
-            match self.store.write(&changes, true).await {
-                Ok(_) => {
-                    for ((i, _, held), c) in pending.drain(..).zip(changes) {
-                        out[i] = Some(Renewal::Renewed(Held {
-                            uuid: held.uuid,
-                            value: c.new.expect("renewals write records"),
-                        }));
-                    }
-                }
-                Err(WriteError::Conflict) => {
-                    // Some record changed: other shared holders joined or left, waiters queued
-                    // (still ours), or someone took a lock over (lost). Sort them out and
-                    // renew the rest on what is there now.
-                    let snap = match self.store.get().await {
-                        Ok(snap) => snap,
-                        Err(e) => {
-                            tracing::warn!(object = %self.store.describe, error = %crate::error::chain(&e), "cannot read the lock object to renew leases");
-                            break;
-                        }
-                    };
-                    for (i, key, held) in &mut pending {
-                        let ours = snap.get(key).filter(|v| {
-                            Record::parse(v)
-                                .is_ok_and(|r| r.uuid == held.uuid && r.shared_holders > 0)
-                        });
-                        match ours {
-                            Some(v) => held.value = v.to_owned(),
-                            None => out[*i] = Some(Renewal::Lost(LostReason::Taken)),
-                        }
-                    }
-                    pending.retain(|(i, _, _)| out[*i].is_none());
-                }
-                Err(WriteError::Unknown(e) | WriteError::Failed(e)) => {
-                    tracing::warn!(object = %self.store.describe, error = %crate::error::chain(&e), "lease renewal failed; retrying");
-                    break;
-                }
+                Err(Conflict) => work.push((chunk, conflicts + 1)),
+                Err(Failed) => break,
             }
         }
         out.into_iter()
             .map(|o| o.unwrap_or(Renewal::Unknown))
             .collect()
     }
+
+    /// One conditional write renewing `chunk`; outcomes go into `out`. After a conflict, the
+    /// records of `chunk` are refreshed from a read (or declared lost).
+    async fn renew_chunk(
+        &self,
+        chunk: &mut [(usize, String, Held)],
+        out: &mut [Option<Renewal<Held>>],
+    ) -> Result<(), ChunkError> {
+        let expire_at = self.expire_at();
+        let mut changes = Vec::with_capacity(chunk.len());
+        for (i, key, held) in chunk.iter() {
+            match Record::parse(&held.value) {
+                Ok(rec) => changes.push((
+                    *i,
+                    Change {
+                        key: key.clone(),
+                        expected: Some(held.value.clone()),
+                        new: Some(rec.renewed(expire_at).to_value()),
+                    },
+                )),
+                Err(e) => {
+                    tracing::error!(key, error = %e, "a held record does not parse");
+                    out[*i] = Some(Renewal::Unknown);
+                }
+            }
+        }
+        let writes: Vec<Change> = changes.iter().map(|(_, c)| c.clone()).collect();
+        match self.store.write(&writes, true).await {
+            Ok(_) => {
+                for ((i, c), (_, _, held)) in changes.into_iter().zip(chunk.iter()) {
+                    out[i] = Some(Renewal::Renewed(Held {
+                        uuid: held.uuid.clone(),
+                        value: c.new.expect("renewals write records"),
+                    }));
+                }
+                Ok(())
+            }
+            Err(WriteError::Conflict) => {
+                let snap = match self.store.get().await {
+                    Ok(snap) => snap,
+                    Err(e) => {
+                        tracing::warn!(object = %self.store.describe, error = %crate::error::chain(&e), "cannot read the lock object to renew leases");
+                        return Err(Failed);
+                    }
+                };
+                for (i, key, held) in chunk.iter_mut() {
+                    let ours = snap.get(key).filter(|v| {
+                        Record::parse(v).is_ok_and(|r| r.uuid == held.uuid && r.shared_holders > 0)
+                    });
+                    match ours {
+                        Some(v) => held.value = v.to_owned(),
+                        None => out[*i] = Some(Renewal::Lost(LostReason::Taken)),
+                    }
+                }
+                Err(Conflict)
+            }
+            Err(WriteError::Unknown(e) | WriteError::Failed(e)) => {
+                tracing::warn!(object = %self.store.describe, error = %crate::error::chain(&e), "lease renewal failed; retrying");
+                Err(Failed)
+            }
+        }
+    }
 }
+
+/// Leases to renew together: (index in the answer, record key, lease).
+type Chunk = Vec<(usize, String, Held)>;
+
+/// Why a chunk was not renewed.
+enum ChunkError {
+    /// Some record changed: refreshed from a read, try again.
+    Conflict,
+    /// The API server did not answer or refused: the session retries.
+    Failed,
+}
+use ChunkError::{Conflict, Failed};

@@ -3,7 +3,7 @@
 use super::record::{Record, KEY_PREFIX};
 use super::Object;
 use crate::error::Error;
-use crate::options::Mode;
+use crate::options::{Holder, Mode};
 
 /// One lock record on the object, as [`KubernetesLocker::status`](super::KubernetesLocker::status)
 /// reports it.
@@ -16,8 +16,11 @@ pub struct RecordStatus {
     pub name: Option<String>,
     /// Shared or exclusive.
     pub mode: Option<Mode>,
-    /// How many holders the record counts (0: free, kept for its queue).
-    pub holders: i64,
+    /// How many holders the record counts (0: free).
+    pub count: i64,
+    /// Who holds it, as recorded (see [`Holder`]); a record Go wrote shows its lease with a
+    /// count instead.
+    pub holders: Vec<Holder>,
     /// How many waiters are queued in it.
     pub waiters: usize,
     /// The lease UUID.
@@ -41,8 +44,13 @@ impl Object {
                 Ok(r) => RecordStatus {
                     key,
                     mode: Some(r.mode()),
-                    holders: r.shared_holders,
-                    waiters: r.queue.len(),
+                    count: r.shared_holders,
+                    holders: r.holders(),
+                    waiters: r
+                        .queue
+                        .keys()
+                        .filter(|k| *k != super::queue::HOLDER_MARK)
+                        .count(),
                     expires_in_secs: Some(r.expire_at.saturating_sub(now)),
                     name: Some(r.lock_name),
                     uuid: Some(r.uuid),
@@ -52,7 +60,8 @@ impl Object {
                     key,
                     name: None,
                     mode: None,
-                    holders: 0,
+                    count: 0,
+                    holders: Vec::new(),
                     waiters: 0,
                     uuid: None,
                     expires_in_secs: None,

@@ -23,8 +23,8 @@ use uuid::Uuid;
 use super::metrics::Metrics;
 use super::store::{AcquireSpec, Acquired, AcquirerId, LeaseRef, StatusQuery, Store, StoreError};
 use crate::http::protocol::{
-    AcquireRequest, AcquireResponse, ErrorCode, ErrorResponse, HealthResponse, LeaseRequest,
-    LockHandle, ReleaseResponse, RenewLeaseResponse, ERR_LOCK_ALREADY_LEASED,
+    AcquireRequest, AcquireResponse, CancelRequest, ErrorCode, ErrorResponse, HealthResponse,
+    LeaseRequest, LockHandle, ReleaseResponse, RenewLeaseResponse, ERR_LOCK_ALREADY_LEASED,
     ERR_NO_EXISTING_LOCK_LEASE_FOUND, ERR_SHOULD_WAIT,
 };
 use crate::LockName;
@@ -53,6 +53,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/acquire", post(acquire))
         .route("/renew-lease", post(renew_lease))
         .route("/release", post(release))
+        .route("/cancel", post(cancel))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -132,6 +133,7 @@ fn endpoint_of(path: &str) -> &'static str {
         "/acquire" => "acquire",
         "/renew-lease" => "renew-lease",
         "/release" => "release",
+        "/cancel" => "cancel",
         "/status" => "status",
         "/metrics" => "metrics",
         "/healthz" => "healthz",
@@ -388,6 +390,15 @@ async fn release(State(app): State<Arc<App>>, body: Body) -> Result<Response, Ap
             None => Err(store_error(e)),
         },
     }
+}
+
+async fn cancel(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
+    let req: CancelRequest = read_json(&app, body).await?;
+    let name = lock_name(req.lock_name)?;
+    let id = AcquirerId::new(&req.acquirer_id)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("acquirerId: {e}")))?;
+    app.store.cancel(name, id).await.map_err(store_error)?;
+    Ok(outcome(&ReleaseResponse::default(), None))
 }
 
 #[derive(Debug, serde::Deserialize)]

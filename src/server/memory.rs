@@ -770,6 +770,35 @@ impl MemoryStore {
         result
     }
 
+    /// Removes the queue place of `id` (an open long poll of it answers `should wait`).
+    fn cancel_now(&self, name: &str, id: &AcquirerId) {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let shard = inner.shard_of(name);
+        let mut st = lock_mutex(&inner.shards[shard].state);
+        let ShardState { locks, timers, .. } = &mut *st;
+        let Some((key, _)) = locks.get_key_value(name) else {
+            return;
+        };
+        let key = key.clone();
+        let lock = locks.get_mut(&key).expect("just looked up");
+        if let Some(pos) = lock
+            .queue
+            .iter()
+            .position(|w| w.acquirer_id.as_ref() == Some(id))
+        {
+            // Dropping an open long poll's channel answers it `should wait`.
+            lock.queue.remove(pos);
+            inner.waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+        // The lock may have been kept for the place: the next waiter gets it.
+        inner.settle(timers, &key, lock, now);
+        if lock.holders.is_empty() && lock.queue.is_empty() {
+            locks.remove(&key);
+        }
+        inner.wake_reaper(shard, &st);
+    }
+
     fn status_now(&self, query: &StatusQuery) -> StatusResponse {
         let inner = &self.inner;
         let now = Instant::now();
@@ -854,7 +883,7 @@ impl Store for MemoryStore {
                     guard.done = true;
                     Err(StoreError::ShuttingDown)
                 }
-                // Superseded by a newer request of the same acquirer.
+                // Superseded by a newer request of the same acquirer, or cancelled.
                 Ok(Err(_)) => {
                     guard.done = true;
                     Ok(Acquired::ShouldWait)
@@ -881,6 +910,17 @@ impl Store for MemoryStore {
 
     fn status(&self, query: StatusQuery) -> StoreFuture<'_, Result<StatusResponse, StoreError>> {
         Box::pin(async move { Ok(self.status_now(&query)) })
+    }
+
+    fn cancel(
+        &self,
+        name: crate::LockName,
+        acquirer_id: AcquirerId,
+    ) -> StoreFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.cancel_now(name.as_str(), &acquirer_id);
+            Ok(())
+        })
     }
 
     fn stats(&self) -> StoreStats {

@@ -28,6 +28,8 @@
 
 mod conn;
 mod http;
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
 mod memory;
 mod metrics;
 mod store;
@@ -40,6 +42,8 @@ use std::time::Duration;
 
 use tokio_rustls::rustls;
 
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::KubernetesStore;
 pub use memory::{MemoryConfig, MemoryStore, DEFAULT_TTL};
 pub use store::{
     AcquireSpec, Acquired, AcquirerId, AcquirerIdError, Capacity, Grant, LeaseRef, StatusQuery,

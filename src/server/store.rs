@@ -51,6 +51,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::Unavailable`].
     fn renew(&self, lease: LeaseRef) -> StoreFuture<'_, Result<Duration, StoreError>>;
 
+    /// An acquirer gives up: its queue place is removed, and an open long poll of it answers
+    /// [`Acquired::ShouldWait`] (or its grant, if one landed first). Unknown acquirers are no
+    /// error. The default does nothing (places lapse one TTL after the acquirer's last request).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`].
+    fn cancel(
+        &self,
+        name: LockName,
+        acquirer_id: AcquirerId,
+    ) -> StoreFuture<'_, Result<(), StoreError>> {
+        let _ = (name, acquirer_id);
+        Box::pin(async { Ok(()) })
+    }
+
     /// Releases a lease; the lock goes to the next waiter at once.
     ///
     /// # Errors

@@ -9,7 +9,7 @@
 //	lockgate-go loop --locker LOCKER [-s] [-w SECS] [--acquirer-id ID|auto] --cycles N --counter FILE [--hold-ms MS] NAME
 //	lockgate-go gc --locker file:DIR --min-age SECS [--loop] [--interval-ms MS]
 //	lockgate-go serve --listen ADDR [--store memory|kubernetes://NAMESPACE/RESOURCE/NAME]
-//	lockgate-go bench --locker LOCKER [-s] [--iterations N] [--name NAME]
+//	lockgate-go bench --locker LOCKER [-s] [--iterations N] [--name NAME] [--ready]
 //	lockgate-go bench-wait --locker LOCKER [-s] [--name NAME]
 //
 // LOCKER is file:DIR, kubernetes://NAMESPACE/RESOURCE/NAME (with KUBECONFIG; an empty
@@ -546,13 +546,25 @@ func serveCmd(args []string) {
 	}
 }
 
-// benchCmd times acquire+release cycles of one lock and prints one JSON line.
+// monoNs is CLOCK_MONOTONIC in nanoseconds: comparable across the processes of one host.
+func monoNs() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return ts.Nano()
+}
+
+// benchCmd times acquire+release cycles of one lock and prints one JSON line. The clock starts
+// after the set-up (the client, API discovery); with --ready the process also makes one
+// acquire+release of a lock of its own (connections opened), prints "ready", and starts its
+// loop when a line arrives on stdin, so that many processes can start together. The JSON has
+// the loop's start and end on CLOCK_MONOTONIC.
 func benchCmd(args []string) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	var f lockFlags
 	f.register(fs)
 	iterations := fs.Int("iterations", 1000, "acquire+release cycles")
 	name := fs.String("name", "bench", "lock name")
+	ready := fs.Bool("ready", false, "warm up, print \"ready\", and start on a line from stdin")
 	if err := fs.Parse(args); err != nil {
 		os.Exit(exitUsage)
 	}
@@ -561,7 +573,22 @@ func benchCmd(args []string) {
 	if err != nil {
 		fail(exitUsage, "%s", err)
 	}
+	if *ready {
+		warm := fmt.Sprintf("%s/warm-up-%d", *name, os.Getpid())
+		acquired, handle, err := locker.Acquire(warm, opts)
+		if err != nil || !acquired {
+			fail(exitUnavailable, "warm-up acquire: acquired=%v err=%v", acquired, err)
+		}
+		if err := locker.Release(handle); err != nil {
+			fail(exitUnavailable, "warm-up release: %s", err)
+		}
+		fmt.Println("ready")
+		if !bufio.NewScanner(os.Stdin).Scan() {
+			fail(exitUsage, "bench --ready: stdin closed before the start line")
+		}
+	}
 	samples := make([]time.Duration, 0, *iterations)
+	startMono := monoNs()
 	start := time.Now()
 	for i := 0; i < *iterations; i++ {
 		t := time.Now()
@@ -575,22 +602,26 @@ func benchCmd(args []string) {
 		samples = append(samples, time.Since(t))
 	}
 	total := time.Since(start)
+	endMono := monoNs()
 	sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
 	pct := func(p float64) int64 { return samples[int(p*float64(len(samples)-1))].Nanoseconds() }
 	out, _ := json.Marshal(map[string]interface{}{
-		"impl":       "go",
-		"version":    lockgateVersion(),
-		"op":         "acquire_release",
-		"iterations": *iterations,
-		"ns_per_op":  total.Nanoseconds() / int64(*iterations),
-		"p50_ns":     pct(0.50),
-		"p99_ns":     pct(0.99),
+		"impl":          "go",
+		"version":       lockgateVersion(),
+		"op":            "acquire_release",
+		"iterations":    *iterations,
+		"ns_per_op":     total.Nanoseconds() / int64(*iterations),
+		"p50_ns":        pct(0.50),
+		"p99_ns":        pct(0.99),
+		"start_mono_ns": startMono,
+		"end_mono_ns":   endMono,
 	})
 	fmt.Println(string(out))
 }
 
 // benchWaitCmd serves a handoff benchmark: for each line on stdin it acquires the lock
-// (blocking), prints CLOCK_MONOTONIC in nanoseconds at the moment it got it, and releases.
+// (blocking), prints "waiting" once it finds the lock busy (OnWaitFunc), then
+// "granted <CLOCK_MONOTONIC ns>" at the moment it got it, and releases.
 func benchWaitCmd(args []string) {
 	fs := flag.NewFlagSet("bench-wait", flag.ContinueOnError)
 	var f lockFlags
@@ -604,15 +635,18 @@ func benchWaitCmd(args []string) {
 	if err != nil {
 		fail(exitUsage, "%s", err)
 	}
+	opts.OnWaitFunc = func(lockName string, doWait func() error) error {
+		fmt.Println("waiting")
+		return doWait()
+	}
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		acquired, handle, err := locker.Acquire(*name, opts)
-		var ts unix.Timespec
-		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		granted := monoNs()
 		if err != nil || !acquired {
 			fail(exitUnavailable, "acquire: acquired=%v err=%v", acquired, err)
 		}
-		fmt.Printf("granted %d\n", ts.Nano())
+		fmt.Printf("granted %d\n", granted)
 		if err := locker.Release(handle); err != nil {
 			fail(exitUnavailable, "release: %s", err)
 		}

@@ -407,3 +407,33 @@ async fn freed_locks_leave_no_state_behind() {
     assert_eq!(total, 0);
     assert_eq!(s.stats().leases, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_acquirer_leaves_the_queue_at_once() {
+    let s = store();
+    let poller = AcquirerId::new("gave-up").unwrap();
+    let long = AcquirerId::new("long-poll").unwrap();
+    let h = granted(&s, spec("l", Mode::Exclusive)).await;
+    busy(&s, spec("l", Mode::Exclusive).acquirer_id(poller.clone())).await;
+    let mut open = wait(&s, spec("l", Mode::Exclusive).acquirer_id(long.clone())).await;
+    let mut later = wait(&s, spec("l", Mode::Exclusive)).await;
+    // The open long poll is answered `should wait`; its place goes.
+    s.cancel(LockName::new("l").unwrap(), long).await.unwrap();
+    tokio::task::yield_now().await;
+    assert!(matches!(
+        poll_once(&mut open).await,
+        Some(Ok(Acquired::ShouldWait))
+    ));
+    // The poller between polls gives up too: the lock is not kept for it at the release.
+    s.cancel(LockName::new("l").unwrap(), poller).await.unwrap();
+    s.release(lease("l", &h)).await.unwrap();
+    answered(&mut later).await;
+    // Unknown acquirers and locks are no error.
+    s.cancel(
+        LockName::new("nobody").unwrap(),
+        AcquirerId::new("x").unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.stats().waiters, 0);
+}

@@ -2,51 +2,154 @@
 //! with Go lockgate (the peer's version, v0.2.0 by default) in the same run.
 //!
 //! Run: `testenv/kube up && source target/testenv/env.sh && cargo bench -p lockgate-testenv --bench kubernetes`
-//! (`BENCH_QUICK=1` for a short run).
+//! (`BENCH_QUICK=1` for a short run that checks the harness, as `scripts/test` does;
+//! `BENCH_ONLY=4,5` for some tables only).
+//!
+//! Fairness rules every table follows:
+//! - Clocks start after set-up on both sides: a Rust row builds its lockers (clients) and makes
+//!   one acquire + release of a lock of its own before the clock; a Go row runs `lockgate-go
+//!   bench --ready`, which does the same (client, API discovery, one warm-up cycle) before
+//!   printing `ready`, and starts its loop on a line from the harness.
+//! - The Go peer runs without client-go's client-side rate limiter (QPS 5, burst 10), which it
+//!   lifts by default; one row of table 1 keeps client-go's defaults (`--client-go-defaults`):
+//!   what an unconfigured werf gets.
+//! - Throughput and per-cycle figures are the median of the same number of rounds for every
+//!   row; handoffs are single samples with a random release moment, pooled.
+//! - A time difference that comes out negative (a grant before the release) is a violation
+//!   and fails the run; nothing is clamped.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lockgate::kubernetes::{KubernetesLocker, LeaseConfig, Target};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use lockgate::kubernetes::{annotation_key, KubernetesLocker, LeaseConfig, Target};
 use lockgate::{AcquireError, AcquireOptions, Error, Locker};
-use lockgate_testenv::{client, go_peer, required_env};
+use lockgate_testenv::{client, go_peer, required_env, unique};
+
+/// Sizes of one run: full, or quick (`BENCH_QUICK`, a check that the harness works).
+struct Plan {
+    rounds: usize,
+    cycles: usize,
+    go_default_cycles: usize,
+    handoffs: usize,
+    go_handoffs: usize,
+    contended_each: usize,
+    go_contended_each: usize,
+    distinct_each: usize,
+    plain_each: usize,
+    big_filler: usize,
+    renewal_secs: u64,
+    capacity_name_pad: usize,
+}
+
+const FULL: Plan = Plan {
+    rounds: 3,
+    cycles: 50,
+    go_default_cycles: 30,
+    handoffs: 100,
+    go_handoffs: 50,
+    contended_each: 20,
+    go_contended_each: 3,
+    distinct_each: 10,
+    plain_each: 10,
+    big_filler: 200,
+    renewal_secs: 30,
+    capacity_name_pad: 0,
+};
+
+const QUICK: Plan = Plan {
+    rounds: 1,
+    cycles: 5,
+    go_default_cycles: 3,
+    handoffs: 4,
+    go_handoffs: 2,
+    contended_each: 3,
+    go_contended_each: 1,
+    distinct_each: 2,
+    plain_each: 1,
+    big_filler: 20,
+    renewal_secs: 4,
+    capacity_name_pad: 900,
+};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let plan = if quick { &QUICK } else { &FULL };
+    let go = go_label();
+    println!("# lockgate Kubernetes benchmarks (kube-apiserver v1.37.2 + etcd on 127.0.0.1)");
+    println!();
     println!(
-        "# lockgate Kubernetes benchmarks (kube-apiserver v1.37.2 + etcd on 127.0.0.1, 2 cores)"
+        "Go peer: {go}, client-go rate limiter lifted (QPS 1000, burst 2000) unless a row says \
+         otherwise. {} round(s) per row{}.",
+        plan.rounds,
+        if quick { " (BENCH_QUICK)" } else { "" }
     );
     println!();
-    requests_per_cycle(if quick { 10 } else { 50 }).await;
-    handoff(if quick { 10 } else { 50 }, if quick { 2 } else { 5 }).await;
-    contention(quick).await;
-    distinct_locks(quick).await;
-    renewals(if quick { 10 } else { 30 }).await;
-    capacity().await;
+    // BENCH_ONLY=4,5 runs only those tables.
+    let only: Option<Vec<u32>> = std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    let run = |table: u32| only.as_ref().is_none_or(|o| o.contains(&table));
+    if run(1) {
+        requests_per_cycle(plan, &go).await;
+    }
+    if run(2) {
+        handoff(plan, &go).await;
+    }
+    if run(3) {
+        contention(plan, &go).await;
+    }
+    if run(4) {
+        distinct_locks(plan, &go).await;
+    }
+    if run(5) {
+        server_cost(plan).await;
+    }
+    if run(6) {
+        renewals(plan.renewal_secs).await;
+    }
+    if run(7) {
+        capacity(plan.capacity_name_pad).await;
+    }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
 
 async fn configmap() -> String {
     lockgate_testenv::empty_configmap("default").await
 }
 
 async fn locker(cm: &str) -> Locker {
-    Locker::new(
-        KubernetesLocker::new(
-            client(false).await,
-            Target::configmap("default", cm),
-            LeaseConfig::default(),
-        )
-        .unwrap(),
-    )
+    locker_on(Target::configmap("default", cm)).await
+}
+
+async fn locker_on(target: Target) -> Locker {
+    Locker::new(KubernetesLocker::new(client(false).await, target, LeaseConfig::default()).unwrap())
+}
+
+/// One acquire + release of a lock of the locker's own: its connection is open afterwards.
+async fn warm_up(l: &Locker) {
+    let name = unique("warm-up");
+    l.acquire(&name, AcquireOptions::exclusive())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
 }
 
 fn url(cm: &str) -> String {
     format!("kubernetes://default/configmaps/{cm}")
 }
 
-fn go(args: &[&str]) -> Command {
+fn go_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(go_peer());
     c.args(args)
         .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"));
@@ -55,7 +158,7 @@ fn go(args: &[&str]) -> Command {
 
 /// "Go lockgate vX.Y.Z", from `lockgate-go version`.
 fn go_label() -> String {
-    let out = go(&["version"]).output().unwrap();
+    let out = go_cmd(&["version"]).output().unwrap();
     format!(
         "Go lockgate {}",
         String::from_utf8_lossy(&out.stdout).trim()
@@ -106,148 +209,13 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
-}
-
-// ---------------------------------------------------------------------------------------------
-
-async fn requests_per_cycle(n: usize) {
-    println!("## 1. API requests per uncontended acquire + release ({n} cycles)");
-    println!();
-    println!("Counted from the API server's `apiserver_request_total` metric (configmaps).");
-    println!();
-    println!("| implementation | requests per cycle | by verb | time per cycle |");
-    println!("|---|---|---|---|");
-    let cm = configmap().await;
-    let l = locker(&cm).await;
-    l.acquire("warm-up", AcquireOptions::exclusive())
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
-    let before = requests().await;
-    let start = Instant::now();
-    for _ in 0..n {
-        l.acquire("cycle", AcquireOptions::exclusive())
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
-    }
-    let took = start.elapsed() / n as u32;
-    let (total, verbs) = delta(&before, &requests().await, n as f64);
-    println!("| lockgate (Rust) | {total:.1} | {verbs} | {} |", ms(took));
-
-    let before = requests().await;
-    let out = go(&[
-        "bench",
-        "--locker",
-        &url(&cm),
-        "--name",
-        "go-cycle",
-        "--iterations",
-        &n.to_string(),
-    ])
-    .output()
-    .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("Go bench output");
-    let (total, verbs) = delta(&before, &requests().await, n as f64);
-    let go_took = Duration::from_nanos(v["ns_per_op"].as_u64().unwrap());
-    println!(
-        "| {} | {total:.1} | {verbs} | {} |",
-        go_label(),
-        ms(go_took)
-    );
-    println!();
-}
-
-async fn handoff(n: usize, go_n: usize) {
-    println!("## 2. Handoff to a waiting process");
-    println!();
-    println!(
-        "Time from the holder's release call to the waiter's grant; the waiter is another locker"
-    );
-    println!("(its own client and watch) for Rust, the `lockgate-go bench-wait` process for Go.");
-    println!();
-    println!("| waiter | handoffs | p50 | p99 |");
-    println!("|---|---|---|---|");
-    let cm = configmap().await;
-    let (holder, waiter) = (locker(&cm).await, locker(&cm).await);
-    let mut samples = Vec::new();
-    for _ in 0..n {
-        let g = holder
-            .acquire("handoff", AcquireOptions::exclusive())
-            .await
-            .unwrap();
-        let w = waiter.clone();
-        let task = tokio::spawn(async move {
-            let g = w
-                .acquire("handoff", AcquireOptions::exclusive())
-                .await
-                .unwrap();
-            let at = Instant::now();
-            g.release().await.unwrap();
-            at
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await; // the waiter is waiting by now
-        let released = Instant::now();
-        g.release().await.unwrap();
-        samples.push(task.await.unwrap() - released);
-    }
-    samples.sort();
-    println!(
-        "| lockgate (Rust) | {n} | {} | {} |",
-        ms(pct(&samples, 0.5)),
-        ms(pct(&samples, 0.99))
-    );
-
-    // Go waiter: it prints the CLOCK_MONOTONIC time of each grant.
-    let mut child = go(&["bench-wait", "--locker", &url(&cm), "--name", "go-handoff"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut samples = Vec::new();
-    for i in 0..go_n {
-        use std::io::{BufRead, Write};
-        let g = holder
-            .acquire("go-handoff", AcquireOptions::exclusive())
-            .await
-            .unwrap();
-        writeln!(stdin, "go").unwrap();
-        stdin.flush().unwrap();
-        // Release at varying points of Go's 2 s poll period.
-        tokio::time::sleep(Duration::from_millis(300 + (i as u64 * 700) % 2000)).await;
-        let released = mono_ns();
-        g.release().await.unwrap();
-        let line = tokio::task::block_in_place(|| {
-            let mut line = String::new();
-            stdout.read_line(&mut line).unwrap();
-            line
-        });
-        let granted: u64 = line
-            .trim()
-            .strip_prefix("granted ")
-            .unwrap()
-            .parse()
-            .unwrap();
-        samples.push(Duration::from_nanos(granted.saturating_sub(released)));
-    }
-    drop(stdin);
-    child.wait().unwrap();
-    samples.sort();
-    println!(
-        "| {} | {go_n} | {} | {} |",
-        go_label(),
-        ms(pct(&samples, 0.5)),
-        ms(pct(&samples, 0.99))
-    );
-    println!();
 }
 
 fn mono_ns() -> u64 {
@@ -255,52 +223,449 @@ fn mono_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
+    // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Runs `procs` Go bench processes at once; returns the wall time.
-fn go_parallel(procs: usize, each: usize, cm: &str, name: impl Fn(usize) -> String) -> Duration {
-    let start = Instant::now();
-    let children: Vec<_> = (0..procs)
-        .map(|i| {
-            go(&[
-                "bench",
-                "--locker",
-                &url(cm),
-                "--name",
-                &name(i),
-                "--iterations",
-                &each.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-        })
-        .collect();
-    for mut c in children {
-        assert!(c.wait().unwrap().success(), "a Go bench process failed");
-    }
-    start.elapsed()
+/// `later - earlier` in nanoseconds of CLOCK_MONOTONIC; a negative difference is a violation.
+fn ns_between(what: &str, earlier: u64, later: u64) -> Duration {
+    assert!(
+        later >= earlier,
+        "{what}: granted {} ns BEFORE the release: a violation",
+        earlier - later
+    );
+    Duration::from_nanos(later - earlier)
 }
 
-async fn rust_parallel(
-    lockers: usize,
-    each: usize,
-    cm: &str,
-    name: impl Fn(usize) -> String,
-) -> Duration {
-    let mut ls = Vec::new();
-    for _ in 0..lockers {
-        ls.push(locker(cm).await);
+/// A small random generator (xorshift64*), seeded from the clock; the seed is printed.
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = mono_ns() | 1;
+        println!("(random release moments: seed {seed})");
+        println!();
+        Rng(seed)
     }
-    let start = Instant::now();
+
+    /// Uniform in [0, max).
+    fn below(&mut self, max: Duration) -> Duration {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let x = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        Duration::from_nanos(x % max.as_nanos() as u64)
+    }
+}
+
+/// CPU time (user + system) used so far by the process whose pid is in `target/testenv/NAME.pid`.
+fn server_cpu(name: &str) -> Duration {
+    let state = required_env("LOCKGATE_TEST_STATE");
+    let pid = std::fs::read_to_string(format!("{state}/{name}.pid")).unwrap();
+    proc_cpu(pid.trim().parse().unwrap())
+}
+
+/// CPU time (user + system) used so far by process `pid` (also a zombie not yet reaped).
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+/// CPU of kube-apiserver, etcd and the clients (the processes `pids`) over a piece of work.
+struct Cpu {
+    apiserver: Duration,
+    etcd: Duration,
+    clients: Duration,
+}
+
+impl Cpu {
+    fn now(pids: &[u32]) -> Cpu {
+        Cpu {
+            apiserver: server_cpu("kube-apiserver"),
+            etcd: server_cpu("etcd"),
+            clients: pids.iter().map(|p| proc_cpu(*p)).sum(),
+        }
+    }
+
+    fn since(&self, pids: &[u32]) -> Cpu {
+        let now = Cpu::now(pids);
+        Cpu {
+            apiserver: now.apiserver - self.apiserver,
+            etcd: now.etcd - self.etcd,
+            clients: now.clients - self.clients,
+        }
+    }
+}
+
+/// This process: the Rust clients of a row.
+fn me() -> Vec<u32> {
+    vec![std::process::id()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Requests and time per uncontended cycle
+
+async fn requests_per_cycle(plan: &Plan, go: &str) {
+    let n = plan.cycles;
+    println!("## 1. API requests per uncontended acquire + release ({n} cycles)");
+    println!();
+    println!(
+        "Requests counted from the API server's `apiserver_request_total` (configmaps) over the \
+         timed cycles; time per cycle: the median of {} rounds (rows alternating), clocks \
+         started after set-up and one warm-up cycle on both sides. The last row keeps \
+         client-go's default rate limiter ({} cycles a round).",
+        plan.rounds, plan.go_default_cycles
+    );
+    println!();
+    println!("| implementation | requests per cycle | by verb | time per cycle |");
+    println!("|---|---|---|---|");
+    let cm = configmap().await;
+    let l = locker(&cm).await;
+    warm_up(&l).await;
+    let go_rows = [
+        (go.to_owned(), n, vec![]),
+        (
+            format!("{go}, client-go defaults (QPS 5, burst 10)"),
+            plan.go_default_cycles,
+            vec!["--client-go-defaults"],
+        ),
+    ];
+    // Per row: the time per cycle of each round, and the requests of the last round.
+    let mut rows: Vec<(Vec<f64>, (f64, String))> = (0..3).map(|_| Default::default()).collect();
+    for _ in 0..plan.rounds {
+        let before = requests().await;
+        let start = Instant::now();
+        for _ in 0..n {
+            l.acquire("cycle", AcquireOptions::exclusive())
+                .await
+                .unwrap()
+                .release()
+                .await
+                .unwrap();
+        }
+        rows[0].0.push(start.elapsed().as_secs_f64() / n as f64);
+        rows[0].1 = delta(&before, &requests().await, n as f64);
+        for (row, (_, cycles, extra)) in rows[1..].iter_mut().zip(&go_rows) {
+            let (cm, cycles, extra) = (cm.clone(), *cycles, extra.clone());
+            let fleet = tokio::task::spawn_blocking(move || {
+                GoFleet::start(&cm, &["go-cycle".to_owned()], cycles, &extra)
+            })
+            .await
+            .unwrap();
+            let before = requests().await;
+            let (_, reports) = tokio::task::spawn_blocking(move || fleet.run())
+                .await
+                .unwrap();
+            row.1 = delta(&before, &requests().await, cycles as f64);
+            row.0.push(reports[0]["ns_per_op"].as_f64().unwrap() / 1e9);
+        }
+    }
+    let labels = [
+        "lockgate (Rust)".to_owned(),
+        go_rows[0].0.clone(),
+        go_rows[1].0.clone(),
+    ];
+    for (label, (times, (per_cycle, verbs))) in labels.iter().zip(rows) {
+        println!(
+            "| {label} | {per_cycle:.1} | {verbs} | {} |",
+            ms(Duration::from_secs_f64(median(times)))
+        );
+    }
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Handoff
+
+fn handoff_row(who: &str, samples: &mut [Duration]) {
+    samples.sort();
+    println!(
+        "| {who} | {} | {} | {} | {} | {} | {} |",
+        samples.len(),
+        ms(samples[0]),
+        ms(pct(samples, 0.5)),
+        ms(pct(samples, 0.9)),
+        ms(pct(samples, 0.99)),
+        ms(samples[samples.len() - 1]),
+    );
+}
+
+async fn handoff(plan: &Plan, go: &str) {
+    println!("## 2. Handoff to a waiting process");
+    println!();
+    println!(
+        "Time from the holder's release call to the waiter's grant. The holder releases at a \
+         random moment, uniform in 0–2 s (Go's poll period) after the waiter's on-wait hook ran \
+         (it found the lock busy and is waiting). Rust waiter: another locker with its own \
+         client and watch; Go waiter: a `lockgate-go bench-wait` process (grant time on \
+         CLOCK_MONOTONIC). A grant before the release fails the run."
+    );
+    println!();
+    let mut rng = Rng::new();
+    println!("| waiter | handoffs | min | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|---|");
+    let cm = configmap().await;
+    let (holder, waiter) = (locker(&cm).await, locker(&cm).await);
+    warm_up(&holder).await;
+    warm_up(&waiter).await;
+    let mut samples = Vec::new();
+    for _ in 0..plan.handoffs {
+        let g = holder
+            .acquire("handoff", AcquireOptions::exclusive())
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let tx = std::sync::Mutex::new(Some(tx));
+        let w = waiter.clone();
+        let task = tokio::spawn(async move {
+            let opts = AcquireOptions::exclusive().on_wait(move |_| {
+                if let Some(tx) = tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+            });
+            let g = w.acquire("handoff", opts).await.unwrap();
+            let at = Instant::now();
+            g.release().await.unwrap();
+            at
+        });
+        rx.await.expect("the waiter waits");
+        tokio::time::sleep(rng.below(Duration::from_secs(2))).await;
+        let released = Instant::now();
+        g.release().await.unwrap();
+        let granted = task.await.unwrap();
+        let d = granted.checked_duration_since(released).unwrap_or_else(|| {
+            panic!(
+                "Rust handoff: granted {:?} BEFORE the release: a violation",
+                released - granted
+            )
+        });
+        samples.push(d);
+    }
+    handoff_row("lockgate (Rust)", &mut samples);
+
+    let mut child = go_cmd(&["bench-wait", "--locker", &url(&cm), "--name", "go-handoff"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut read_line = move || {
+        tokio::task::block_in_place(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            line.trim().to_owned()
+        })
+    };
+    let mut samples = Vec::new();
+    for _ in 0..plan.go_handoffs {
+        let g = holder
+            .acquire("go-handoff", AcquireOptions::exclusive())
+            .await
+            .unwrap();
+        writeln!(stdin, "go").unwrap();
+        stdin.flush().unwrap();
+        assert_eq!(read_line(), "waiting");
+        tokio::time::sleep(rng.below(Duration::from_secs(2))).await;
+        let released = mono_ns();
+        g.release().await.unwrap();
+        let line = read_line();
+        let granted: u64 = line
+            .strip_prefix("granted ")
+            .unwrap_or_else(|| panic!("bench-wait: {line}"))
+            .parse()
+            .unwrap();
+        samples.push(ns_between("Go handoff", released, granted));
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    handoff_row(go, &mut samples);
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timed runs: wall time, and the servers' CPU over exactly that time
+
+/// One timed run of many clients started together.
+struct Timed {
+    wall: Duration,
+    cpu: Cpu,
+    /// Requests for configmaps the API server counted over the run (0 if not counted).
+    requests: f64,
+}
+
+/// The rounds of one table row.
+#[derive(Default)]
+struct Rounds {
+    walls: Vec<Duration>,
+    apiserver: Duration,
+    etcd: Duration,
+    clients: Duration,
+    requests: f64,
+}
+
+impl Rounds {
+    fn push(&mut self, t: Timed) {
+        self.walls.push(t.wall);
+        self.apiserver += t.cpu.apiserver;
+        self.etcd += t.cpu.etcd;
+        self.clients += t.cpu.clients;
+        self.requests += t.requests;
+    }
+
+    /// API requests per operation, over all rounds.
+    fn requests_per_op(&self, ops_per_round: usize) -> f64 {
+        self.requests / (ops_per_round * self.walls.len()) as f64
+    }
+
+    /// kube-apiserver CPU per API request, in milliseconds, over all rounds.
+    fn apiserver_ms_per_request(&self) -> f64 {
+        self.apiserver.as_secs_f64() * 1e3 / self.requests
+    }
+
+    /// The median wall time, in seconds.
+    fn wall(&self) -> f64 {
+        median(self.walls.iter().map(Duration::as_secs_f64).collect())
+    }
+
+    /// Operations per second at the median wall time.
+    fn rate(&self, ops: usize) -> f64 {
+        ops as f64 / self.wall()
+    }
+
+    /// CPU of kube-apiserver, etcd and the clients as a share of the rounds' wall time.
+    fn shares(&self) -> (String, String, String) {
+        let busy: f64 = self.walls.iter().map(Duration::as_secs_f64).sum();
+        let share = |d: Duration| format!("{:.0} %", d.as_secs_f64() / busy * 100.0);
+        (share(self.apiserver), share(self.etcd), share(self.clients))
+    }
+
+    /// CPU of kube-apiserver and etcd per operation, over all rounds.
+    fn per_op(&self, ops_per_round: usize) -> (String, String) {
+        let ops = (ops_per_round * self.walls.len()) as f64;
+        let per = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3 / ops);
+        (per(self.apiserver), per(self.etcd))
+    }
+}
+
+/// Go `bench --ready` processes: set up, warmed up, waiting for the start line.
+struct GoFleet {
+    procs: Vec<(Child, ChildStdin, BufReader<ChildStdout>)>,
+}
+
+impl GoFleet {
+    /// Starts one `bench --ready` per name and waits until all are ready.
+    fn start(cm: &str, names: &[String], iterations: usize, extra: &[&str]) -> GoFleet {
+        let procs = names
+            .iter()
+            .map(|name| {
+                let mut c = go_cmd(&["bench", "--ready", "--locker", &url(cm), "--name", name])
+                    .args(["--iterations", &iterations.to_string()])
+                    .args(extra)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let stdin = c.stdin.take().unwrap();
+                let stdout = BufReader::new(c.stdout.take().unwrap());
+                (c, stdin, stdout)
+            })
+            .collect::<Vec<_>>();
+        let mut fleet = GoFleet { procs };
+        for (_, _, out) in &mut fleet.procs {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready", "a Go bench process did not get ready");
+        }
+        fleet
+    }
+
+    /// Starts every loop; returns the wall time from the start line to the last loop's end,
+    /// the servers' CPU over it, and the JSON reports.
+    fn run(mut self) -> (Timed, Vec<serde_json::Value>) {
+        let pids: Vec<u32> = self.procs.iter().map(|(c, _, _)| c.id()).collect();
+        let cpu = Cpu::now(&pids);
+        let start = mono_ns();
+        for (_, stdin, _) in &mut self.procs {
+            writeln!(stdin, "go").unwrap();
+            stdin.flush().unwrap();
+        }
+        let mut end = 0;
+        let mut reports = Vec::new();
+        for (_, _, out) in &mut self.procs {
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            let report: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            end = end.max(report["end_mono_ns"].as_u64().unwrap());
+            reports.push(report);
+        }
+        // Before reaping: a process that exited is still there to read.
+        let cpu = cpu.since(&pids);
+        for (mut c, _, _) in self.procs {
+            assert!(c.wait().unwrap().success(), "a Go bench process failed");
+        }
+        let wall = ns_between("Go fleet", start, end);
+        let requests = 0.0;
+        (
+            Timed {
+                wall,
+                cpu,
+                requests,
+            },
+            reports,
+        )
+    }
+}
+
+/// A Go fleet on `cm`, one process per name, run to the end.
+async fn go_run(cm: &str, names: Vec<String>, each: usize) -> Timed {
+    let cm = cm.to_owned();
+    let fleet = tokio::task::spawn_blocking(move || GoFleet::start(&cm, &names, each, &[]))
+        .await
+        .unwrap();
+    let before = requests().await;
+    let mut timed = tokio::task::spawn_blocking(move || fleet.run().0)
+        .await
+        .unwrap();
+    timed.requests = delta(&before, &requests().await, 1.0).0;
+    timed
+}
+
+/// `clients` Rust lockers on `target` (own clients, warmed up), each acquiring and releasing
+/// `name(i)` `each` times, all started together.
+async fn rust_run(
+    target: &Target,
+    clients: usize,
+    each: usize,
+    name: impl Fn(usize) -> String,
+) -> Timed {
+    let mut ls = Vec::new();
+    for _ in 0..clients {
+        let l = locker_on(target.clone()).await;
+        warm_up(&l).await;
+        ls.push(l);
+    }
+    let gate = Arc::new(tokio::sync::Barrier::new(clients + 1));
     let tasks: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(i, l)| {
             let n = name(i);
+            let gate = gate.clone();
             tokio::spawn(async move {
+                gate.wait().await;
                 for _ in 0..each {
                     l.acquire(&n, AcquireOptions::exclusive())
                         .await
@@ -312,75 +677,487 @@ async fn rust_parallel(
             })
         })
         .collect();
+    let before = requests().await;
+    let cpu = Cpu::now(&me());
+    let start = Instant::now();
+    gate.wait().await;
     for t in tasks {
         t.await.unwrap();
     }
-    start.elapsed()
+    let wall = start.elapsed();
+    let cpu = cpu.since(&me());
+    Timed {
+        wall,
+        cpu,
+        requests: delta(&before, &requests().await, 1.0).0,
+    }
 }
 
-/// One table row each for Rust and Go: `n` contenders, each acquiring and releasing the lock
-/// `name(contender)` on `cm` (`each` times for Rust, `go_each` for Go).
-async fn side_by_side(
-    cm: &str,
-    n: usize,
-    each: usize,
-    go_each: usize,
-    name: fn(&str, usize) -> String,
-) {
-    let row = |who: &str, each: usize, t: Duration| {
-        let rate = (n * each) as f64 / t.as_secs_f64();
-        println!(
-            "| {who} | {n} × {each} | {:.2} s | {rate:.1} |",
-            t.as_secs_f64()
-        );
-    };
-    row(
-        "lockgate (Rust)",
-        each,
-        rust_parallel(n, each, cm, |i| name("rust", i)).await,
-    );
-    let cm = cm.to_owned();
-    let t = tokio::task::spawn_blocking(move || go_parallel(n, go_each, &cm, |i| name("go", i)))
-        .await
-        .unwrap();
-    row(&go_label(), go_each, t);
-    println!();
-}
+// ---------------------------------------------------------------------------------------------
+// 3. and 4. Many clients
 
-async fn contention(quick: bool) {
-    let (n, each) = (16, if quick { 5 } else { 20 });
-    let go_each = if quick { 1 } else { 3 };
+async fn contention(plan: &Plan, go: &str) {
+    let n = 16;
     println!("## 3. {n} contenders for one lock");
     println!();
     println!(
-        "Each contender (a locker with its own client for Rust, a process for Go) acquires and"
+        "Each contender (a locker with its own client for Rust, a process for Go) acquires and \
+         releases the same exclusive lock repeatedly; all start together after set-up. Wall \
+         time: the median of {} rounds, Rust and Go rounds alternating.",
+        plan.rounds
     );
-    println!("releases the same exclusive lock repeatedly.");
     println!();
     println!("| implementation | acquisitions | wall time | acquisitions/s |");
     println!("|---|---|---|---|");
-    side_by_side(&configmap().await, n, each, go_each, |who, _| {
-        format!("{who}-contended")
-    })
-    .await;
+    let cm = configmap().await;
+    let target = Target::configmap("default", &cm);
+    let (mut rust, mut go_rounds) = (Rounds::default(), Rounds::default());
+    for _ in 0..plan.rounds {
+        rust.push(rust_run(&target, n, plan.contended_each, |_| "rust-contended".into()).await);
+        let names = vec!["go-contended".to_owned(); n];
+        go_rounds.push(go_run(&cm, names, plan.go_contended_each).await);
+    }
+    let row = |who: &str, each: usize, r: &Rounds| {
+        let rate = r.rate(n * each);
+        println!("| {who} | {n} × {each} | {:.2} s | {rate:.1} |", r.wall());
+        rate
+    };
+    let rust_rate = row("lockgate (Rust)", plan.contended_each, &rust);
+    let go_rate = row(go, plan.go_contended_each, &go_rounds);
+    println!();
+    println!("Rust / Go: {:.1}×", rust_rate / go_rate);
+    println!();
 }
 
-async fn distinct_locks(quick: bool) {
-    let (n, each) = (32, if quick { 3 } else { 10 });
+async fn distinct_locks(plan: &Plan, go: &str) {
+    let n = 32;
+    let each = plan.distinct_each;
     println!("## 4. {n} clients × {n} distinct locks on one object");
     println!();
-    println!("Each client acquires and releases its own lock; the locks share one ConfigMap.");
+    println!(
+        "Each client acquires and releases its own lock; the locks share one ConfigMap. In the \
+         same run, the API server's own limit: {n} clients (own kube clients) each write plain \
+         conditional JSON patches to an annotation of its own on one ConfigMap (`test` the key \
+         absent + `add` a record-sized value, then `test` the value + `remove`: the two writes \
+         a lock cycle needs at the least). Every round makes a new ConfigMap for each row; the \
+         rows' rounds alternate. Wall time: the median of {} rounds; CPU: kube-apiserver and \
+         etcd during the timed runs, as a share of their wall time (100 % = one core).",
+        plan.rounds
+    );
     println!();
-    println!("| implementation | acquisitions | wall time | acquisitions/s |");
-    println!("|---|---|---|---|");
-    side_by_side(&configmap().await, n, each, each, |who, i| {
-        format!("{who}-distinct-{i}")
-    })
-    .await;
+    println!(
+        "| implementation | operations | wall time | per second | API requests each | kube-apiserver CPU | etcd CPU | clients' CPU | kube-apiserver CPU per request |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let (mut rust, mut go_rounds, mut plain) =
+        (Rounds::default(), Rounds::default(), Rounds::default());
+    let mut retried = 0;
+    for round in 0..plan.rounds {
+        let cm = create_object(Object::ConfigMap, 0).await;
+        let target = Target::configmap("default", &cm);
+        rust.push(rust_run(&target, n, each, |i| format!("rust-distinct-{round}-{i}")).await);
+        let cm = create_object(Object::ConfigMap, 0).await;
+        let names = (0..n).map(|i| format!("go-distinct-{round}-{i}")).collect();
+        go_rounds.push(go_run(&cm, names, each).await);
+        let p = plain_run(Object::ConfigMap, n, each, Writer::Json, 0).await;
+        retried += p.retried;
+        plain.push(p.timed);
+    }
+    let row = |who: &str, ops: usize, r: &Rounds| {
+        let rate = r.rate(n * ops);
+        let (api, etcd, clients) = r.shares();
+        println!(
+            "| {who} | {n} × {ops} | {:.2} s | {rate:.1} | {:.2} | {api} | {etcd} | {clients} | {:.2} ms |",
+            r.wall(),
+            r.requests_per_op(n * ops),
+            r.apiserver_ms_per_request(),
+        );
+        rate
+    };
+    let rust_rate = row("lockgate (Rust), acquire + release", each, &rust);
+    let go_rate = row(&format!("{go}, acquire + release"), each, &go_rounds);
+    let plain_rate = row("plain conditional JSON patches (writes)", 2 * each, &plain);
+    println!();
+    println!(
+        "lockgate: {:.1}× Go; {:.2} cycles per plain write (goal ≥ 0.45; 0.5 = two writes a \
+         cycle at the server's own rate). By the API server's CPU: a plain write costs {:.2} \
+         ms, a lockgate cycle {:.2} ms ({:.2} plain writes).",
+        rust_rate / go_rate,
+        rust_rate / plain_rate,
+        plain.apiserver_ms_per_request(),
+        rust.apiserver.as_secs_f64() * 1e3 / (n * each * rust.walls.len()) as f64,
+        rust.apiserver.as_secs_f64()
+            / (n * each * rust.walls.len()) as f64
+            / (plain.apiserver.as_secs_f64() / plain.requests),
+    );
+    if retried > 0 {
+        println!();
+        println!("The server answered {retried} plain writes with 504 or 429 (retried).");
+    }
+    println!();
 }
 
+// ---------------------------------------------------------------------------------------------
+// 5. The API server's cost per write
+
+#[derive(Clone, Copy, PartialEq)]
+enum Object {
+    ConfigMap,
+    Lease,
+}
+
+impl Object {
+    fn label(self) -> &'static str {
+        match self {
+            Object::ConfigMap => "ConfigMap",
+            Object::Lease => "Lease",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Writer {
+    /// `test` + `add`, then `test` + `remove`: conditional on the key's own value.
+    Json,
+    /// The same, each client with a field manager of its own (`?fieldManager=`).
+    JsonOwnManager,
+    /// The same, and every patch also resets `metadata.managedFields` (`[{}]`): the server
+    /// then keeps no field ownership for the object.
+    JsonResetManagedFields,
+    /// Unconditional merge patches (add the key, then set it to null): no `test`.
+    Merge,
+}
+
+impl Writer {
+    fn label(self) -> &'static str {
+        match self {
+            Writer::Json => "conditional JSON patch",
+            Writer::JsonOwnManager => "conditional JSON patch, a field manager per client",
+            Writer::JsonResetManagedFields => "conditional JSON patch + managedFields reset",
+            Writer::Merge => "unconditional merge patch",
+        }
+    }
+}
+
+/// A record-sized value, like a lock record.
+fn record_value(i: usize) -> String {
+    serde_json::json!({"uuid": format!("{i:08x}-0000-4000-8000-000000000000"),
+        "lockName": format!("plain-{i}"), "ExpireAtTimestamp": 1_800_000_000u64,
+        "SharedHoldersCount": 1, "IsShared": false, "QueueMembers": {},
+        "Renewals": 1_234_567_890_123u64})
+    .to_string()
+}
+
+/// A new object with one foreign annotation and `filler` lock records in its annotations.
+async fn create_object(kind: Object, filler: usize) -> String {
+    let name = unique("bench");
+    // Never an empty annotations map: a JSON patch's `add` of a key needs the map to exist.
+    let mut annotations: BTreeMap<String, String> = (0..filler)
+        .map(|i| (annotation_key(&format!("filler-{i}")), record_value(i)))
+        .collect();
+    annotations.insert("example.com/keep".into(), "me".into());
+    let metadata = ObjectMeta {
+        name: Some(name.clone()),
+        annotations: Some(annotations),
+        ..Default::default()
+    };
+    let c = client(false).await;
+    match kind {
+        Object::ConfigMap => {
+            let cm = ConfigMap {
+                metadata,
+                ..Default::default()
+            };
+            Api::<ConfigMap>::namespaced(c, "default")
+                .create(&PostParams::default(), &cm)
+                .await
+                .unwrap();
+        }
+        Object::Lease => {
+            let lease = Lease {
+                metadata,
+                ..Default::default()
+            };
+            Api::<Lease>::namespaced(c, "default")
+                .create(&PostParams::default(), &lease)
+                .await
+                .unwrap();
+        }
+    }
+    name
+}
+
+fn dynamic_api(c: kube::Client, kind: Object) -> Api<kube::api::DynamicObject> {
+    let resource = match kind {
+        Object::ConfigMap => kube::api::ApiResource::erase::<ConfigMap>(&()),
+        Object::Lease => kube::api::ApiResource::erase::<Lease>(&()),
+    };
+    Api::namespaced_with(c, "default", &resource)
+}
+
+async fn target_for(kind: Object, name: &str) -> Target {
+    match kind {
+        Object::ConfigMap => Target::configmap("default", name),
+        Object::Lease => Target::discover(
+            &client(false).await,
+            "leases.coordination.k8s.io",
+            Some("default".into()),
+            name,
+        )
+        .await
+        .unwrap(),
+    }
+}
+
+/// One round of plain writes.
+struct PlainRun {
+    timed: Timed,
+    /// Writes the server answered 504 or 429 to (retried).
+    retried: usize,
+    /// The size of the object's managedFields (JSON) after the round.
+    managed_fields: usize,
+}
+
+/// `clients` clients (own kube clients, connections open) each write `each` add/remove pairs to
+/// a key of their own on a new object with `filler` other lock annotations, all started
+/// together.
+async fn plain_run(
+    kind: Object,
+    clients: usize,
+    each: usize,
+    writer: Writer,
+    filler: usize,
+) -> PlainRun {
+    let name = create_object(kind, filler).await;
+    let mut apis = Vec::new();
+    for _ in 0..clients {
+        let api = dynamic_api(client(false).await, kind);
+        api.get(&name).await.unwrap(); // the connection is open
+        apis.push(api);
+    }
+    let gate = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    let tasks: Vec<_> = apis
+        .into_iter()
+        .enumerate()
+        .map(|(i, api)| {
+            let gate = gate.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let key = annotation_key(&format!("plain-{i}"));
+                let pointer = format!("/metadata/annotations/{}", key.replace('/', "~1"));
+                let value = record_value(i);
+                let params = PatchParams {
+                    field_manager: (writer == Writer::JsonOwnManager)
+                        .then(|| format!("client-{i}")),
+                    ..Default::default()
+                };
+                let patches: Vec<Patch<serde_json::Value>> = [true, false]
+                    .into_iter()
+                    .map(|add| plain_patch(writer, &key, &pointer, &value, add))
+                    .collect();
+                let mut retried = 0;
+                gate.wait().await;
+                for _ in 0..each {
+                    for patch in &patches {
+                        // The server may give up on a write it could not fit in between the
+                        // others (504) or shed it (429): retried, and counted.
+                        loop {
+                            match api.patch(&name, &params, patch).await {
+                                Ok(_) => break,
+                                Err(kube::Error::Api(s)) if s.code == 429 || s.code >= 500 => {
+                                    retried += 1
+                                }
+                                Err(e) => panic!("plain patch: {e}"),
+                            }
+                        }
+                    }
+                }
+                retried
+            })
+        })
+        .collect();
+    let before = requests().await;
+    let cpu = Cpu::now(&me());
+    let start = Instant::now();
+    gate.wait().await;
+    let mut retried = 0;
+    for t in tasks {
+        retried += t.await.unwrap();
+    }
+    let wall = start.elapsed();
+    let cpu = cpu.since(&me());
+    let timed = Timed {
+        wall,
+        cpu,
+        requests: delta(&before, &requests().await, 1.0).0,
+    };
+    let obj = dynamic_api(client(false).await, kind)
+        .get(&name)
+        .await
+        .unwrap();
+    PlainRun {
+        timed,
+        retried,
+        managed_fields: serde_json::to_string(&obj.metadata.managed_fields)
+            .unwrap()
+            .len(),
+    }
+}
+
+fn plain_patch(
+    writer: Writer,
+    key: &str,
+    pointer: &str,
+    value: &str,
+    add: bool,
+) -> Patch<serde_json::Value> {
+    use serde_json::{json, Value};
+    if writer == Writer::Merge {
+        let value = if add { Value::from(value) } else { Value::Null };
+        return Patch::Merge(json!({"metadata": {"annotations": {key: value}}}));
+    }
+    let mut ops = if add {
+        json!([
+            {"op": "test", "path": pointer, "value": null},
+            {"op": "add", "path": pointer, "value": value},
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": pointer, "value": value},
+            {"op": "remove", "path": pointer},
+        ])
+    };
+    if writer == Writer::JsonResetManagedFields {
+        ops.as_array_mut()
+            .unwrap()
+            .push(json!({"op": "replace", "path": "/metadata/managedFields", "value": [{}]}));
+    }
+    Patch::Json(serde_json::from_value(ops).unwrap())
+}
+
+/// One client's sequential acquire + release cycles on a new object with `filler` other locks.
+async fn rust_sequential(cycles: usize, filler: usize) -> Timed {
+    let name = create_object(Object::ConfigMap, filler).await;
+    let l = locker(&name).await;
+    warm_up(&l).await;
+    let cpu = Cpu::now(&me());
+    let start = Instant::now();
+    for _ in 0..cycles {
+        l.acquire("sequential", AcquireOptions::exclusive())
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    let wall = start.elapsed();
+    Timed {
+        wall,
+        cpu: cpu.since(&me()),
+        requests: 0.0,
+    }
+}
+
+async fn server_cost(plan: &Plan) {
+    let n = 32;
+    let each = plan.plain_each;
+    let big = plan.big_filler;
+    println!("## 5. What a write costs the API server");
+    println!();
+    println!(
+        "Plain writes as in table 4 ({n} clients, a key of their own each, on one new object per \
+         round, {} writes a row), with one thing changed per row; the last row is lockgate itself \
+         on a Lease. Rows alternate within each of {} rounds. Rate: at the median wall time; CPU per write: over \
+         all rounds; managedFields: its size (JSON bytes) on the object after a round; 504/429: \
+         writes the server gave up on or shed (retried).",
+        n * 2 * each,
+        plan.rounds
+    );
+    println!();
+    println!(
+        "| writer | object | clients | other locks on it | writes/s | kube-apiserver CPU per write | etcd CPU per write | managedFields | 504/429 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    // (writer, object, clients, other locks on it); every row writes n * 2 * each times.
+    let variants = [
+        (Writer::Json, Object::ConfigMap, n, 0),
+        (Writer::Json, Object::ConfigMap, 8, 0),
+        (Writer::Json, Object::ConfigMap, 1, 0),
+        (Writer::JsonOwnManager, Object::ConfigMap, n, 0),
+        (Writer::JsonResetManagedFields, Object::ConfigMap, n, 0),
+        (Writer::Merge, Object::ConfigMap, n, 0),
+        (Writer::Json, Object::Lease, n, 0),
+        (Writer::Json, Object::ConfigMap, n, big),
+        (Writer::JsonResetManagedFields, Object::ConfigMap, n, big),
+        (Writer::Json, Object::ConfigMap, 1, big),
+    ];
+    let mut results: Vec<(Rounds, usize, usize)> = (0..variants.len())
+        .map(|_| (Rounds::default(), 0, 0))
+        .collect();
+    let mut lease = Rounds::default();
+    for _ in 0..plan.rounds {
+        for (i, &(writer, kind, clients, filler)) in variants.iter().enumerate() {
+            let run = plain_run(kind, clients, each * n / clients, writer, filler).await;
+            results[i].0.push(run.timed);
+            results[i].1 += run.retried;
+            results[i].2 = run.managed_fields;
+        }
+        let name = create_object(Object::Lease, 0).await;
+        let target = target_for(Object::Lease, &name).await;
+        lease.push(rust_run(&target, n, plan.distinct_each, |i| format!("distinct-{i}")).await);
+    }
+    for ((writer, kind, clients, filler), (rounds, retried, managed)) in
+        variants.iter().zip(&results)
+    {
+        let writes = n * 2 * each;
+        let (api, etcd) = rounds.per_op(writes);
+        println!(
+            "| {} | {} | {clients} | {filler} | {:.1} | {api} | {etcd} | {managed} B | {retried} |",
+            writer.label(),
+            kind.label(),
+            rounds.rate(writes),
+        );
+    }
+    let writes = n * 2 * plan.distinct_each;
+    let (api, etcd) = lease.per_op(writes);
+    println!(
+        "| lockgate acquire + release ({:.1} cycles/s) | Lease | {n} | 0 | {:.1} | {api} | {etcd} | | |",
+        lease.rate(n * plan.distinct_each),
+        lease.rate(writes),
+    );
+    println!();
+
+    let cycles = plan.cycles * 2;
+    println!(
+        "One client, {cycles} sequential lockgate acquire + release cycles (2 writes each) on a \
+         ConfigMap with other locks held on it; the median of {} rounds:",
+        plan.rounds
+    );
+    println!();
+    println!("| other locks on the object | cycles/s | kube-apiserver CPU per cycle |");
+    println!("|---|---|---|");
+    let fillers = [0, 32, big];
+    let mut rows: Vec<Rounds> = fillers.iter().map(|_| Rounds::default()).collect();
+    for _ in 0..plan.rounds {
+        for (row, &filler) in rows.iter_mut().zip(&fillers) {
+            row.push(rust_sequential(cycles, filler).await);
+        }
+    }
+    for (row, filler) in rows.iter().zip(fillers) {
+        println!(
+            "| {filler} | {:.1} | {} |",
+            row.rate(cycles),
+            row.per_op(cycles).0
+        );
+    }
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Renewals, 7. capacity
+
 async fn renewals(secs: u64) {
-    println!("## 5. Renewal writes while holding locks ({secs} s, default lease: renew every 3 s)");
+    println!("## 6. Renewal writes while holding locks ({secs} s, default lease: renew every 3 s)");
     println!();
     println!("| locks held on one object | PATCH requests per minute |");
     println!("|---|---|");
@@ -408,17 +1185,19 @@ async fn renewals(secs: u64) {
     println!();
 }
 
-async fn capacity() {
-    println!("## 6. Locks per object before the annotation limit");
+async fn capacity(pad: usize) {
+    println!("## 7. Locks per object before the annotation limit");
     println!();
     let cm = configmap().await;
     let l = locker(&cm).await;
     let mut guards = Vec::new();
+    let padding = "x".repeat(pad);
+    let name = |i: usize| format!("deploy/my-project/production-{i:04}{padding}");
     let error = loop {
         // Names like a CI job's: "deploy/<project>/<environment>-NNNN".
         match l
             .acquire(
-                &format!("deploy/my-project/production-{:04}", guards.len()),
+                &name(guards.len()),
                 AcquireOptions::exclusive().non_blocking(),
             )
             .await
@@ -429,20 +1208,49 @@ async fn capacity() {
         }
         assert!(guards.len() < 100_000);
     };
+    let annotations = Api::<ConfigMap>::namespaced(client(false).await, "default")
+        .get(&cm)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    let values: usize = annotations.values().map(String::len).sum();
     println!(
-        "With 37-byte lock names, {} locks fit in one object (Kubernetes allows 256 KiB of",
-        guards.len()
+        "With {}-byte lock names, {} locks fit in one object (Kubernetes allows 256 KiB of \
+         annotations in all; each lock takes a 68-byte key and a {}-byte record here). The next \
+         acquisition fails with:",
+        name(0).len(),
+        guards.len(),
+        values / annotations.len().max(1)
     );
-    println!("annotations; each lock takes a 68-byte key and a ~190-byte record). The next acquisition fails with:");
     println!();
-    println!("```text\n{}\n```", lockgate_testenv_chain(&error));
+    println!("```text\n{}\n```", chain(&error));
+    println!();
+    // Holding that many: one renewal patch carries every record (a test and an add each).
+    let write = Instant::now();
+    guards.pop().unwrap().release().await.unwrap();
+    let write = write.elapsed();
+    let held = LeaseConfig::default().renew_deadline * 2;
+    tokio::time::sleep(held).await;
+    let lost = guards.iter().filter(|g| g.is_lost()).count();
+    let mut lost_on_release = 0;
     for g in guards {
-        g.release().await.unwrap();
+        match g.release().await {
+            Ok(()) => {}
+            Err(Error::LeaseLost { .. }) => lost_on_release += 1,
+            Err(e) => panic!("release: {e}"),
+        }
     }
+    println!(
+        "One release on the full object took {}. Held {held:?} more: {lost} leases were lost \
+         (renewal failed), {lost_on_release} when counted at release.",
+        ms(write)
+    );
     println!();
 }
 
-fn lockgate_testenv_chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &dyn std::error::Error) -> String {
     let mut s = format!("lockgate: {e}");
     let mut src = e.source();
     while let Some(c) = src {

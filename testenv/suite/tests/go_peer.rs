@@ -4,18 +4,18 @@
 //! tests check the peer's own commands (version, loop, gc, serve --store, --acquirer-id).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use lockgate_testenv::{
     client, configmap as new_configmap, expect_line, go_peer, go_peer_v01, hold, release, rust_cli,
-    try_lock,
+    try_lock, Proc,
 };
 use sha3::Digest;
 
-fn go_hold(locker: &str, args: &[&str], name: &str) -> Child {
+fn go_hold(locker: &str, args: &[&str], name: &str) -> Proc {
     hold(&go_peer(), locker, args, name)
 }
 
@@ -31,7 +31,7 @@ fn rust_try(dir: &Path, args: &[&str], name: &str) -> i32 {
     try_lock(&rust_cli(), &file(dir), args, name)
 }
 
-fn rust_hold(dir: &Path, args: &[&str], name: &str) -> Child {
+fn rust_hold(dir: &Path, args: &[&str], name: &str) -> Proc {
     hold(&rust_cli(), &file(dir), args, name)
 }
 
@@ -93,14 +93,14 @@ fn a_rust_waiter_gets_a_go_holders_lock_on_release() {
     let dir = tempfile::tempdir().unwrap();
     let locker = format!("file:{}", dir.path().display());
     let go = go_hold(&locker, &[], "handoff");
-    let mut waiter = Command::new(rust_cli())
-        .arg("--dir")
-        .arg(dir.path())
-        .args(["exec", "-w", "20", "handoff", "--", "echo", "granted"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut waiter = Proc::spawn(
+        Command::new(rust_cli())
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["exec", "-w", "20", "handoff", "--", "echo", "granted"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
     // Wait until the Rust waiter is blocked in the kernel.
     let status = || {
         Command::new(rust_cli())
@@ -113,7 +113,8 @@ fn a_rust_waiter_gets_a_go_holders_lock_on_release() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v: serde_json::Value = serde_json::from_slice(&status().stdout).unwrap();
-        if v.as_array()
+        if v["locks"]
+            .as_array()
             .unwrap()
             .iter()
             .any(|l| l["waiters"].as_u64() == Some(1))
@@ -185,17 +186,20 @@ async fn go_takes_and_releases_kubernetes_locks() {
     );
 }
 
+/// An environment self-check, not a test of lockgate: Go lockgate's HTTP client against Go
+/// lockgate's own server, both through the peer, so that the HTTP tests of Rust lockgate can
+/// rely on the peer's `serve` and its HTTP locker.
 #[test]
-fn go_takes_and_releases_http_locks_against_its_own_server() {
+fn environment_go_peer_serves_its_own_http_clients() {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut server = Command::new(go_peer())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = Proc::spawn(
+        Command::new(go_peer())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped()),
+    );
     expect_line(&mut server, "serving on");
     let locker = format!("http://127.0.0.1:{port}");
     // The server may take a moment to accept after printing: retry the first acquisition.
@@ -256,18 +260,21 @@ fn the_v0_1_1_peer_refuses_what_only_v0_2_0_has() {
 
 /// Runs `loop` workers to the end; returns their JSON reports.
 fn run_loops(workers: Vec<Command>) -> Vec<serde_json::Value> {
-    let children: Vec<Child> = workers
+    let children: Vec<Proc> = workers
         .into_iter()
-        .map(|mut c| {
-            c.stdout(Stdio::piped())
-                .spawn()
-                .expect("spawn a loop worker")
-        })
+        .map(|mut c| Proc::spawn(c.stdout(Stdio::piped())))
         .collect();
     children
         .into_iter()
-        .map(|c| {
-            let out = c.wait_with_output().unwrap();
+        .map(|mut c| {
+            c.wait_within(Duration::from_secs(300));
+            let mut stdout = Vec::new();
+            std::io::Read::read_to_end(&mut c.stdout.take().unwrap(), &mut stdout).unwrap();
+            let out = std::process::Output {
+                status: c.try_wait().unwrap().unwrap(),
+                stdout,
+                stderr: Vec::new(),
+            };
             let text = String::from_utf8(out.stdout).unwrap();
             assert!(out.status.success(), "a loop worker failed: {text}");
             serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -349,17 +356,17 @@ fn go_gc_removes_idle_lock_files_and_keeps_held_ones() {
 }
 
 /// Starts `lockgate-go serve --listen 127.0.0.1:0 ARGS...`; returns it and its address.
-fn go_serve(args: &[&str]) -> (Child, String) {
-    let mut server = Command::new(go_peer())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .env(
-            "KUBECONFIG",
-            lockgate_testenv::required_env("LOCKGATE_TEST_KUBECONFIG"),
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn go_serve(args: &[&str]) -> (Proc, String) {
+    let mut server = Proc::spawn(
+        Command::new(go_peer())
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env(
+                "KUBECONFIG",
+                lockgate_testenv::required_env("LOCKGATE_TEST_KUBECONFIG"),
+            )
+            .stdout(Stdio::piped()),
+    );
     let line = expect_line(&mut server, "serving on ");
     let addr = line.trim_start_matches("serving on ").to_owned();
     assert!(!addr.ends_with(":0"), "the bound port is printed: {line}");
@@ -417,25 +424,25 @@ async fn a_go_v0_2_0_waiter_with_an_acquirer_id_queues_in_the_record() {
         tokio::task::spawn_blocking(move || go_hold(&l, &["--acquirer-id", "auto"], "queued"))
             .await
             .unwrap();
-    let mut waiter = Command::new(go_peer())
-        .args([
-            "exec",
-            "--locker",
-            &locker,
-            "-q",
-            "-w",
-            "30",
-            "--acquirer-id",
-            "waiter-1",
-        ])
-        .args(["queued", "--", "echo", "granted"])
-        .env(
-            "KUBECONFIG",
-            lockgate_testenv::required_env("LOCKGATE_TEST_KUBECONFIG"),
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut waiter = Proc::spawn(
+        Command::new(go_peer())
+            .args([
+                "exec",
+                "--locker",
+                &locker,
+                "-q",
+                "-w",
+                "30",
+                "--acquirer-id",
+                "waiter-1",
+            ])
+            .args(["queued", "--", "echo", "granted"])
+            .env(
+                "KUBECONFIG",
+                lockgate_testenv::required_env("LOCKGATE_TEST_KUBECONFIG"),
+            )
+            .stdout(Stdio::piped()),
+    );
     // The waiter keeps its place in the record's queue.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -456,7 +463,7 @@ async fn a_go_v0_2_0_waiter_with_an_acquirer_id_queues_in_the_record() {
         .unwrap();
     let waited = tokio::task::spawn_blocking(move || {
         let line = expect_line(&mut waiter, "granted");
-        (line, waiter.wait().unwrap())
+        (line, waiter.wait_within(Duration::from_secs(60)))
     })
     .await
     .unwrap();

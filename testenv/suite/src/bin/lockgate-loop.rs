@@ -4,7 +4,8 @@
 //! lockgate-loop --locker LOCKER [-s] [-w SECS] --cycles N --counter FILE [--hold-ms MS] NAME
 //! ```
 //!
-//! LOCKER is `file:DIR` or `kubernetes://NAMESPACE/RESOURCE/NAME` (with `KUBECONFIG`). Each
+//! LOCKER is `file:DIR`, `kubernetes://NAMESPACE/RESOURCE/NAME` (with `KUBECONFIG`) or
+//! `http://HOST:PORT` (a lock server). Each
 //! cycle acquires the lock (blocking, or with the timeout), then, exclusive: creates
 //! `FILE.holder` with `O_EXCL` (if it exists, two holders overlap), reads the integer in FILE,
 //! holds for MS, writes it + 1, removes `FILE.holder`; shared: checks that `FILE.holder` does not
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lockgate::kubernetes::{KubernetesLocker, LeaseConfig};
-use lockgate::{AcquireOptions, FileLocker, Locker, Mode};
+use lockgate::{AcquireOptions, FileLocker, HttpConfig, HttpLocker, Locker, Mode};
 
 struct Args {
     locker: String,
@@ -84,9 +85,17 @@ fn locker(url: &str) -> Locker {
     if let Some(dir) = url.strip_prefix("file:") {
         return Locker::new(FileLocker::new(dir.trim_start_matches("//")).expect("file locker"));
     }
-    let rest = url
-        .strip_prefix("kubernetes://")
-        .unwrap_or_else(|| usage("LOCKER is file:DIR or kubernetes://NAMESPACE/RESOURCE/NAME"));
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Locker::new(
+            HttpLocker::connect_blocking(url, HttpConfig::default()).unwrap_or_else(|e| {
+                eprintln!("lockgate-loop: {e}");
+                std::process::exit(64)
+            }),
+        );
+    }
+    let rest = url.strip_prefix("kubernetes://").unwrap_or_else(|| {
+        usage("LOCKER is file:DIR, kubernetes://NAMESPACE/RESOURCE/NAME or http://HOST:PORT")
+    });
     let parts: Vec<&str> = rest.split('/').collect();
     let [ns, resource, name] = parts.as_slice() else {
         usage("kubernetes://NAMESPACE/RESOURCE/NAME");

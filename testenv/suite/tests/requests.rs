@@ -1,0 +1,150 @@
+//! A waiter does not poll: the requests a waiting Kubernetes client makes during a 10 s wait,
+//! counted by the real API server (its audit log, for a user of the waiter's own; see
+//! `lockgate_testenv::audit`). The same check is pointed at Go lockgate, which polls every 2 s,
+//! and must fail for it.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lockgate::kubernetes::{KubernetesLocker, LeaseConfig, Target};
+use lockgate::{AcquireOptions, Locker};
+use lockgate_testenv::audit::{self, CountedUser, Counts, Request};
+use lockgate_testenv::{
+    configmap, expect_stderr_line, go_peer, hold, release, rust_cli, time_limit, wait_for_queue,
+    Proc,
+};
+
+/// How long the waiters are watched.
+const WINDOW: Duration = Duration::from_secs(10);
+
+fn show(who: &str, requests: &[Request]) {
+    eprintln!("{who}: {} requests during the wait", requests.len());
+    for r in requests {
+        eprintln!("  {r}");
+    }
+}
+
+/// `exec` waiting for `name` on `url` as `user`, with its stderr piped (its waiting line).
+fn waiting_exec(program: &std::path::Path, user: &CountedUser, url: &str, name: &str) -> Proc {
+    Proc::spawn(
+        Command::new(program)
+            .args(["exec", "--locker", url, "-w", "120", name, "--", "true"])
+            .env("KUBECONFIG", user.kubeconfig())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+}
+
+/// A waiting `lockgate exec` and a waiting library locker each make one watch and a write per
+/// renewal period to keep their place in the queue: no reads while they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_rust_clients_do_not_poll() {
+    time_limit(Duration::from_secs(120));
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let u = url.clone();
+    let holder = tokio::task::spawn_blocking(move || hold(&rust_cli(), &u, &[], "busy"))
+        .await
+        .unwrap();
+
+    // The CLI, as a process.
+    let cli_user = CountedUser::take();
+    let mut cli = waiting_exec(&rust_cli(), &cli_user, &url, "busy");
+    let mut cli = tokio::task::spawn_blocking(move || {
+        expect_stderr_line(&mut cli, "lockgate: waiting", Duration::from_secs(60));
+        cli
+    })
+    .await
+    .unwrap();
+    wait_for_queue(&cm, "busy", 1).await;
+
+    // The library, as an async caller.
+    let lib_user = CountedUser::take();
+    let config = LeaseConfig::default();
+    let l = Locker::new(
+        KubernetesLocker::new(
+            lib_user.client().await,
+            Target::configmap("default", &cm),
+            config,
+        )
+        .unwrap(),
+    );
+    let lib = tokio::spawn(async move {
+        l.acquire("busy", AcquireOptions::exclusive())
+            .await
+            .map(|g| g.fencing_token())
+    });
+    wait_for_queue(&cm, "busy", 2).await;
+
+    let from = audit::mark();
+    tokio::time::sleep(WINDOW).await;
+    let to = audit::mark();
+    assert!(!lib.is_finished(), "the library waiter stopped waiting");
+    assert!(
+        cli.try_wait().unwrap().is_none(),
+        "the CLI waiter stopped waiting"
+    );
+
+    for (who, user) in [("lockgate exec", &cli_user), ("library", &lib_user)] {
+        let requests = user.requests(from, to);
+        show(who, &requests);
+        let counts = Counts::of(&requests);
+        counts
+            .check_not_polling(WINDOW, config.renew_period)
+            .unwrap_or_else(|e| panic!("{who}: {e}: {counts:?}"));
+        assert_eq!(counts.reads, 0, "{who} read the object while waiting");
+    }
+
+    tokio::task::spawn_blocking(move || release(holder))
+        .await
+        .unwrap();
+    assert!(
+        lib.await.unwrap().unwrap().is_some(),
+        "the library waiter got the lock"
+    );
+    let status = tokio::task::spawn_blocking(move || cli.wait_within(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(status.success(), "the CLI waiter: {status}");
+}
+
+/// The check above catches a poller: Go lockgate v0.2.0 waiting for the same kind of lock reads
+/// the object every 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_polling_check_catches_go_lockgate() {
+    time_limit(Duration::from_secs(120));
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let u = url.clone();
+    let holder = tokio::task::spawn_blocking(move || hold(&rust_cli(), &u, &[], "busy"))
+        .await
+        .unwrap();
+    let user = CountedUser::take();
+    let mut go = waiting_exec(&go_peer(), &user, &url, "busy");
+    let go = tokio::task::spawn_blocking(move || {
+        expect_stderr_line(&mut go, "lockgate-go: waiting", Duration::from_secs(60));
+        go
+    })
+    .await
+    .unwrap();
+
+    let from = audit::mark();
+    tokio::time::sleep(WINDOW).await;
+    let to = audit::mark();
+    let requests = user.requests(from, to);
+    show("Go lockgate", &requests);
+    let counts = Counts::of(&requests);
+    let verdict = counts.check_not_polling(WINDOW, LeaseConfig::default().renew_period);
+    eprintln!("the check on Go lockgate: {verdict:?}");
+    assert!(
+        verdict.is_err(),
+        "the check let a 2 s poller through: {counts:?}"
+    );
+    assert!(counts.reads >= 4, "Go polls every 2 s: {counts:?}");
+
+    tokio::task::spawn_blocking(move || release(holder))
+        .await
+        .unwrap();
+    drop(go);
+}
