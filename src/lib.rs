@@ -88,6 +88,8 @@ pub mod http;
 pub mod kubernetes;
 mod locker;
 mod name;
+#[cfg(all(test, feature = "file"))]
+mod name_proptests;
 mod options;
 #[cfg(feature = "server")]
 pub mod server;

@@ -297,6 +297,7 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
         lock_fd,
         watchdog_fd: watchdog.as_ref().map(Watchdog::command_fd),
         terminal: Terminal::of_stdin(),
+        env: command_env(guard),
     });
     let mut job = match spawned {
         Ok(job) => job,
@@ -369,6 +370,41 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
         unsafe { libc::kill(0, sig) };
     }
     Ok(Ended { status, lost })
+}
+
+/// What the command is told about its lock:
+///
+/// - `LOCKGATE_LOCK_NAME`: the lock's name;
+/// - `LOCKGATE_HOLDER_ID`: this hold, unique across hosts and time (`HOST/PID/NANOS`: the host,
+///   lockgate's pid, the wall clock at the grant in nanoseconds), for the protected system's logs;
+/// - `LOCKGATE_FENCING_TOKEN` (leased lockers only): the lease's fencing token, which strictly
+///   increases with every grant of the lock. A command that passes it with its writes lets the
+///   system it writes to refuse a holder whose lease ran out: the one thing `lockgate` cannot do
+///   for it when `lockgate` itself is paused (SIGSTOP, a frozen VM) and nothing renews the lease,
+///   while the command runs on after another holder took the lock over.
+fn command_env(guard: &LockGuard) -> Vec<(&'static str, String)> {
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname into a buffer of the given size; the result is NUL-terminated or cut.
+    let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 {
+        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
+        String::from_utf8_lossy(&host[..end]).into_owned()
+    } else {
+        "localhost".to_owned()
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut env = vec![
+        ("LOCKGATE_LOCK_NAME", guard.name().to_owned()),
+        (
+            "LOCKGATE_HOLDER_ID",
+            format!("{host}/{}/{nanos}", std::process::id()),
+        ),
+    ];
+    if let Some(token) = guard.fencing_token() {
+        env.push(("LOCKGATE_FENCING_TOKEN", token.to_string()));
+    }
+    env
 }
 
 async fn sleep_until(at: Option<Instant>) {

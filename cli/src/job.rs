@@ -83,6 +83,8 @@ pub(crate) struct Spawn<'a> {
     pub watchdog_fd: Option<RawFd>,
     /// `lockgate`'s terminal: the command's group gets it while `lockgate` is in its foreground.
     pub terminal: Option<Terminal>,
+    /// Variables added to the command's environment.
+    pub env: Vec<(&'static str, String)>,
 }
 
 /// The running command, leader of its own process group.
@@ -105,6 +107,7 @@ impl Job {
     pub(crate) fn spawn(how: Spawn<'_>) -> io::Result<Self> {
         let mut cmd = std::process::Command::new(&how.command[0]);
         cmd.args(&how.command[1..]);
+        cmd.envs(how.env.iter().map(|(k, v)| (k, v)));
         // SAFETY: getpid cannot fail.
         let parent = unsafe { libc::getpid() };
         let Spawn {

@@ -11,6 +11,8 @@ mod exec;
 mod job;
 mod json;
 mod locator;
+#[cfg(test)]
+mod locator_proptests;
 mod manual;
 mod serve;
 mod status;

@@ -223,6 +223,7 @@ mod tests {
             lock_fd: None,
             watchdog_fd: Some(watchdog.command_fd()),
             terminal: None,
+            env: Vec::new(),
         })
         .unwrap();
         let mut out = std::io::stdout();

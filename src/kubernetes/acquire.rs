@@ -67,6 +67,12 @@ pub(crate) async fn acquire(
     // Start optimistic: assume the lock is free, which makes an uncontended acquisition one
     // request; a wrong guess costs a failed `test` and a GET.
     let mut a = Acquisition::new(object, name, opts, None, object.store.assumed());
+    // A locker that has not heard from the API server yet does not know its clock, which the
+    // record's expiry must be written in (Go peers and fresh processes read it): read first
+    // instead of writing blind. Once per locker.
+    if !object.store.knows_server_time() {
+        a.reread().await?;
+    }
     match a.run().await {
         Ok(g) => {
             a.armed = false;

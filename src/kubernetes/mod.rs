@@ -15,6 +15,8 @@ mod acquire;
 mod client;
 mod config;
 mod decide;
+#[cfg(test)]
+mod proptests;
 mod queue;
 mod record;
 mod release;

@@ -182,12 +182,21 @@ impl Object {
         };
         let mut value = held.value;
         let mut pause = Duration::from_millis(100);
+        // The object's annotations are full: leave the record free in its smallest form.
+        let mut compact = false;
         loop {
             let rec = Record::parse(&value).map_err(|e| self.corrupt(key, e))?;
             if rec.uuid != held.uuid || rec.shared_holders <= 0 {
                 return Err(lost());
             }
-            let new = Some(self.released(&rec, holder).to_value());
+            let mut freed = self.released(&rec, holder);
+            if compact && freed.shared_holders <= 0 {
+                // Without the holder mark a free record is no larger than the held one was:
+                // expired, as when a Go waiter is first in line.
+                freed.queue.remove(HOLDER_MARK);
+                freed.expire_at = self.store.server_now().saturating_sub(1);
+            }
+            let new = Some(freed.to_value());
             let change = Change {
                 key: key.to_owned(),
                 expected: Some(value.clone()),
@@ -208,6 +217,10 @@ impl Object {
                 Err(WriteError::Conflict) => (None, false),
                 Err(WriteError::Unknown(e)) => (Some(e), true),
                 Err(WriteError::Failed(e)) if transient(&e) => (Some(e), false),
+                Err(WriteError::Failed(Error::AnnotationsFull { .. })) if !compact => {
+                    compact = true;
+                    continue;
+                }
                 Err(WriteError::Failed(e)) => return Err(e),
             };
             if let Some(e) = failure {

@@ -5,9 +5,9 @@
 //! `<`, `>`, `&`, U+2028 and U+2029 where a plain encoder does not.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::BodyExt;
 use kube::api::{Api, DynamicObject, PostParams};
@@ -82,8 +82,11 @@ pub(crate) struct Store {
     /// Whether the object had an annotations map when we last saw it: a blind first write must
     /// know whether to add a key or the whole map (the API server drops an emptied map).
     had_annotations: Arc<AtomicBool>,
-    /// The API server's clock minus ours, in seconds, from the `Date` of its last answer.
-    clock_offset: Arc<AtomicI64>,
+    /// The API server's clock as the `Date` of its last answer showed it (unix seconds), and
+    /// when that answer arrived on our monotonic clock. The server's time now is that plus the
+    /// monotonic time since: our own wall clock never enters it, so a host whose clock is wrong,
+    /// or is stepped while it holds a lock, still writes expiries in the server's time frame.
+    server_clock: Arc<Mutex<Option<(i64, Instant)>>>,
 }
 
 fn pointer(key: &str) -> String {
@@ -110,7 +113,7 @@ impl Store {
             timeout,
             create_missing: Arc::default(),
             had_annotations: Arc::new(AtomicBool::new(true)),
-            clock_offset: Arc::default(),
+            server_clock: Arc::default(),
         }
     }
 
@@ -120,9 +123,28 @@ impl Store {
         snap
     }
 
-    /// The API server's wall clock now (unix seconds), as its last answer showed it.
+    /// The API server's wall clock now (unix seconds), estimated from its last answer; this
+    /// host's clock only before any answer (see [`knows_server_time`](Self::knows_server_time)).
     pub fn server_now(&self) -> i64 {
-        local_unix().saturating_add(self.clock_offset.load(Ordering::Relaxed))
+        match *self
+            .server_clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            Some((date, at)) => {
+                date.saturating_add(i64::try_from(at.elapsed().as_secs()).unwrap_or(i64::MAX))
+            }
+            None => local_unix(),
+        }
+    }
+
+    /// True once an answer of the API server has shown its clock: before that, nothing may be
+    /// written that carries a time (a lease's expiry).
+    pub fn knows_server_time(&self) -> bool {
+        self.server_clock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     /// What a blind first write should assume: the lock absent, the annotations map as last seen.
@@ -191,8 +213,10 @@ impl Store {
             let server = date
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            self.clock_offset
-                .store(server.saturating_sub(local_unix()), Ordering::Relaxed);
+            *self
+                .server_clock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some((server, Instant::now()));
         }
         let status = res.status();
         let bytes = res.into_body().collect().await?.to_bytes();

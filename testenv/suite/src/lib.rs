@@ -516,3 +516,9 @@ pub fn elapsed_between(what: &str, earlier: Instant, later: Instant) -> Duration
         )
     })
 }
+
+pub mod checker;
+pub mod fault;
+pub mod fault_plans;
+pub mod history;
+pub mod register;
