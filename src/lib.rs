@@ -81,6 +81,7 @@ pub mod backend;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
+#[cfg(any(feature = "file", feature = "kubernetes"))]
 mod host;
 #[cfg(any(feature = "server", feature = "http"))]
 pub mod http;
