@@ -53,11 +53,13 @@ impl<'a> Attempt<'a> {
     }
 
     /// True once the deadline has passed.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn expired(&self) -> bool {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     /// True when a pause of `pause` ends before the deadline.
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn fits(&self, pause: Duration) -> bool {
         self.deadline.is_none_or(|d| Instant::now() + pause < d)
     }

@@ -1,6 +1,7 @@
 //! Who and where this process is, for the holder information recorded with leases.
 
 /// This host's name (a pod's name in a pod), or `None` when it cannot be read.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) fn host_name() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or fails.
@@ -35,6 +36,7 @@ pub(crate) fn user_name(uid: u32) -> String {
 }
 
 /// The name of the user this process runs as.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) fn current_user() -> String {
     // SAFETY: getuid cannot fail.
     user_name(unsafe { libc::getuid() })
