@@ -55,6 +55,9 @@ pub(super) struct Acquisition<'a> {
     pub(super) conflicts: u32,
     /// Whether idle free records were removed once already to make room.
     pub(super) made_room: bool,
+    /// The object's annotations are full: grant in the smallest form (no holder details, a
+    /// new uuid instead of a reserved record's holder mark).
+    pub(super) compact: bool,
     pub(super) outages: u32,
 }
 
@@ -109,6 +112,7 @@ impl<'a> Acquisition<'a> {
             conflicts: 0,
             outages: 0,
             made_room: false,
+            compact: false,
         }
     }
 }
@@ -189,6 +193,11 @@ impl Acquisition<'_> {
             };
             match change {
                 WriteError::Conflict => self.conflicted().await?,
+                WriteError::Failed(Error::AnnotationsFull { .. }) if !self.compact => {
+                    // Holder details are for people: without them the record may still fit.
+                    self.compact = true;
+                    self.reread().await?;
+                }
                 WriteError::Failed(e @ Error::AnnotationsFull { .. }) => {
                     if self.made_room || self.object.make_room().await? == 0 {
                         return Err(e.into());

@@ -87,7 +87,9 @@ impl Acquisition<'_> {
                     .record(None);
             }
             let mut record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
-            record.holders.insert(self.id.clone(), self.holder_entry());
+            if !self.compact {
+                record.holders.insert(self.id.clone(), self.holder_entry());
+            }
             return Ok(Step::Grant {
                 change: self.change(None, &record),
                 record,
@@ -160,6 +162,7 @@ impl Acquisition<'_> {
                 .get(HOLDER_MARK)
                 .is_some_and(|m| m.expire_at > server_now.saturating_add(MARK_MARGIN_SECS));
             let keep = free
+                && !self.compact
                 && (reserved
                     || mine.is_some_and(|m| queue::first_for_go(m, &rec.queue, server_now)));
             let mut new = if keep {
@@ -179,7 +182,11 @@ impl Acquisition<'_> {
                 new.queue
                     .insert(HOLDER_MARK.to_owned(), Member::mark(expire_at));
             }
-            new.holders = [(self.id.clone(), self.holder_entry())].into();
+            new.holders = if self.compact {
+                Default::default()
+            } else {
+                [(self.id.clone(), self.holder_entry())].into()
+            };
             let record = new.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),
@@ -191,7 +198,9 @@ impl Acquisition<'_> {
             let mut joined = rec.renewed(object.expire_at());
             joined.shared_holders = joined.shared_holders.saturating_add(1);
             joined.queue.remove(&self.id);
-            joined.holders.insert(self.id.clone(), self.holder_entry());
+            if !self.compact {
+                joined.holders.insert(self.id.clone(), self.holder_entry());
+            }
             let record = joined.tagged();
             return Ok(Step::Grant {
                 change: self.change(Some(value), &record),

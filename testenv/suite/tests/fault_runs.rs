@@ -31,7 +31,9 @@ async fn clean(name: &str) {
     let o = run(name).await;
     assert!(o.report.ok(), "{o}");
     assert!(o.missed.is_empty(), "faults found no victim: {o}");
-    assert!(o.report.holds > 5, "too few holds to mean anything: {o}");
+    // Plans whose holds last 4 to 6 s manage about five in a short run on a loaded machine;
+    // fewer than four means the clients hardly worked.
+    assert!(o.report.holds >= 4, "too few holds to mean anything: {o}");
 }
 
 /// The planted bug must be reported as the violation it causes.
