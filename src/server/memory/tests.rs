@@ -4,8 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
+use super::state::SWEEP_EVERY;
 use super::*;
-use crate::LockName;
+use crate::server::store::Grant;
+use crate::{LockName, Mode};
+use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(10);
 

@@ -1,0 +1,77 @@
+//! What `GET /status` shows of the memory store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::state::{lock_mutex, Slot};
+use super::MemoryStore;
+use crate::http::protocol::{HolderStatus, LockStatus, StatusResponse, WaiterStatus};
+use crate::server::store::StatusQuery;
+
+impl MemoryStore {
+    pub(super) fn status_now(&self, query: &StatusQuery) -> StatusResponse {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for shard in inner.shards.iter() {
+            let st = lock_mutex(&shard.state);
+            match &query.name {
+                Some(n) => names.extend(st.locks.get_key_value(n.as_str()).map(|(k, _)| k.clone())),
+                None => names.extend(st.locks.keys().cloned()),
+            }
+        }
+        names.sort_unstable();
+        let total = names.len();
+        names.truncate(query.limit);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut locks = Vec::with_capacity(names.len());
+        for name in names {
+            let st = lock_mutex(&inner.shards[inner.shard_of(&name)].state);
+            let Some(lock) = st.locks.get(&name) else {
+                continue;
+            };
+            let holders: Vec<HolderStatus> = lock
+                .holders
+                .iter()
+                .filter(|h| h.expires > now)
+                .map(|h| HolderStatus {
+                    mode: h.mode,
+                    fencing_token: h.token,
+                    acquirer_id: h.acquirer_id.as_ref().map(|a| a.as_str().to_owned()),
+                    held_ms: ms(now.saturating_duration_since(h.granted)),
+                    expires_in_ms: ms(h.expires.saturating_duration_since(now)),
+                })
+                .collect();
+            let waiters = lock
+                .queue
+                .iter()
+                .map(|w| WaiterStatus {
+                    mode: w.mode,
+                    acquirer_id: w.acquirer_id.as_ref().map(|a| a.as_str().to_owned()),
+                    waiting_ms: ms(now.saturating_duration_since(w.since)),
+                    long_poll: matches!(w.slot, Slot::Attached { .. }),
+                    place_expires_in_ms: match w.slot {
+                        Slot::Detached { expires } => {
+                            Some(ms(expires.saturating_duration_since(now)))
+                        }
+                        Slot::Attached { .. } => None,
+                    },
+                })
+                .collect();
+            locks.push(LockStatus {
+                lock_name: name.to_string(),
+                mode: holders.first().map(|h| h.mode),
+                holders,
+                waiters,
+            });
+        }
+        StatusResponse {
+            locks,
+            total,
+            truncated: total > query.limit,
+            ttl_ms: ms(inner.ttl),
+        }
+    }
+}
