@@ -536,14 +536,19 @@ fn handoff_run(
         }
         let released = mono_ns();
         drop(g);
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let granted: u64 = line
-            .trim()
-            .strip_prefix("granted ")
-            .unwrap_or_else(|| panic!("round {i}: the waiter said {line:?}"))
-            .parse()
-            .unwrap();
+        // `waiting` (the Go peer found the lock busy), then `granted <CLOCK_MONOTONIC ns>`.
+        let granted: u64 = loop {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "round {i}: the waiter ended without a grant"
+            );
+            match line.trim().strip_prefix("granted ") {
+                Some(ns) => break ns.parse().unwrap(),
+                None if line.trim() == "waiting" => continue,
+                None => panic!("round {i}: the waiter said {line:?}"),
+            }
+        };
         assert!(
             granted >= released,
             "round {i}: the waiter was granted the lock {} ns before its release: exclusion violated",
