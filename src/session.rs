@@ -380,6 +380,34 @@ impl Bridge {
         }
         Ok(self.handle.block_on(fut))
     }
+
+    /// `release_blocking` of a lease: runs the release that `take` starts, blocking the calling
+    /// thread. Inside a Tokio runtime it refuses before `take` is called, so that the lease,
+    /// dropped unreleased, is released in the background ([`release_on_drop`](Self::release_on_drop)).
+    pub fn release_blocking<F>(&self, take: impl FnOnce() -> F) -> Result<(), Error>
+    where
+        F: Future<Output = Result<(), Error>>,
+    {
+        const INSIDE: &str = "release_blocking called inside a Tokio runtime; use release().await (the lock is being released in the background)";
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::Unsupported(INSIDE));
+        }
+        self.block_on(INSIDE, take())?
+    }
+
+    /// The release of a lease dropped without being released, in the background. Best effort:
+    /// if it cannot run, the lease expires after its TTL.
+    pub fn release_on_drop(
+        &self,
+        name: String,
+        release: impl Future<Output = Result<(), Error>> + Send + 'static,
+    ) {
+        self.handle.spawn(async move {
+            if let Err(e) = release.await {
+                tracing::warn!(lock = name, error = %crate::error::chain(&e), "release on drop failed");
+            }
+        });
+    }
 }
 
 impl Drop for Bridge {

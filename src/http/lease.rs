@@ -85,13 +85,8 @@ impl Lease for HttpLease {
     }
 
     fn release_blocking(mut self: Box<Self>) -> Result<(), Error> {
-        const INSIDE: &str = "release_blocking called inside a Tokio runtime; use release().await (the lock is being released in the background)";
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Dropping the lease (not marked released) releases it in the background.
-            return Err(Error::Unsupported(INSIDE));
-        }
-        let fut = self.take();
-        self.session.bridge().block_on(INSIDE, fut)?
+        let session = std::sync::Arc::clone(&self.session);
+        session.bridge().release_blocking(|| self.take())
     }
 
     fn lost_signal(&self) -> LostSignal {
@@ -106,14 +101,10 @@ impl Lease for HttpLease {
 impl Drop for HttpLease {
     fn drop(&mut self) {
         if !self.released {
-            let fut = self.take();
-            let name = self.name.clone();
-            // Best effort; if it cannot run, the lease expires on the server after its TTL.
-            self.session.bridge().handle.spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::warn!(lock = name, error = %crate::error::chain(&e), "release on drop failed");
-                }
-            });
+            let release = self.take();
+            self.session
+                .bridge()
+                .release_on_drop(self.name.clone(), release);
         }
     }
 }

@@ -110,13 +110,8 @@ impl Lease for KubeLease {
     }
 
     fn release_blocking(mut self: Box<Self>) -> Result<(), Error> {
-        const INSIDE: &str = "release_blocking called inside a Tokio runtime; use release().await (the lock is being released in the background)";
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Dropping the lease (not marked released) releases it in the background.
-            return Err(Error::Unsupported(INSIDE));
-        }
-        let fut = self.take();
-        self.session.bridge().block_on(INSIDE, fut)?
+        let session = std::sync::Arc::clone(&self.session);
+        session.bridge().release_blocking(|| self.take())
     }
 
     fn lost_signal(&self) -> LostSignal {
@@ -131,14 +126,10 @@ impl Lease for KubeLease {
 impl Drop for KubeLease {
     fn drop(&mut self) {
         if !self.released {
-            let fut = self.take();
-            let name = self.name.clone();
-            // Best effort; if it cannot run, the lease expires after its TTL.
-            self.session.bridge().handle.spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::warn!(lock = name, error = %crate::error::chain(&e), "release on drop failed");
-                }
-            });
+            let release = self.take();
+            self.session
+                .bridge()
+                .release_on_drop(self.name.clone(), release);
         }
     }
 }
