@@ -412,17 +412,7 @@ async fn handoff(quick: bool) {
         tokio::time::sleep(Duration::from_millis(300 + (i as u64 * 700) % 2000)).await;
         let released = mono_ns();
         holder.release(&h["lockHandle"]).await;
-        // `waiting` (if it found the lock busy), then `granted <CLOCK_MONOTONIC ns>`.
-        let granted: u64 = tokio::task::block_in_place(|| loop {
-            let mut line = String::new();
-            assert!(
-                stdout.read_line(&mut line).unwrap() > 0,
-                "lockgate-go bench-wait ended"
-            );
-            if let Some(ns) = line.trim().strip_prefix("granted ") {
-                break ns.parse().expect("granted <ns>");
-            }
-        });
+        let granted = tokio::task::block_in_place(|| lockgate_testenv::read_go_grant(&mut stdout));
         let ns = granted.checked_sub(released).unwrap_or_else(|| {
             panic!("the Go waiter's grant came before the release it waited for")
         });

@@ -522,3 +522,18 @@ pub mod fault;
 pub mod fault_plans;
 pub mod history;
 pub mod register;
+
+/// The grant time that `lockgate-go bench-wait` prints (`granted <CLOCK_MONOTONIC ns>`), after
+/// the `waiting` line it prints when it found the lock busy.
+pub fn read_go_grant(out: &mut impl std::io::BufRead) -> u64 {
+    loop {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "lockgate-go bench-wait ended"
+        );
+        if let Some(ns) = line.trim().strip_prefix("granted ") {
+            return ns.parse().expect("granted <ns>");
+        }
+    }
+}
