@@ -2,7 +2,9 @@
 //! on-wait hook called once, and contention turned into [`AcquireError::WouldBlock`] or
 //! [`AcquireError::TimedOut`] with the lock's name.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::{self, Instant};
 
 use crate::error::AcquireError;
 use crate::name::LockName;
@@ -25,8 +27,13 @@ impl<'a> Attempt<'a> {
         let (start, deadline) = match opts.wait {
             Wait::Forever => (None, None),
             wait => {
-                let start = Instant::now();
-                (Some(start), wait.deadline(start))
+                let start = clock::now();
+                let deadline = match wait {
+                    // The caller's instant is on the system's monotonic clock.
+                    Wait::Deadline(at) => Some(Instant::from_std(at)),
+                    wait => wait.deadline(start.into_std()).map(Instant::from_std),
+                };
+                (Some(start), deadline)
             }
         };
         Self {
@@ -47,21 +54,29 @@ impl<'a> Attempt<'a> {
         !self.opts.wait.is_non_blocking()
     }
 
-    /// When the acquisition gives up; `None`: never.
-    pub fn deadline(&self) -> Option<Instant> {
+    /// When the acquisition gives up (on the system's monotonic clock, for the file
+    /// locker's threads); `None`: never.
+    #[cfg_attr(not(feature = "file"), allow(dead_code))]
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.deadline.map(Instant::into_std)
+    }
+
+    /// When the acquisition gives up, on the library's clock (Tokio's); `None`: never.
+    #[cfg_attr(not(any(feature = "kubernetes", feature = "http")), allow(dead_code))]
+    pub fn deadline_at(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// True once the deadline has passed.
     #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.deadline.is_some_and(|d| clock::now() >= d)
     }
 
     /// True when a pause of `pause` ends before the deadline.
     #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn fits(&self, pause: Duration) -> bool {
-        self.deadline.is_none_or(|d| Instant::now() + pause < d)
+        self.deadline.is_none_or(|d| clock::now() + pause < d)
     }
 
     /// The error for a busy lock: [`AcquireError::WouldBlock`] when the acquisition may not

@@ -8,6 +8,9 @@ use std::fmt;
 use std::future::Future;
 use std::os::fd::BorrowedFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -79,12 +82,27 @@ pub enum LostReason {
 /// Fires when a lease is lost; see [`LockGuard::lost`](crate::LockGuard::lost).
 ///
 /// Cheap to clone; every clone observes the same lease.
+///
+/// A leased backend also gives the signal the lease's deadline (the moment it counts as lost
+/// unless a renewal is confirmed first): [`reason`](Self::reason) and [`lost`](Self::lost)
+/// compare it with the clock themselves, so a holder that was paused or whose host was
+/// suspended past its deadline sees its lease lost the moment it looks, whatever became of the
+/// renewal task meanwhile.
 #[derive(Debug, Clone)]
-pub struct LostSignal(watch::Receiver<Option<LostReason>>);
+pub struct LostSignal {
+    rx: watch::Receiver<Option<LostReason>>,
+    /// The deadline on the boot clock, in nanoseconds; `u64::MAX`: none (released, or a lease
+    /// that cannot be lost).
+    deadline: Arc<AtomicU64>,
+}
+
+/// No deadline.
+const NO_DEADLINE: u64 = u64::MAX;
 
 /// The sending side of a [`LostSignal`], kept by a backend.
 pub struct LostNotifier {
     tx: watch::Sender<Option<LostReason>>,
+    deadline: Arc<AtomicU64>,
     /// The acquisition's on-lost hook and lock name.
     hook: Option<(String, crate::options::OnLost)>,
 }
@@ -101,7 +119,36 @@ impl LostNotifier {
     /// A notifier and its signal.
     pub fn new() -> (Self, LostSignal) {
         let (tx, rx) = watch::channel(None);
-        (Self { tx, hook: None }, LostSignal(rx))
+        let deadline = Arc::new(AtomicU64::new(NO_DEADLINE));
+        let signal = LostSignal {
+            rx,
+            deadline: Arc::clone(&deadline),
+        };
+        (
+            Self {
+                tx,
+                deadline,
+                hook: None,
+            },
+            signal,
+        )
+    }
+
+    /// Sets the lease's deadline: from then on the signal counts the lease lost at that moment
+    /// (boot clock) unless a later deadline is set first. A deadline that has passed is final:
+    /// a lease counted lost is never found again.
+    #[cfg(any(feature = "kubernetes", feature = "http"))]
+    pub(crate) fn set_deadline(&self, deadline: crate::clock::Boot) {
+        let new = deadline.as_nanos().min(NO_DEADLINE - 1);
+        let _ = self
+            .deadline
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                let passed =
+                    old != NO_DEADLINE && crate::clock::Boot::from_nanos(old).left().is_zero();
+                (!passed).then_some(new)
+            });
+        // Wake a `lost()` waiting for the old deadline, so that it waits for the new one.
+        self.tx.send_modify(|_| {});
     }
 
     /// A notifier that also runs the on-lost hook of `opts` (if any) for the lock `name`.
@@ -128,7 +175,17 @@ impl LostNotifier {
 
     /// Another signal for the same lease.
     pub fn subscribe(&self) -> LostSignal {
-        LostSignal(self.tx.subscribe())
+        LostSignal {
+            rx: self.tx.subscribe(),
+            deadline: Arc::clone(&self.deadline),
+        }
+    }
+}
+
+impl Drop for LostNotifier {
+    fn drop(&mut self) {
+        // Released (or lost, which the channel keeps): the deadline no longer applies.
+        self.deadline.store(NO_DEADLINE, Ordering::Release);
     }
 }
 
@@ -154,12 +211,31 @@ impl LostSignal {
         // The sender is dropped at once; `lost()` treats a closed channel without a reason as
         // "never lost".
         let (_, rx) = watch::channel(None);
-        Self(rx)
+        Self {
+            rx,
+            deadline: Arc::new(AtomicU64::new(NO_DEADLINE)),
+        }
     }
 
-    /// The reason, if the lease is lost already.
+    /// The reason, if the lease is lost already: told so by the backend, or its deadline
+    /// passed.
     pub fn reason(&self) -> Option<LostReason> {
-        self.0.borrow().clone()
+        if let Some(r) = self.rx.borrow().clone() {
+            return Some(r);
+        }
+        self.past_deadline().then_some(LostReason::RenewalFailed)
+    }
+
+    /// The time left until the deadline (`None`: none).
+    fn until_deadline(&self) -> Option<Duration> {
+        match self.deadline.load(Ordering::Acquire) {
+            NO_DEADLINE => None,
+            nanos => Some(crate::clock::Boot::from_nanos(nanos).left()),
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.until_deadline().is_some_and(|left| left.is_zero())
     }
 
     /// Waits until the lease is lost. Never completes for a lease that cannot be lost, or once
@@ -169,13 +245,34 @@ impl LostSignal {
     ///
     /// Cancel safe: dropping the future loses nothing; call it again to keep waiting.
     pub async fn lost(&mut self) -> LostReason {
+        /// The longest nap between looks at the deadline: timers run on the monotonic clock,
+        /// which stops while the host is suspended; the deadline is on the boot clock.
+        const NAP: Duration = Duration::from_secs(1);
         loop {
-            if let Some(r) = self.0.borrow_and_update().clone() {
+            if let Some(r) = self.rx.borrow_and_update().clone() {
                 return r;
             }
-            if self.0.changed().await.is_err() {
-                // The backend dropped the notifier without a reason: the lease ended normally.
-                std::future::pending::<()>().await;
+            if self.past_deadline() {
+                return LostReason::RenewalFailed;
+            }
+            match self.until_deadline() {
+                Some(left) => {
+                    if let Ok(changed) =
+                        tokio::time::timeout(left.min(NAP), self.rx.changed()).await
+                    {
+                        if changed.is_err() && self.rx.borrow().is_none() {
+                            // Released: the lease ended normally.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+                None => {
+                    if self.rx.changed().await.is_err() && self.rx.borrow().is_none() {
+                        // The backend dropped the notifier without a reason: the lease ended
+                        // normally.
+                        std::future::pending::<()>().await;
+                    }
+                }
             }
         }
     }

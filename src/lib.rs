@@ -78,6 +78,8 @@
 
 mod acquire;
 pub mod backend;
+#[cfg_attr(not(any(feature = "kubernetes", feature = "http")), allow(dead_code))]
+mod clock;
 mod error;
 #[cfg(feature = "file")]
 pub mod file;
@@ -98,6 +100,9 @@ pub mod server;
 mod session;
 
 pub use backend::{LostReason, LostSignal};
+#[cfg(feature = "simulation")]
+#[doc(hidden)]
+pub use clock::sim;
 pub use error::{AcquireError, Error, Result};
 #[cfg(feature = "file")]
 pub use file::FileLocker;

@@ -15,15 +15,16 @@
 //! as expired before `sent + ttl`; a holder told at `sent + renew_deadline` (< `ttl`) has
 //! `ttl − renew_deadline` to stop.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::backend::{BoxFuture, LostNotifier, LostReason};
+use crate::clock::{self, Boot};
 use crate::error::Error;
 
 /// How often leases are renewed, and when a lease whose renewal was not confirmed is lost.
@@ -32,6 +33,11 @@ pub(crate) struct Timing {
     pub renew_period: Duration,
     pub renew_deadline: Duration,
 }
+
+/// The longest the renewal task sleeps while it holds leases: its timers run on the monotonic
+/// clock, which stops while the host is suspended, and deadlines are on the boot clock, which
+/// does not. A host that wakes after its deadline gives its verdict within this much.
+const LONGEST_NAP: Duration = Duration::from_secs(1);
 
 /// What became of one lease in a renewal round.
 #[derive(Debug)]
@@ -53,6 +59,17 @@ pub(crate) trait Renewer: Send + Sync + 'static {
     /// in the same order.
     fn renew(&self, leases: Vec<(String, Self::State)>)
         -> BoxFuture<'_, Vec<Renewal<Self::State>>>;
+
+    /// True when `a` and `b` are states of one lease (a member joining `a`'s lease with `b`);
+    /// false when `b` is a new lease of the same key, which ends `a`'s.
+    fn same_lease(a: &Self::State, b: &Self::State) -> bool;
+
+    /// The lease's state once a member granted with `joined` has joined `held` (the same
+    /// lease): by default `joined`, the newer.
+    fn merge(held: &Self::State, joined: Self::State) -> Self::State {
+        let _ = held;
+        joined
+    }
 }
 
 /// Leases to renew: key, state, generation.
@@ -61,12 +78,49 @@ type Batch<S> = Vec<(String, S, u64)>;
 /// One lease held by this process.
 struct Held<S> {
     state: S,
-    /// Bumped by every change of `state` not made by the renewer, so that a renewal result that
-    /// raced with such a change is not applied over it.
+    /// Changed by every change of `state` not made by the renewer, from a counter of the whole
+    /// session (never reused, also for a lease of the same key held again), so that the outcome
+    /// of a renewal that raced with such a change is not applied over it.
     generation: u64,
-    /// When the last confirmed renewal (or the granting write) was sent.
-    confirmed: Instant,
-    members: HashMap<u64, LostNotifier>,
+    /// When the last confirmed renewal (or the granting write) was sent, on the boot clock.
+    confirmed: Boot,
+    members: BTreeMap<u64, LostNotifier>,
+}
+
+impl<S> Held<S> {
+    /// Tells every member the lease's deadline.
+    fn publish(&self, renew_deadline: Duration) {
+        let deadline = self.confirmed + renew_deadline;
+        for n in self.members.values() {
+            n.set_deadline(deadline);
+        }
+    }
+}
+
+/// Why a grant was not joined.
+#[derive(Debug)]
+pub(crate) enum JoinError {
+    /// The granting write was sent so long ago that the lease may have expired for others
+    /// already (its answer came late, or was found after a lost one): it must not be used.
+    TooLate,
+    /// The task that renews leases cannot run: the runtime the locker was made on has shut
+    /// down.
+    NoRuntime,
+}
+
+impl JoinError {
+    /// As the user's error, for the lock `name`.
+    pub fn into_error(self, name: &str) -> Error {
+        match self {
+            JoinError::TooLate => Error::LeaseLost {
+                name: name.to_owned(),
+                reason: LostReason::RenewalFailed,
+            },
+            JoinError::NoRuntime => Error::Unsupported(
+                "the Tokio runtime this locker was made on has shut down: nothing would renew its leases; make the locker on a runtime that outlives it",
+            ),
+        }
+    }
 }
 
 /// The leases of one locker and the task that renews them.
@@ -74,10 +128,14 @@ pub(crate) struct Session<R: Renewer> {
     renewer: R,
     timing: Mutex<Timing>,
     bridge: Bridge,
-    held: Mutex<HashMap<String, Held<R::State>>>,
+    held: Mutex<BTreeMap<String, Held<R::State>>>,
     wakeup: Arc<Notify>,
     started: AtomicBool,
+    /// Whether the renewal task is alive: cleared when its future is dropped (the runtime shut
+    /// down, or refused to run it).
+    renewing: Arc<AtomicBool>,
     ids: AtomicU64,
+    generations: AtomicU64,
 }
 
 /// What a member that leaves a lease must do next.
@@ -87,9 +145,9 @@ pub(crate) struct Leaving<S> {
     /// How many members of this process still hold it.
     #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub remaining: usize,
-    /// When the lease could expire for others at the earliest (last confirmed send + TTL is the
-    /// backend's to add; this is the last confirmed send).
-    pub confirmed: Instant,
+    /// When the last confirmed renewal was sent (boot clock): the lease may expire for others
+    /// a TTL after it, at the earliest.
+    pub confirmed: Boot,
 }
 
 impl<R: Renewer> Session<R> {
@@ -101,7 +159,9 @@ impl<R: Renewer> Session<R> {
             held: Mutex::default(),
             wakeup: Arc::new(Notify::new()),
             started: AtomicBool::new(false),
+            renewing: Arc::new(AtomicBool::new(false)),
             ids: AtomicU64::new(1),
+            generations: AtomicU64::new(1),
         })
     }
 
@@ -113,7 +173,7 @@ impl<R: Renewer> Session<R> {
         &self.bridge
     }
 
-    fn timing(&self) -> Timing {
+    pub fn timing(&self) -> Timing {
         *self.timing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -122,45 +182,80 @@ impl<R: Renewer> Session<R> {
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub fn set_timing(&self, timing: Timing) {
         *self.timing.lock().unwrap_or_else(PoisonError::into_inner) = timing;
+        let mut held = self.held();
+        for h in held.values_mut() {
+            h.publish(timing.renew_deadline);
+        }
+        drop(held);
         self.wakeup.notify_one();
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held<R::State>>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Held<R::State>>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a member to the lease `key`, granted by a write sent at `sent` that left `state` in
-    /// the store. `fresh` says the grant started a new lease: members this process still had on
-    /// the key's old lease lost it. Returns the member's id.
+    fn generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a member to the lease `key`, granted by a write sent at `sent` (boot clock) that
+    /// left `state` in the store. `fresh` says the grant started a new lease: members this
+    /// process still had on the key's old lease lost it (so does a join whose state is not the
+    /// held lease's). Returns the member's id.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::TooLate`] when `sent + renew_deadline` has passed: the lease may be expired
+    /// for others already, and nothing was joined (the caller gives the grant back).
+    /// [`JoinError::NoRuntime`] when the renewal task cannot run.
     pub fn join(
         self: &Arc<Self>,
         key: &str,
         state: R::State,
-        sent: Instant,
+        sent: Boot,
         fresh: bool,
         notifier: LostNotifier,
-    ) -> u64 {
+    ) -> Result<u64, JoinError> {
+        let renew_deadline = self.timing().renew_deadline;
+        if (sent + renew_deadline).passed() {
+            return Err(JoinError::TooLate);
+        }
+        self.ensure_renewer()?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation();
         let mut lost = Vec::new();
         {
             let mut held = self.held();
-            let h = held.entry(key.to_owned()).or_insert_with(|| Held {
-                state: state.clone(),
-                generation: 0,
-                confirmed: sent,
-                members: HashMap::new(),
-            });
-            if fresh {
-                lost.extend(h.members.drain().map(|(_, n)| n));
+            let fresh = fresh
+                || held
+                    .get(key)
+                    .is_some_and(|h| !R::same_lease(&h.state, &state));
+            match held.get_mut(key) {
+                Some(h) if !fresh => {
+                    h.state = R::merge(&h.state, state);
+                    h.generation = generation;
+                    h.confirmed = h.confirmed.min(sent);
+                    h.members.insert(id, notifier);
+                    h.publish(renew_deadline);
+                }
+                _ => {
+                    if let Some(old) = held.remove(key) {
+                        lost.extend(old.members.into_values());
+                    }
+                    let h = Held {
+                        state,
+                        generation,
+                        confirmed: sent,
+                        members: [(id, notifier)].into(),
+                    };
+                    h.publish(renew_deadline);
+                    held.insert(key.to_owned(), h);
+                }
             }
-            h.state = state;
-            h.generation += 1;
-            h.confirmed = if fresh { sent } else { h.confirmed.min(sent) };
-            h.members.insert(id, notifier);
         }
         tell(lost, LostReason::Taken);
-        self.ensure_renewer();
-        id
+        self.wakeup.notify_one();
+        Ok(id)
     }
 
     /// Removes member `id` of `key`. `None` when it does not hold the lease any more (lost).
@@ -183,9 +278,12 @@ impl<R: Renewer> Session<R> {
     /// members holding it).
     #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn update(&self, key: &str, state: R::State) {
+        let generation = self.generation();
         if let Some(h) = self.held().get_mut(key) {
-            h.state = state;
-            h.generation += 1;
+            if R::same_lease(&h.state, &state) {
+                h.state = state;
+                h.generation = generation;
+            }
         }
     }
 
@@ -198,37 +296,63 @@ impl<R: Renewer> Session<R> {
         }
     }
 
-    fn ensure_renewer(self: &Arc<Self>) {
-        if !self.started.swap(true, Ordering::AcqRel) {
-            self.bridge
-                .handle
-                .spawn(renew_loop(Arc::downgrade(self), Arc::clone(&self.wakeup)));
+    /// Declares `key` lost if its lease is still the one of `generation`.
+    fn lose_if(&self, key: &str, generation: u64, reason: LostReason) {
+        let mut held = self.held();
+        if held.get(key).is_some_and(|h| h.generation == generation) {
+            let h = held.remove(key).expect("present");
+            drop(held);
+            tracing::warn!(key, %reason, "lease lost");
+            tell(h.members.into_values(), reason);
         }
-        self.wakeup.notify_one();
     }
 
-    /// Declares leases lost whose deadline passed; returns the leases to renew now (all of them
-    /// when any is due) and when to look again otherwise.
-    fn due(&self) -> Result<Batch<R::State>, Option<Instant>> {
-        let now = Instant::now();
-        let Timing {
-            renew_period,
-            renew_deadline,
-        } = self.timing();
+    /// Starts the renewal task on the locker's runtime, once; fails when it cannot run.
+    fn ensure_renewer(self: &Arc<Self>) -> Result<(), JoinError> {
+        if !self.started.swap(true, Ordering::AcqRel) {
+            self.renewing.store(true, Ordering::Release);
+            let alive = Alive(Arc::clone(&self.renewing));
+            self.bridge.handle.spawn(renew_loop(
+                Arc::downgrade(self),
+                Arc::clone(&self.wakeup),
+                alive,
+            ));
+        }
+        if self.renewing.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(JoinError::NoRuntime)
+        }
+    }
+
+    /// Declares leases lost whose deadline passed; returns when the next one falls due.
+    fn expire_overdue(&self) -> Option<Boot> {
+        let renew_deadline = self.timing().renew_deadline;
         let overdue: Vec<String> = self
             .held()
             .iter()
-            .filter(|(_, h)| now >= h.confirmed + renew_deadline)
+            .filter(|(_, h)| (h.confirmed + renew_deadline).passed())
             .map(|(k, _)| k.clone())
             .collect();
         for key in overdue {
             self.lose(&key, LostReason::RenewalFailed);
         }
+        self.held()
+            .values()
+            .map(|h| h.confirmed + renew_deadline)
+            .min()
+    }
+
+    /// Declares leases lost whose deadline passed; returns the leases to renew now (all of them
+    /// when any is due) and when to look again otherwise.
+    fn due(&self) -> Result<Batch<R::State>, Option<Boot>> {
+        self.expire_overdue();
+        let renew_period = self.timing().renew_period;
         let held = self.held();
         let next = held.values().map(|h| h.confirmed + renew_period).min();
         match next {
             None => Err(None),
-            Some(at) if at > now => Err(Some(at)),
+            Some(at) if !at.passed() => Err(Some(at)),
             Some(_) => Ok(held
                 .iter()
                 .map(|(k, h)| (k.clone(), h.state.clone(), h.generation))
@@ -236,59 +360,81 @@ impl<R: Renewer> Session<R> {
         }
     }
 
-    /// The earliest renewal deadline among `keys`.
-    fn deadline(&self, keys: &Batch<R::State>) -> Option<Instant> {
-        let renew_deadline = self.timing().renew_deadline;
-        let held = self.held();
-        keys.iter()
-            .filter_map(|(k, _, _)| held.get(k))
-            .map(|h| h.confirmed + renew_deadline)
-            .min()
-    }
-
     /// One renewal round. Returns when to run again (`None`: when woken).
-    async fn round(&self) -> Option<Instant> {
+    ///
+    /// While the renewal is in flight, the lost-lease rule is enforced for every held lease,
+    /// also those that joined meanwhile: nothing the store does (or does not do) delays a
+    /// verdict.
+    async fn round(&self) -> Option<Boot> {
         let batch = match self.due() {
             Ok(batch) => batch,
             Err(next) => return next,
         };
-        let Some(deadline) = self.deadline(&batch) else {
-            return Some(Instant::now());
-        };
-        let sent = Instant::now();
+        let sent = clock::boot();
         let leases = batch
             .iter()
             .map(|(k, s, _)| (k.clone(), s.clone()))
             .collect();
-        // The verdict comes at the deadline even if the store never answers.
-        let Ok(outcomes) =
-            tokio::time::timeout_at(deadline.into(), self.renewer.renew(leases)).await
-        else {
-            return Some(Instant::now());
+        let renew = self.renewer.renew(leases);
+        tokio::pin!(renew);
+        let outcomes = loop {
+            let next = self.expire_overdue();
+            let still_held = {
+                let held = self.held();
+                batch
+                    .iter()
+                    .any(|(k, _, g)| held.get(k).is_some_and(|h| h.generation == *g))
+            };
+            if !still_held && next.is_none() {
+                // Nothing left that this round could renew.
+                return Some(clock::boot());
+            }
+            let nap = next.map_or(LONGEST_NAP, |d| d.left().min(LONGEST_NAP));
+            tokio::select! {
+                biased;
+                outcomes = &mut renew => break outcomes,
+                _ = tokio::time::sleep(nap) => {}
+                _ = self.wakeup.notified() => {}
+            }
         };
+        // A verdict due before the answer came stands: a renewal confirmed after the deadline
+        // does not bring a lease back.
+        self.expire_overdue();
         let mut retry = false;
         for ((key, _, generation), outcome) in batch.into_iter().zip(outcomes) {
             match outcome {
                 Renewal::Renewed(state) => {
-                    if let Some(h) = self.held().get_mut(&key) {
+                    let renew_deadline = self.timing().renew_deadline;
+                    let mut held = self.held();
+                    if let Some(h) = held.get_mut(&key) {
                         if h.generation == generation {
                             h.state = state;
                             h.confirmed = h.confirmed.max(sent);
+                            h.publish(renew_deadline);
                         } else {
                             // Changed meanwhile (a release, a join): renew the new state.
                             retry = true;
                         }
                     }
                 }
-                Renewal::Lost(reason) => self.lose(&key, reason),
+                Renewal::Lost(reason) => self.lose_if(&key, generation, reason),
                 Renewal::Unknown => retry = true,
             }
         }
         Some(if retry {
-            Instant::now() + Duration::from_millis(200)
+            clock::boot() + Duration::from_millis(200)
         } else {
-            Instant::now()
+            clock::boot()
         })
+    }
+}
+
+/// Clears the session's `renewing` flag when the renewal task's future is dropped.
+struct Alive(Arc<AtomicBool>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -299,7 +445,8 @@ fn tell(notifiers: impl IntoIterator<Item = LostNotifier>, reason: LostReason) {
     }
 }
 
-async fn renew_loop<R: Renewer>(session: Weak<Session<R>>, wakeup: Arc<Notify>) {
+async fn renew_loop<R: Renewer>(session: Weak<Session<R>>, wakeup: Arc<Notify>, alive: Alive) {
+    let _alive = alive;
     loop {
         // No strong reference is held while sleeping, so that the session can go away.
         let Some(next) = (match session.upgrade() {
@@ -310,14 +457,19 @@ async fn renew_loop<R: Renewer>(session: Weak<Session<R>>, wakeup: Arc<Notify>) 
         };
         let sleep = async {
             match next {
-                Some(at) if at > Instant::now() => tokio::time::sleep_until(at.into()).await,
-                Some(_) => {}
+                Some(at) => {
+                    // Short naps: the boot clock may jump (a suspended host woke up).
+                    while !at.passed() {
+                        tokio::time::sleep(at.left().min(LONGEST_NAP)).await;
+                    }
+                }
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            _ = sleep => {}
+            biased;
             _ = wakeup.notified() => {}
+            _ = sleep => {}
         }
     }
 }

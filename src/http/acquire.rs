@@ -327,9 +327,9 @@ async fn grant(
     // The server started the lease's clock when it granted it, at some moment between sending
     // and the answer. The session measures the renewal deadline from `sent`; a long poll may
     // have been granted long after it was sent: renew once (sent now) before counting on it.
-    let mut confirmed = sent;
+    let mut confirmed = crate::clock::boot() - sent.elapsed();
     if sent.elapsed() >= remote.timing().renew_period {
-        let now = Instant::now();
+        let now = crate::clock::boot();
         match remote.renew_one(held.clone(), remote.renew_timeout()).await {
             Renewal::Renewed(_) => confirmed = now,
             Renewal::Lost(reason) => {
@@ -350,7 +350,12 @@ async fn grant(
     // Go's server gives every shared holder of a lock one uuid: this process's shared holders
     // of it are members of one lease, renewed once, each releasing its own share.
     let key = format!("{name}\n{}", handle.uuid);
-    let member = session.join(&key, held, confirmed, false, notifier);
+    let member = match session.join(&key, held, confirmed, false, notifier) {
+        Ok(member) => member,
+        // Confirmed too late to be trusted: given back (by `pending`), the acquisition goes on.
+        Err(crate::session::JoinError::TooLate) => return Ok(None),
+        Err(e) => return Err(e.into_error(name).into()),
+    };
     pending.handle = None;
     tracing::debug!(lock = name, server = remote.transport.base(), token = ?resp.fencing_token, "lock acquired");
     Ok(Some(Box::new(HttpLease::new(

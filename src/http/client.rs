@@ -239,6 +239,10 @@ impl Renewer for Arc<Remote> {
                 .await
         })
     }
+
+    fn same_lease(a: &Held, b: &Held) -> bool {
+        a.handle.uuid == b.handle.uuid
+    }
 }
 
 impl HttpLocker {

@@ -1,11 +1,12 @@
 //! A lease held through a lock server, and its release.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::client::{HttpSession, Remote};
 use super::protocol::{ErrorCode, LeaseRequest, LockHandle, ReleaseResponse, RELEASE_PATH};
 use crate::backend::{BoxFuture, Lease, LostReason, LostSignal};
+use crate::clock::{self, Boot};
 use crate::error::Error;
 
 /// One member's hold of a lock leased through a server.
@@ -59,7 +60,11 @@ impl HttpLease {
             self.signal.clone(),
         );
         async move {
-            let Some(leaving) = session.leave(&key, member) else {
+            // Lost already (told so, or past its deadline): a release changes nothing. (Asked
+            // before leaving, which ends the signal's deadline.)
+            let lost = signal.reason();
+            let leaving = session.leave(&key, member);
+            let Some(leaving) = leaving.filter(|_| lost.is_none()) else {
                 return Err(Error::LeaseLost {
                     name,
                     reason: signal.reason().unwrap_or(LostReason::Taken),
@@ -117,7 +122,7 @@ impl Remote {
     /// uuid, and the Kubernetes store may grant a released record's uuid to the next holder), so
     /// a repeat could give up someone else's hold. If it did not land, the lease expires on the
     /// server within a TTL.
-    pub(crate) async fn release(&self, handle: &LockHandle, until: Instant) -> Result<(), Error> {
+    pub(crate) async fn release(&self, handle: &LockHandle, until: Boot) -> Result<(), Error> {
         let lost = |reason| Error::LeaseLost {
             name: handle.lock_name.clone(),
             reason,
@@ -155,7 +160,7 @@ impl Remote {
                 return Err(e.into_error(self.transport.base()));
             }
             let pause_now = e.retry_after().unwrap_or(pause);
-            if Instant::now() + pause_now >= until {
+            if clock::boot() + pause_now >= until {
                 return Err(e.into_error(self.transport.base()));
             }
             tracing::warn!(lock = handle.lock_name, error = %crate::error::chain(&e.into_error(self.transport.base())), "release failed; retrying");
@@ -166,7 +171,7 @@ impl Remote {
 
     /// Releases a grant nobody holds (its acquisition was cancelled), best effort.
     pub(crate) async fn release_abandoned(&self, handle: LockHandle) {
-        let until = Instant::now() + self.ttl();
+        let until = clock::boot() + self.ttl();
         if let Err(e) = self.release(&handle, until).await {
             tracing::debug!(lock = handle.lock_name, error = %crate::error::chain(&e), "cannot release an abandoned grant");
         }

@@ -75,7 +75,11 @@ async fn waits_times_out_hands_off_and_loses_leases_with_the_server() {
             matches!(reason, LostReason::Gone | LostReason::RenewalFailed),
             "{reason:?}"
         );
-        assert!(matches!(got.release().await, Err(Error::LeaseLost { .. })));
+        let released = got.release().await;
+        assert!(
+            matches!(released, Err(Error::LeaseLost { .. })),
+            "{released:?} after {reason:?}"
+        );
     })
     .await
     .unwrap();

@@ -58,11 +58,29 @@ impl CallError {
     }
 
     /// True when the request may have been applied although no answer says so.
+    ///
+    /// A 5xx proves nothing was applied only when it carries one of lockgate's own codes for a
+    /// request refused before it was handled (over capacity, shutting down, store unreachable):
+    /// a proxy in front of the server answers 502/503/504 after forwarding, and a server
+    /// answers 500/504 after a store write of unknown outcome.
     pub fn in_doubt(&self) -> bool {
         match self {
             CallError::Unreachable { sent, .. } => *sent,
             CallError::TimedOut(_) => true,
-            CallError::Refused { status, .. } => matches!(status, 500 | 502 | 504),
+            CallError::Refused { status, code, .. } => {
+                *status >= 500
+                    && !matches!(
+                        (status, code),
+                        (
+                            503,
+                            Some(
+                                ErrorCode::Capacity
+                                    | ErrorCode::ShuttingDown
+                                    | ErrorCode::Unavailable
+                            )
+                        )
+                    )
+            }
             CallError::Unauthorized => false,
         }
     }

@@ -2,7 +2,7 @@
 //! watch until the decision changes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -15,9 +15,11 @@ use super::watch::Feed;
 use super::{KubeSession, Object};
 use crate::acquire::Attempt;
 use crate::backend::{Lease, LostNotifier};
+use crate::clock::{self, Boot, Instant};
 use crate::error::{AcquireError, Error};
 use crate::name::LockName;
 use crate::options::AcquireOptions;
+use crate::session::JoinError;
 
 /// A grant written, with what a lease needs to know of it.
 #[derive(Clone)]
@@ -27,10 +29,22 @@ pub(crate) struct Granted {
     pub(super) value: String,
     /// Our entry in the record's `Holders`.
     pub(super) holder: String,
-    /// When the granting write was sent.
-    pub(super) sent: Instant,
+    /// When the granting write was sent (boot clock).
+    pub(super) sent: Boot,
     pub(super) token: Option<u64>,
     pub(super) fresh: bool,
+}
+
+impl Granted {
+    /// True when `rec` shows this grant (or join) landed and still standing: the very record it
+    /// wrote, or — renewed or joined by others since — a record of its lease that names its
+    /// holder.
+    pub(super) fn landed_in(&self, rec: &Record) -> bool {
+        self.record.same_write(rec)
+            || (rec.uuid == self.record.uuid
+                && rec.shared_holders > 0
+                && rec.holders.contains_key(&self.holder))
+    }
 }
 
 /// One acquisition in progress.
@@ -76,16 +90,40 @@ pub(crate) async fn acquire(
     if !object.store.knows_server_time() {
         a.reread().await?;
     }
-    match a.run().await {
-        Ok(g) => {
-            a.armed = false;
-            Ok(a.lease(session, g))
-        }
-        Err(e) => {
-            // Take our place (and any grant that may have landed) back before returning, so
-            // that a caller that ends its runtime right after leaves nothing behind.
-            a.clean_up().await;
-            Err(e)
+    loop {
+        match a.run().await {
+            Ok(g) => match a.lease(session, g.clone()) {
+                Ok(lease) => {
+                    a.armed = false;
+                    return Ok(lease);
+                }
+                Err(JoinError::TooLate) => {
+                    // Its verdict came too late to trust: give it back, and go on if we may.
+                    tracing::debug!(
+                        lock = name.as_str(),
+                        "a grant was confirmed too late to be used; giving it back"
+                    );
+                    a.maybe.clear();
+                    a.armed = true;
+                    a.give_back(g).await;
+                    if a.attempt.expired() {
+                        a.clean_up().await;
+                        return Err(a.attempt.busy());
+                    }
+                    a.reread().await?;
+                }
+                Err(e @ JoinError::NoRuntime) => {
+                    a.give_back(g).await;
+                    a.clean_up().await;
+                    return Err(e.into_error(name.as_str()).into());
+                }
+            },
+            Err(e) => {
+                // Take our place (and any grant that may have landed) back before returning,
+                // so that a caller that ends its runtime right after leaves nothing behind.
+                a.clean_up().await;
+                return Err(e);
+            }
         }
     }
 }
@@ -143,7 +181,7 @@ impl Acquisition<'_> {
                     record,
                     fresh,
                 } => {
-                    let sent = Instant::now();
+                    let sent = clock::boot();
                     let granted = Granted {
                         holder: self.id.clone(),
                         value: change.new.clone().unwrap_or_default(),
@@ -173,7 +211,7 @@ impl Acquisition<'_> {
                     // Armed before writing: a cancellation while the write is in flight must
                     // still take our place back.
                     self.armed = true;
-                    let sent = Instant::now();
+                    let sent = clock::now();
                     match self.write(change, None).await {
                         Ok(after) => {
                             self.refreshed = Some(sent);
@@ -221,17 +259,18 @@ impl Acquisition<'_> {
         self.attempt.waiting(|| rec.holders());
         let object = self.object;
         let feed = self.feed.get_or_insert_with(|| object.watch());
-        let wake = match (wake, self.attempt.deadline()) {
+        let wake = match (wake, self.attempt.deadline_at()) {
             (Some(w), Some(d)) => Some(w.min(d)),
             (w, d) => w.or(d),
         };
         let sleep = async {
             match wake {
-                Some(w) => tokio::time::sleep_until(w.into()).await,
+                Some(w) => tokio::time::sleep_until(w).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
+            biased;
             changed = feed.changed() => {
                 if changed.is_err() {
                     return Err(Error::Unreachable {
@@ -309,7 +348,7 @@ impl Acquisition<'_> {
         self.conflicts += 1;
         if self.conflicts > 2 {
             // Repeated conflicts: back off a little, with jitter.
-            let jitter = u64::from(uuid::Uuid::new_v4().as_u128() as u16 % 50);
+            let jitter = u64::from(clock::random() as u16 % 50);
             let pause = Duration::from_millis((5 << self.conflicts.min(6)) + jitter);
             if !self.attempt.fits(pause) {
                 return Err(self.attempt.busy());
@@ -347,36 +386,55 @@ impl Acquisition<'_> {
     }
 
     /// Takes back our queue entry (unless it is kept) and any grant that may have landed.
+    ///
+    /// The work runs in a task of its own, awaited here: if this future is dropped meanwhile
+    /// (the caller gave up on a cancellation in progress), the task still finishes it.
     pub(super) async fn clean_up(&mut self) {
         if std::mem::take(&mut self.armed) {
             let maybe = std::mem::take(&mut self.maybe);
-            let id = (!self.keep_place).then_some(self.id.as_str());
+            let id = (!self.keep_place).then(|| self.id.clone());
             if id.is_none() && maybe.is_empty() {
                 return;
             }
-            self.object
-                .take_back(self.attempt.name.as_str(), &self.key, id, &maybe)
-                .await;
+            let object = Arc::clone(self.object);
+            let (name, key) = (self.attempt.name.as_str().to_owned(), self.key.clone());
+            let task = tokio::spawn(async move {
+                object.take_back(&name, &key, id.as_deref(), &maybe).await;
+            });
+            let _ = task.await;
         }
     }
 
-    fn lease(&self, session: &Arc<KubeSession>, g: Granted) -> Box<dyn Lease> {
+    /// Releases a grant this acquisition will not use, in a task of its own (awaited; it
+    /// finishes even if this future is dropped).
+    async fn give_back(&mut self, g: Granted) {
+        let object = Arc::clone(self.object);
+        let (name, key) = (self.attempt.name.as_str().to_owned(), self.key.clone());
+        let task = tokio::spawn(async move {
+            object.take_back(&name, &key, None, &[g]).await;
+        });
+        let _ = task.await;
+    }
+
+    /// The lease of grant `g`, joined to the session.
+    fn lease(&self, session: &Arc<KubeSession>, g: Granted) -> Result<Box<dyn Lease>, JoinError> {
         let name = self.attempt.name.as_str();
         let (notifier, signal) = LostNotifier::with_hook(name, self.attempt.opts);
         let held = Held {
             uuid: g.record.uuid.clone(),
             value: g.value,
+            ids: [g.holder.clone()].into(),
         };
-        let member = session.join(&self.key, held, g.sent, g.fresh, notifier);
+        let member = session.join(&self.key, held, g.sent, g.fresh, notifier)?;
         tracing::debug!(lock = name, object = %self.object.store.describe, token = ?g.token, "kubernetes lock acquired");
-        Box::new(KubeLease::new(
+        Ok(Box::new(KubeLease::new(
             Arc::clone(session),
             name,
             &self.key,
             (member, self.id.clone()),
             signal,
             g.token,
-        ))
+        )))
     }
 }
 

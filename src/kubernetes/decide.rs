@@ -1,7 +1,7 @@
 //! The decision at the heart of an acquisition: from a lock's record as last seen, what to
 //! write (a grant, a join, our place in the queue) or how long to wait.
 
-use std::time::Instant;
+use crate::clock::Instant;
 
 use super::acquire::{Acquisition, Granted};
 use super::queue::{self, Member, HOLDER_MARK};
@@ -19,37 +19,19 @@ pub(crate) struct Seen {
     /// locker first saw it.
     lease: Option<(String, Instant)>,
     members: queue::Observer,
-    /// The uuid of the record last seen (`None`: absent, or never looked at).
-    last_uuid: Option<String>,
     /// Whether this locker saw the current lease change (be renewed) under its uuid: then it
     /// is alive as far as we can tell, and only our own clock may expire it.
     renewal_seen: bool,
-    /// A uuid that this locker saw replace another record without Rust's `Renewals`: a take-over
-    /// by Go v0.2, which keeps the old `IsShared`. Its shared flag is not trusted.
-    taken_over: Option<String>,
 }
 
-impl Seen {
-    /// Notes the record now standing (`None`: absent).
-    fn record(&mut self, rec: Option<&Record>) {
-        let uuid = rec.map(|r| r.uuid.clone());
-        if let (Some(prev), Some(rec)) = (&self.last_uuid, rec) {
-            if *prev != rec.uuid && rec.renewals == 0 {
-                self.taken_over = Some(rec.uuid.clone());
-            }
-        }
-        self.last_uuid = uuid;
-    }
-
-    /// True when a shared request may join the shared record `rec`: its `IsShared` was set or
-    /// confirmed by Rust (`Renewals`), or, written by Go, it is not a Go take-over this locker
-    /// saw happen (Go v0.2 takes a released shared record over for an exclusive request and
-    /// leaves `IsShared` set).
-    fn joinable(&self, rec: &Record) -> bool {
-        rec.is_shared
-            && rec.shared_holders > 0
-            && (rec.renewals > 0 || self.taken_over.as_deref() != Some(rec.uuid.as_str()))
-    }
+/// True when a shared request may join the shared record `rec`: its `IsShared` was set or
+/// confirmed by Rust (`Renewals` present; Go drops it when it rewrites a record). A shared
+/// record written by Go is never joined: Go v0.2 takes a released shared record over for an
+/// *exclusive* request and leaves `IsShared: true` (with a new uuid and count 1), which nothing
+/// in the record tells from a Go shared grant — a fresh process that did not watch the take-over
+/// would join an exclusive holder (PROTOCOL.md, "Go v0.2 peers", rule 4).
+fn joinable(rec: &Record) -> bool {
+    rec.is_shared && rec.shared_holders > 0 && rec.renewals > 0
 }
 
 /// What to do about the record we see.
@@ -78,14 +60,6 @@ impl Acquisition<'_> {
         let mode = self.attempt.mode();
         let name = self.attempt.name.as_str();
         let Some(value) = self.current.get(&self.key).map(str::to_owned) else {
-            // Only a real read tells absence (the blind first write assumes it).
-            if self.current.rv.is_some() {
-                object
-                    .seen()
-                    .entry(self.key.clone())
-                    .or_default()
-                    .record(None);
-            }
             let mut record = Record::new(name, mode == Mode::Shared, object.expire_at()).tagged();
             if !self.compact {
                 record.holders.insert(self.id.clone(), self.holder_entry());
@@ -97,7 +71,7 @@ impl Acquisition<'_> {
             });
         };
         let rec = Record::parse(&value).map_err(|e| object.corrupt(&self.key, e))?;
-        if let Some(g) = self.maybe.iter().find(|g| g.record.same_write(&rec)) {
+        if let Some(g) = self.maybe.iter().find(|g| g.landed_in(&rec)) {
             tracing::debug!(lock = name, "a grant whose answer was lost had landed");
             return Ok(Step::Landed(Granted {
                 record: rec,
@@ -110,8 +84,7 @@ impl Acquisition<'_> {
         let (since, live, next_expiry, joinable, stale_allowed) = {
             let mut seen = object.seen();
             let seen = seen.entry(self.key.clone()).or_default();
-            seen.record(Some(&rec));
-            let joinable = seen.joinable(&rec);
+            let joinable = joinable(&rec);
             let lease = rec.lease_part();
             match &seen.lease {
                 Some((v, _)) if *v == lease => {}
@@ -121,11 +94,14 @@ impl Acquisition<'_> {
                     seen.renewal_seen = previous
                         .as_ref()
                         .is_some_and(|(v, _)| v.split('/').next() == Some(rec.uuid.as_str()));
-                    seen.lease = Some((lease, Instant::now()));
+                    seen.lease = Some((lease, crate::clock::now()));
                 }
             }
             let stale_allowed = !seen.renewal_seen;
-            let since = seen.lease.as_ref().map_or_else(Instant::now, |(_, t)| *t);
+            let since = seen
+                .lease
+                .as_ref()
+                .map_or_else(crate::clock::now, |(_, t)| *t);
             let live: Vec<Member> = seen
                 .members
                 .live(&rec.queue, &self.id, ttl, ttl, server_now)
@@ -227,6 +203,10 @@ impl Acquisition<'_> {
                 new: Some(queued.to_value()),
             }));
         }
+        // Wake for what may change by itself: the lease going stale, our place due for a
+        // refresh, a member ahead dying. A moment already past is no reason to wake (an expired
+        // record with a live member ahead of us changes only when written: the watch tells).
+        let now = crate::clock::now();
         let wake = [
             (!free).then_some(since + ttl),
             self.refreshed.map(|t| t + config.renew_period),
@@ -234,6 +214,7 @@ impl Acquisition<'_> {
         ]
         .into_iter()
         .flatten()
+        .filter(|t| *t > now)
         .min();
         Ok(Step::Wait(rec, wake))
     }

@@ -113,14 +113,13 @@ impl Object {
         }
     }
 
-    /// `ExpireAtTimestamp` for a lease renewed now: the API server's clock (Go peers compare it
-    /// with theirs, so a skewed local clock must not shorten it) plus the TTL, plus a second for
-    /// the `Date` header's resolution.
+    /// `ExpireAtTimestamp` for a lease renewed now: the latest the API server's clock can be
+    /// now (Go peers compare it with theirs, so a skewed local clock must not shorten it; the
+    /// `Date` header's second and the round trip are added, the sum rounded up) plus the TTL.
     fn expire_at(&self) -> i64 {
         self.store
-            .server_now()
+            .server_now_latest()
             .saturating_add(self.config.ttl_secs())
-            .saturating_add(1)
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, decide::Seen>> {

@@ -5,8 +5,10 @@
 //! Pure logic, no I/O: which queue members are alive, who is ahead of whom, and whether a
 //! request may take the lock now.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::clock::{self, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -102,14 +104,11 @@ impl Member {
 
 /// A new waiter id: the wall clock in nanoseconds (so ids sort in arrival order), then random.
 pub(crate) fn new_id() -> String {
-    let nanos = std::time::SystemTime::now()
+    let nanos = clock::wall()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!(
-        "{nanos:020}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    format!("{nanos:020}-{}", &clock::uuid().simple().to_string()[..12])
 }
 
 /// Tells live queue members from dead ones without trusting other hosts' clocks: a member is
@@ -118,7 +117,7 @@ pub(crate) fn new_id() -> String {
 /// `ExpireAtTimestamp` is more than `stale_after` in our past.
 #[derive(Debug, Default)]
 pub(crate) struct Observer {
-    seen: HashMap<String, (i64, Instant)>,
+    seen: BTreeMap<String, (i64, Instant)>,
 }
 
 impl Observer {
@@ -131,7 +130,7 @@ impl Observer {
         stale_after: Duration,
         now_unix: i64,
     ) -> Vec<&'a Member> {
-        let now = Instant::now();
+        let now = clock::now();
         self.seen.retain(|id, _| queue.contains_key(id));
         let mut live: Vec<&Member> = queue
             .iter()
@@ -158,7 +157,7 @@ impl Observer {
     /// When the next live member could turn dead (to wake up and look again). Members that are
     /// dead already are not counted: waking for them would spin.
     pub fn next_expiry(&self, ttl: Duration) -> Option<Instant> {
-        let now = Instant::now();
+        let now = clock::now();
         self.seen
             .values()
             .map(|(_, t)| *t + ttl)

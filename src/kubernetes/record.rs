@@ -138,7 +138,7 @@ impl Record {
     /// A new record for one holder, expiring at `expire_at`.
     pub fn new(name: &str, shared: bool, expire_at: i64) -> Self {
         Self {
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: crate::clock::uuid().to_string(),
             lock_name: name.to_owned(),
             expire_at,
             shared_holders: 1,
@@ -165,7 +165,7 @@ impl Record {
     /// The record with a fresh random `Renewals` tag: a grant or join writes one, so that the
     /// writer can recognise its own write when the answer to it was lost.
     pub fn tagged(mut self) -> Self {
-        self.renewals = (uuid::Uuid::new_v4().as_u128() as u64) | 1;
+        self.renewals = (crate::clock::random() as u64) | 1;
         self
     }
 

@@ -1,7 +1,8 @@
 //! A held Kubernetes lease, and its release.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::acquire::Granted;
 use super::queue::{first_for_go, Member, HOLDER_MARK};
@@ -9,6 +10,7 @@ use super::record::Record;
 use super::store::{transient, Change, WriteError};
 use super::{KubeSession, Object};
 use crate::backend::{BoxFuture, Lease, LostReason, LostSignal};
+use crate::clock::{self, Boot};
 use crate::error::Error;
 
 /// How long a record released with nobody waiting stays reserved for Rust acquirers (who may
@@ -20,12 +22,32 @@ const RESERVE_SECS: i64 = 2;
 /// compares with its own clock, and must not see the mark expired meanwhile.
 pub(super) const MARK_MARGIN_SECS: i64 = 2;
 
-/// What the session keeps of a Kubernetes lease: its uuid, and the record's value as this
-/// process last wrote or read it (the `test` value of the next write).
+/// What the session keeps of a Kubernetes lease: its uuid, the record's value as this
+/// process last wrote or read it (the `test` value of the next write), and the holder ids of
+/// this process's members.
 #[derive(Debug, Clone)]
 pub(crate) struct Held {
     pub uuid: String,
     pub value: String,
+    /// Our entries in the record's `Holders` (empty: not known, as for the HTTP server's
+    /// store, whose handles name no holder).
+    pub ids: BTreeSet<String>,
+}
+
+impl Held {
+    /// True when `rec` is still this lease: it carries the lease's uuid with holders, and it
+    /// does not name only other holders. A release of somebody's share can leave a record free
+    /// and the next grant may keep its uuid (a reserved record): a record whose `Holders` are
+    /// complete (as many as its count, or more) and do not include ours is another holder's
+    /// lease under the same uuid, never ours. Go drops `Holders` when it rewrites a record, and
+    /// a compact record has none: then the uuid and the count decide.
+    pub fn is_ours(&self, rec: &Record) -> bool {
+        rec.uuid == self.uuid
+            && rec.shared_holders > 0
+            && (self.ids.is_empty()
+                || i64::try_from(rec.holders.len()).unwrap_or(i64::MAX) < rec.shared_holders
+                || rec.holders.keys().any(|k| self.ids.contains(k)))
+    }
 }
 
 /// One member's hold of a Kubernetes lock.
@@ -83,7 +105,11 @@ impl KubeLease {
             self.signal.clone(),
         );
         async move {
-            let Some(leaving) = session.leave(&key, member) else {
+            // Lost already (told so, or past its deadline): a release changes nothing. (Asked
+            // before leaving, which ends the signal's deadline.)
+            let lost = signal.reason();
+            let leaving = session.leave(&key, member);
+            let Some(leaving) = leaving.filter(|_| lost.is_none()) else {
                 return Err(Error::LeaseLost {
                     name,
                     reason: signal.reason().unwrap_or(LostReason::Taken),
@@ -149,7 +175,7 @@ impl Object {
         key: &str,
         holder: &str,
         held: Held,
-        until: Instant,
+        until: Boot,
     ) -> Result<Option<Held>, Error> {
         Ok(self
             .release_written(name, key, holder, held, until)
@@ -159,63 +185,90 @@ impl Object {
 
     /// [`release_record`](Self::release_record), also returning the record's value as the
     /// release left it, when known (`None` after a write whose answer was lost).
+    ///
+    /// **The doubt rule.** Once a write of the release may have landed without our being told
+    /// (a timeout, a broken connection, a 5xx), the doubt lasts for the whole release: only that
+    /// same write (byte for byte, testing the same value) is ever sent again, and only while
+    /// the record still holds the value it tests. If the record holds what it wrote, it landed;
+    /// if anything else changed the record, it is assumed to have landed. A release is never
+    /// rebuilt on a newer value after a write in doubt: the first write might land after the
+    /// newer value was read, and the rebuilt one would then give up a second share (a shared
+    /// holder's, or, on a record granted again under the same uuid, the next holder's lease).
     pub(super) async fn release_written(
         &self,
         name: &str,
         key: &str,
         holder: &str,
         held: Held,
-        until: Instant,
+        until: Boot,
     ) -> Result<(Option<Held>, Option<String>), Error> {
         let lost = || Error::LeaseLost {
             name: name.to_owned(),
             reason: LostReason::Taken,
         };
-        let mut value = held.value;
+        // What stays of the lease in this process after our share left, if the record still
+        // has holders once `written` is there.
+        let left = |written: &str| {
+            Record::parse(written)
+                .ok()
+                .filter(|r| r.shared_holders > 0)
+                .map(|_| {
+                    let mut ids = held.ids.clone();
+                    ids.remove(holder);
+                    Held {
+                        uuid: held.uuid.clone(),
+                        value: written.to_owned(),
+                        ids,
+                    }
+                })
+        };
+        let mut value = held.value.clone();
         let mut pause = Duration::from_millis(100);
         // The object's annotations are full: leave the record free in its smallest form.
         let mut compact = false;
+        // The write in doubt: (the value it tests, the value it writes).
+        let mut doubt: Option<(String, String)> = None;
         loop {
-            let rec = Record::parse(&value).map_err(|e| self.corrupt(key, e))?;
-            if rec.uuid != held.uuid || rec.shared_holders <= 0 {
-                return Err(lost());
-            }
-            let mut freed = self.released(&rec, holder);
-            if compact && freed.shared_holders <= 0 {
-                // Without the holder mark a free record is no larger than the held one was:
-                // expired, as when a Go waiter is first in line.
-                freed.queue.remove(HOLDER_MARK);
-                freed.expire_at = self.store.server_now().saturating_sub(1);
-            }
-            let new = Some(freed.to_value());
+            let (expected, new) = match &doubt {
+                Some(d) => d.clone(),
+                None => {
+                    let rec = Record::parse(&value).map_err(|e| self.corrupt(key, e))?;
+                    if !held.is_ours(&rec) {
+                        return Err(lost());
+                    }
+                    let mut freed = self.released(&rec, holder);
+                    if compact && freed.shared_holders <= 0 {
+                        // Without the holder mark a free record is no larger than the held one
+                        // was: expired, as when a Go waiter is first in line.
+                        freed.queue.remove(HOLDER_MARK);
+                        freed.expire_at = self.store.server_now().saturating_sub(1);
+                    }
+                    (value.clone(), freed.to_value())
+                }
+            };
             let change = Change {
                 key: key.to_owned(),
-                expected: Some(value.clone()),
-                new: new.clone(),
+                expected: Some(expected.clone()),
+                new: Some(new.clone()),
             };
-            let left = || {
-                new.clone()
-                    .filter(|_| rec.shared_holders > 1)
-                    .map(|value| Held {
-                        uuid: held.uuid.clone(),
-                        value,
-                    })
-            };
-            // `doubt`: the write may have landed although we were not told.
-            let (failure, doubt) = match self.store.write(std::slice::from_ref(&change), true).await
-            {
-                Ok(_) => return Ok((left(), new.clone())),
-                Err(WriteError::Conflict) => (None, false),
-                Err(WriteError::Unknown(e)) => (Some(e), true),
-                Err(WriteError::Failed(e)) if transient(&e) => (Some(e), false),
-                Err(WriteError::Failed(Error::AnnotationsFull { .. })) if !compact => {
+            let failure = match self.store.write(std::slice::from_ref(&change), true).await {
+                Ok(_) => return Ok((left(&new), Some(new))),
+                Err(WriteError::Conflict) => None,
+                Err(WriteError::Unknown(e)) => {
+                    doubt.get_or_insert((expected, new));
+                    Some(e)
+                }
+                Err(WriteError::Failed(e)) if transient(&e) => Some(e),
+                Err(WriteError::Failed(Error::AnnotationsFull { .. }))
+                    if !compact && doubt.is_none() =>
+                {
                     compact = true;
                     continue;
                 }
                 Err(WriteError::Failed(e)) => return Err(e),
             };
             if let Some(e) = failure {
-                if Instant::now() + pause >= until {
+                if clock::boot() + pause >= until {
                     return Err(e);
                 }
                 tracing::warn!(lock = name, error = %crate::error::chain(&e), "release failed; retrying");
@@ -225,29 +278,29 @@ impl Object {
             let now = loop {
                 match self.store.get().await {
                     Ok(snap) => break snap.get(key).map(str::to_owned),
-                    Err(e) if transient(&e) && Instant::now() + pause < until => {
+                    Err(e) if transient(&e) && clock::boot() + pause < until => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(1600));
                     }
                     Err(e) => return Err(e),
                 }
             };
-            match now {
+            match (&doubt, now) {
                 // Our write landed.
-                n if doubt && n == new => return Ok((left(), n)),
-                // Unchanged: it did not land (yet); the same write is safe to repeat, since it
-                // can apply at most once.
-                Some(v) if v == value => {}
+                (Some((_, new)), Some(v)) if v == *new => return Ok((left(new), Some(v))),
+                // Unchanged: it has not landed (yet); the same write is safe to repeat, since
+                // it can apply at most once.
+                (Some((expected, _)), Some(v)) if v == *expected => {}
                 // Changed by somebody after a write whose answer was lost: it may have landed.
-                _ if doubt => {
+                (Some(_), _) => {
                     tracing::debug!(
                         lock = name,
                         "record changed after a release whose answer was lost; assuming it landed"
                     );
                     return Ok((None, None));
                 }
-                Some(v) => value = v,
-                None => return Err(lost()),
+                (None, Some(v)) => value = v,
+                (None, None) => return Err(lost()),
             }
         }
     }
@@ -309,7 +362,7 @@ impl Object {
         maybe: &[Granted],
     ) {
         // A write still in flight may land a little later: look for a while.
-        let give_up = Instant::now() + self.config.request_timeout + Duration::from_millis(500);
+        let give_up = clock::now() + self.config.request_timeout + Duration::from_millis(500);
         let mut pause = Duration::from_millis(50);
         let mut id = id;
         let mut maybe = maybe.to_vec();
@@ -322,7 +375,7 @@ impl Object {
                 }
             };
             let Some(value) = snap.get(key) else {
-                if Instant::now() >= give_up {
+                if clock::now() >= give_up {
                     return;
                 }
                 tokio::time::sleep(pause).await;
@@ -332,11 +385,12 @@ impl Object {
             let Ok(rec) = Record::parse(value) else {
                 return;
             };
-            if let Some(g) = maybe.iter().find(|g| g.record.same_write(&rec)) {
+            if let Some(g) = maybe.iter().find(|g| g.landed_in(&rec)) {
                 // Our grant landed: release it like a holder would.
                 let held = Held {
                     uuid: rec.uuid.clone(),
                     value: value.to_owned(),
+                    ids: [g.holder.clone()].into(),
                 };
                 let until = g.sent + self.config.ttl;
                 if let Err(e) = self.release_record(name, key, &g.holder, held, until).await {
@@ -370,7 +424,7 @@ impl Object {
                 }
                 continue;
             }
-            if Instant::now() >= give_up {
+            if clock::now() >= give_up {
                 return;
             }
             tokio::time::sleep(pause).await;

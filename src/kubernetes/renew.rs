@@ -16,6 +16,16 @@ impl Renewer for Arc<Object> {
     fn renew(&self, leases: Vec<(String, Held)>) -> BoxFuture<'_, Vec<Renewal<Held>>> {
         Box::pin(self.renew_all(leases))
     }
+
+    fn same_lease(a: &Held, b: &Held) -> bool {
+        a.uuid == b.uuid
+    }
+
+    fn merge(held: &Held, joined: Held) -> Held {
+        let mut merged = joined;
+        merged.ids.extend(held.ids.iter().cloned());
+        merged
+    }
 }
 
 impl Object {
@@ -91,8 +101,8 @@ impl Object {
             Ok(_) => {
                 for ((i, c), (_, _, held)) in changes.into_iter().zip(chunk.iter()) {
                     out[i] = Some(Renewal::Renewed(Held {
-                        uuid: held.uuid.clone(),
                         value: c.new.expect("renewals write records"),
+                        ..held.clone()
                     }));
                 }
                 Ok(())
@@ -106,9 +116,11 @@ impl Object {
                     }
                 };
                 for (i, key, held) in chunk.iter_mut() {
-                    let ours = snap.get(key).filter(|v| {
-                        Record::parse(v).is_ok_and(|r| r.uuid == held.uuid && r.shared_holders > 0)
-                    });
+                    // Still ours (shared holders joined or left, waiters queued), or gone: a
+                    // record under our uuid that names only other holders is somebody else's.
+                    let ours = snap
+                        .get(key)
+                        .filter(|v| Record::parse(v).is_ok_and(|r| held.is_ours(&r)));
                     match ours {
                         Some(v) => held.value = v.to_owned(),
                         None => out[*i] = Some(Renewal::Lost(LostReason::Taken)),

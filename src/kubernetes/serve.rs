@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::api::Api;
 
@@ -274,9 +274,10 @@ impl Served {
         let held = Held {
             uuid: uuid.to_owned(),
             value,
+            ids: Default::default(),
         };
         // Past a TTL from now the lease has expired anyway.
-        let until = Instant::now() + self.object.config.ttl;
+        let until = crate::clock::boot() + self.object.config.ttl;
         // A handle does not name its holder entry: a shared record keeps the entry of an HTTP
         // holder that left until its last holder leaves (the count is what matters).
         match self

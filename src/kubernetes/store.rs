@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use http_body_util::BodyExt;
 use kube::api::{Api, DynamicObject, PostParams};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::clock::{self, Boot};
 use crate::error::Error;
 
 /// The lock annotations of the object at one moment.
@@ -82,11 +83,25 @@ pub(crate) struct Store {
     /// Whether the object had an annotations map when we last saw it: a blind first write must
     /// know whether to add a key or the whole map (the API server drops an emptied map).
     had_annotations: Arc<AtomicBool>,
-    /// The API server's clock as the `Date` of its last answer showed it (unix seconds), and
-    /// when that answer arrived on our monotonic clock. The server's time now is that plus the
-    /// monotonic time since: our own wall clock never enters it, so a host whose clock is wrong,
-    /// or is stepped while it holds a lock, still writes expiries in the server's time frame.
-    server_clock: Arc<Mutex<Option<(i64, Instant)>>>,
+    /// The API server's clock as its last answer showed it. Our own wall clock never enters
+    /// it, so a host whose clock is wrong, or is stepped while it holds a lock, still writes
+    /// expiries in the server's time frame.
+    server_clock: Arc<Mutex<Option<ServerClock>>>,
+}
+
+/// What one answer told of the API server's clock: bounds on its time when the answer
+/// arrived, on our boot clock (which keeps counting while the host is suspended, so that a
+/// host waking up does not write expiries in the past).
+#[derive(Debug, Clone, Copy)]
+struct ServerClock {
+    /// The answer's `Date` (whole seconds, rounded down by the server): the server's time was
+    /// at least this when the answer arrived.
+    earliest: Duration,
+    /// `Date` + 1 s (the header's resolution) + the request's round trip (the answer may have
+    /// travelled that long): the server's time was less than this when the answer arrived.
+    latest: Duration,
+    /// When the answer arrived.
+    at: Boot,
 }
 
 fn pointer(key: &str) -> String {
@@ -96,12 +111,8 @@ fn pointer(key: &str) -> String {
     )
 }
 
-/// Seconds since the epoch by this host's clock (negative before 1970).
-pub(crate) fn local_unix() -> i64 {
-    match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 impl Store {
@@ -123,18 +134,33 @@ impl Store {
         snap
     }
 
-    /// The API server's wall clock now (unix seconds), estimated from its last answer; this
-    /// host's clock only before any answer (see [`knows_server_time`](Self::knows_server_time)).
-    pub fn server_now(&self) -> i64 {
-        match *self
+    fn clock(&self) -> Option<ServerClock> {
+        *self
             .server_clock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-        {
-            Some((date, at)) => {
-                date.saturating_add(i64::try_from(at.elapsed().as_secs()).unwrap_or(i64::MAX))
+    }
+
+    /// The API server's wall clock now (unix seconds, rounded down), as late as it can be
+    /// known to be at least, from its last answer; this host's clock only before any answer
+    /// (see [`knows_server_time`](Self::knows_server_time)).
+    pub fn server_now(&self) -> i64 {
+        match self.clock() {
+            Some(c) => secs(c.earliest + clock::boot().since(c.at)),
+            None => clock::wall_unix(),
+        }
+    }
+
+    /// The API server's wall clock now (unix seconds, rounded up), as early as it can be known
+    /// to be at most: what a lease's expiry is counted from, so that nobody comparing it with
+    /// the server's clock sees it expire before its holder counts it lost.
+    pub fn server_now_latest(&self) -> i64 {
+        match self.clock() {
+            Some(c) => {
+                let t = c.latest + clock::boot().since(c.at);
+                secs(t).saturating_add(i64::from(t.subsec_nanos() > 0))
             }
-            None => local_unix(),
+            None => clock::wall_unix().saturating_add(1),
         }
     }
 
@@ -203,6 +229,7 @@ impl Store {
         let req = req
             .body(kube::client::Body::from(body.unwrap_or_default()))
             .map_err(kube::Error::HttpError)?;
+        let sent = clock::boot();
         let res = self.api.clone().into_client().send(req).await?;
         if let Some(date) = res
             .headers()
@@ -210,13 +237,19 @@ impl Store {
             .and_then(|d| d.to_str().ok())
             .and_then(|d| httpdate::parse_http_date(d).ok())
         {
-            let server = date
+            let earliest = date
                 .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                .unwrap_or_default();
+            let at = clock::boot();
+            let latest = earliest + Duration::from_secs(1) + at.since(sent);
             *self
                 .server_clock
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some((server, Instant::now()));
+                .unwrap_or_else(PoisonError::into_inner) = Some(ServerClock {
+                earliest,
+                latest,
+                at,
+            });
         }
         let status = res.status();
         let bytes = res.into_body().collect().await?.to_bytes();
