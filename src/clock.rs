@@ -71,8 +71,8 @@ impl std::ops::Sub<Duration> for Boot {
 /// Now on the boot clock.
 pub(crate) fn boot() -> Boot {
     #[cfg(feature = "simulation")]
-    if let Some(s) = sim::source() {
-        return Boot(s.boot());
+    if let Some(b) = sim::source().and_then(|s| s.boot()) {
+        return Boot(b);
     }
     Boot(system_boot())
 }
@@ -80,8 +80,8 @@ pub(crate) fn boot() -> Boot {
 /// The wall clock.
 pub(crate) fn wall() -> SystemTime {
     #[cfg(feature = "simulation")]
-    if let Some(s) = sim::source() {
-        return s.wall();
+    if let Some(w) = sim::source().and_then(|s| s.wall()) {
+        return w;
     }
     SystemTime::now()
 }
@@ -89,8 +89,8 @@ pub(crate) fn wall() -> SystemTime {
 /// 128 random bits.
 pub(crate) fn random() -> u128 {
     #[cfg(feature = "simulation")]
-    if let Some(s) = sim::source() {
-        return s.random();
+    if let Some(r) = sim::source().and_then(|s| s.random()) {
+        return r;
     }
     uuid::Uuid::new_v4().as_u128()
 }
@@ -132,14 +132,15 @@ pub mod sim {
     use std::sync::OnceLock;
     use std::time::{Duration, SystemTime};
 
-    /// Where simulated time and chance come from.
+    /// Where simulated time and chance come from. Each method answers `None` when the caller
+    /// is not a simulated host (the system's clock or chance is used then).
     pub trait Source: Send + Sync {
         /// Time since the calling host's boot, suspend included.
-        fn boot(&self) -> Duration;
+        fn boot(&self) -> Option<Duration>;
         /// The calling host's wall clock.
-        fn wall(&self) -> SystemTime;
+        fn wall(&self) -> Option<SystemTime>;
         /// 128 random bits from the simulation's seeded generator.
-        fn random(&self) -> u128;
+        fn random(&self) -> Option<u128>;
     }
 
     static SOURCE: OnceLock<&'static dyn Source> = OnceLock::new();

@@ -278,7 +278,7 @@ impl Acquisition<'_> {
                         source: "the watch of the object ended".into(),
                     }.into());
                 }
-                let snap = feed.borrow_and_update().clone();
+                let snap = feed.borrow_and_update();
                 match snap {
                     None => return Err(Error::ResourceMissing { resource: object.store.describe.clone() }.into()),
                     // Ignore a watch event older than what we read ourselves.
@@ -459,7 +459,7 @@ async fn newer_than(object: &Object, feed: &mut Feed, seen: &Snapshot) -> Result
     };
     let wait = async {
         loop {
-            if let Some(s) = feed.borrow_and_update().clone().filter(newer) {
+            if let Some(s) = feed.borrow_and_update().filter(newer) {
                 return Some(s);
             }
             if feed.changed().await.is_err() {

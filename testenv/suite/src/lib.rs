@@ -522,6 +522,7 @@ pub mod fault;
 pub mod fault_plans;
 pub mod history;
 pub mod register;
+pub mod sim;
 
 /// The grant time that `lockgate-go bench-wait` prints (`granted <CLOCK_MONOTONIC ns>`), after
 /// the `waiting` line it prints when it found the lock busy.

@@ -1,0 +1,1 @@
+//! Go lockgate peers in the simulation (to come).
