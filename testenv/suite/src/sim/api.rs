@@ -182,6 +182,15 @@ impl ApiServer {
         self.record("ADDED", name);
     }
 
+    /// Writes one annotation of `name` directly (a peer's write, for scripted tests).
+    pub fn put_annotation(&mut self, name: &str, key: &str, value: &str) {
+        let current = self.objects.get(name).and_then(|o| o.annotations.clone());
+        let mut next = current.clone().unwrap_or_default();
+        next.insert(key.to_owned(), value.to_owned());
+        let r = self.store(name, current, Some(next));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+
     /// The annotations of `name` now (for checks).
     pub fn annotations(&self, name: &str) -> Option<BTreeMap<String, String>> {
         self.objects.get(name).and_then(|o| o.annotations.clone())

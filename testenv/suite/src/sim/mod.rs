@@ -14,6 +14,7 @@ pub mod api;
 pub mod go;
 pub mod journal;
 pub mod rng;
+pub mod script;
 pub mod workload;
 pub mod world;
 

@@ -272,6 +272,8 @@ impl Plan {
 pub struct RequestView<'a> {
     pub host: HostId,
     pub seq: u64,
+    /// When it was sent (world time).
+    pub sent: Duration,
     pub req: &'a api::Request,
 }
 
@@ -470,6 +472,8 @@ pub struct World {
     /// Reply senders of requests or answers lost on the way: kept, so that their callers wait
     /// (for their own timeouts) instead of seeing the channel close.
     parked: Vec<oneshot::Sender<Reply>>,
+    /// When each resourceVersion was written (world time).
+    written: BTreeMap<u64, Duration>,
     /// Longest a held request is held.
     pub hold_max: Duration,
     pub trace: Trace,
@@ -531,6 +535,7 @@ impl World {
             trace: Trace,
             seed,
             parked: Vec::new(),
+            written: BTreeMap::new(),
         };
         w.schedule(Duration::from_secs(1), Ev::Bookmarks);
         w
@@ -585,6 +590,16 @@ impl World {
         })
     }
 
+    /// Runs `f` as host `h`, inside its runtime (to make what must be made there).
+    pub fn enter_host<T>(&self, h: HostId, f: impl FnOnce() -> T) -> T {
+        let host = &self.hosts[h];
+        host.enter(|| {
+            let rt = host.rt.as_ref().expect("a live host");
+            let _g = rt.enter();
+            f()
+        })
+    }
+
     /// Spawns `fut` on host `h` (it runs when the host runs).
     pub fn spawn<F>(&self, h: HostId, fut: F)
     where
@@ -607,6 +622,11 @@ impl World {
             seq: self.seq,
             ev,
         });
+    }
+
+    /// When the write of resourceVersion `rv` was applied (world time).
+    pub fn written_at(&self, rv: u64) -> Option<Duration> {
+        self.written.get(&rv).copied()
     }
 
     /// The server's wall clock now.
@@ -677,6 +697,7 @@ impl World {
             let view = RequestView {
                 host: msg.host,
                 seq: msg.seq,
+                sent: msg.sent,
                 req: &msg.req,
             };
             let plan = self.policy.plan(&mut self.rng, &view);
@@ -841,6 +862,9 @@ impl World {
                 format!("#{seq} handled: {status} (revision {rv}) {what}")
             });
         }
+        self.written
+            .entry(self.server.revision())
+            .or_insert(self.now);
         // Live watches learn of a write now.
         for (id, bytes) in self.server.take_pending() {
             self.send_chunk(id, bytes);
