@@ -274,6 +274,111 @@ async fn a_dead_queue_member_does_not_make_waiters_spin() {
     );
 }
 
+/// A waiter behind a live queue member of an expired, unrenewed record (a crashed holder, and a
+/// Go v0.2 waiter that keeps refreshing its place but takes over only at its next poll) waits
+/// quietly: the moment the record went stale is past and no reason to wake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_behind_a_live_member_of_a_stale_record_does_not_spin() {
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // A crashed holder's record, and a Go waiter (older than anyone) in its queue.
+    let member = move |expire: i64| json!({"go-waiter": {"AcquirerId": "go-waiter", "AcquiredAtTimestamp": now - 100, "ExpireAtTimestamp": expire}});
+    let rec = move |expire: i64| {
+        json!({"uuid": "5b0c4c1e-1c5a-4f6e-9d1a-3d3c1a2b4c5d", "lockName": "stale",
+               "ExpireAtTimestamp": now + 10, "SharedHoldersCount": 1, "IsShared": false,
+               "QueueMembers": member(expire)})
+    };
+    put_record(&cm, "stale", &rec(now + 10)).await;
+    let mut waiter = Command::new(rust_cli())
+        .args([
+            "--locker", &url, "exec", "-q", "-w", "60", "stale", "--", "true",
+        ])
+        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = waiter.id();
+    // The Go waiter refreshes its place every 2 s, as Go v0.2's UpdateQueue does.
+    let refresher = {
+        let cm = cm.clone();
+        tokio::spawn(async move {
+            for i in 1.. {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                put_record(&cm, "stale", &rec(now + 10 + 2 * i)).await;
+            }
+        })
+    };
+    // The record counts as stale a TTL (10 s) after the waiter first saw it; measure after.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(waiter.try_wait().unwrap().is_none(), "the waiter ended");
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let used = cpu_time(pid) - before;
+    refresher.abort();
+    // The Go waiter gives up: its place goes; the waiter takes the stale record over.
+    let mut gone = rec(now);
+    gone["QueueMembers"] = json!({});
+    put_record(&cm, "stale", &gone).await;
+    let status = tokio::task::spawn_blocking(move || waiter.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "the waiter did not get the lock: {status}"
+    );
+    eprintln!("CPU of a waiter over 10 s behind a live member of a stale record: {used:?}");
+    assert!(
+        used <= Duration::from_millis(50),
+        "the waiter used {used:?} of CPU in 10 s"
+    );
+}
+
+/// A locker whose runtime has shut down cannot renew what it would take: the acquisition fails
+/// with a typed error instead of handing out a lease nobody renews, and leaves nothing held.
+#[test]
+fn a_locker_whose_runtime_ended_refuses_to_acquire() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cm = rt.block_on(configmap("default"));
+    // The client lives on `rt`; the locker was made on a runtime that is gone.
+    let kube = rt.block_on(client(false));
+    let locker = {
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let l = first.block_on(async {
+            KubernetesLocker::new(kube, Target::configmap("default", &cm), SHORT).unwrap()
+        });
+        drop(first);
+        Locker::new(l)
+    };
+    let got = rt.block_on(locker.acquire("orphan", AcquireOptions::exclusive().non_blocking()));
+    assert!(
+        matches!(
+            got,
+            Err(AcquireError::Failed(lockgate::Error::Unsupported(_)))
+        ),
+        "{got:?}"
+    );
+    // Given back: another locker takes it at once.
+    let other = rt.block_on(locker_with(&cm, SHORT));
+    let g = rt
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                other.acquire("orphan", AcquireOptions::exclusive()),
+            )
+            .await
+        })
+        .expect("the lock was given back")
+        .unwrap();
+    rt.block_on(g.release()).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Release
 
