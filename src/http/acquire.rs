@@ -202,9 +202,11 @@ impl Place {
         })
     }
 
+    /// Leaves the queue, in a task of its own (awaited): if this future is dropped meanwhile,
+    /// the task still finishes.
     async fn leave(&mut self) {
         if let Some(cancel) = self.cancel() {
-            cancel.await;
+            let _ = self.runtime.spawn(cancel).await;
         }
     }
 }

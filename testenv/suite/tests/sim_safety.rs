@@ -453,3 +453,76 @@ fn a_suspended_holder_sees_its_lease_lost_on_waking() {
     );
     check(&w, &journal);
 }
+
+/// Item: a join of the key's lease under another uuid (the lease this process held was taken
+/// over, and a second member joins the new one before the renewer noticed) is a new lease: the
+/// old members are told they lost theirs.
+#[test]
+fn a_join_under_another_uuid_ends_the_old_members() {
+    let mut w = world(|_, _| None);
+    let journal = Journal::default();
+    let a = w.add_host("a");
+    let la = locker(&w, a, quiet());
+    let g1 = acquire(&w, &journal, a, &la, "x", Mode::Shared, Wait::Forever);
+    assert!(run_until(&mut w, 2 * SEC, |_| holds(&g1)));
+    // Somebody takes the record over with a shared lease of its own (Rust-written: joinable).
+    let key = lockgate::kubernetes::annotation_key("x");
+    w.server.put_annotation(
+        OBJECT,
+        &key,
+        r#"{"uuid":"7d1e2f3a-0000-4000-8000-000000000001","lockName":"x","ExpireAtTimestamp":1796083260,"SharedHoldersCount":1,"IsShared":true,"QueueMembers":{},"Renewals":5}"#,
+    );
+    let g2 = acquire(&w, &journal, a, &la, "x", Mode::Shared, Wait::Forever);
+    assert!(run_until(&mut w, 2 * SEC, |_| holds(&g2)));
+    // Before any renewal: the first member's lease is gone.
+    assert!(
+        w.as_host(a, || g1.lock().unwrap().guard.as_ref().unwrap().is_lost()),
+        "the member of the replaced lease was not told"
+    );
+    assert!(!w.as_host(a, || g2.lock().unwrap().guard.as_ref().unwrap().is_lost()));
+}
+
+/// Item: cancelling an acquisition while it cleans up after giving up (its queue place being
+/// taken back) still takes the place back: the clean-up finishes on its own.
+#[test]
+fn cancelling_during_the_clean_up_still_leaves_the_queue() {
+    let c_id = Arc::new(AtomicU32::new(u32::MAX));
+    let c_id2 = Arc::clone(&c_id);
+    let mut w = world(move |_, v| {
+        // C's reads after its acquisition gave up (at 1.5 s) answer slowly.
+        (v.host as u32 == c_id2.load(Ordering::SeqCst)
+            && v.req.method == http::Method::GET
+            && !v.req.is_watch()
+            && v.sent > ms(1400))
+            .then(|| Plan::clean(ms(1), 2 * SEC))
+    });
+    let journal = Journal::default();
+    let (a, c) = (w.add_host("a"), w.add_host("c"));
+    c_id.store(c as u32, Ordering::SeqCst);
+    let (la, lc) = (locker(&w, a, quiet()), locker(&w, c, quiet()));
+    let g = acquire(&w, &journal, a, &la, "x", Mode::Exclusive, Wait::Forever);
+    assert!(run_until(&mut w, SEC, |_| holds(&g)));
+    let queued = |w: &World| {
+        record(w, "x").is_some_and(|r| r["QueueMembers"].as_object().is_some_and(|q| !q.is_empty()))
+    };
+    // C waits 1.4 s at most, and is cancelled 1 s later, in the middle of its clean-up.
+    {
+        let lc = lc.clone();
+        w.spawn(c, async move {
+            let wait = lc.acquire("x", lockgate::AcquireOptions::exclusive().timeout(ms(1400)));
+            tokio::select! {
+                biased;
+                _ = tokio::time::sleep(ms(2400)) => {}
+                _ = async { let _ = wait.await; std::future::pending::<()>().await } => {}
+            }
+        });
+    }
+    assert!(run_until(&mut w, SEC, |w| queued(w)), "C queued");
+    // Well within a TTL (30 s), C's place is gone.
+    assert!(
+        run_until(&mut w, 8 * SEC, |w| !queued(w)),
+        "C's place stayed: {:?}",
+        record(&w, "x")
+    );
+    check(&w, &journal);
+}
