@@ -123,3 +123,112 @@ fn the_blocking_api_runs_on_its_own_runtime() {
     g.release_blocking().unwrap();
     drop(stop);
 }
+
+/// A fake lock server whose shared holders share one handle (as Go's server and lockgate's
+/// Kubernetes store do), counting releases; the first `/release` is answered `status` (a
+/// proxy's 503 after forwarding, when `applied_before_refusing`), with lockgate's `code` if given.
+async fn counting_server(
+    status: u16,
+    code: Option<&'static str>,
+    applied_before_refusing: bool,
+) -> (String, Arc<std::sync::atomic::AtomicI64>) {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let count = Arc::new(AtomicI64::new(0));
+    let refused = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let c = Arc::clone(&count);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (c, refused) = (Arc::clone(&c), Arc::clone(&refused));
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (c, refused) = (Arc::clone(&c), Arc::clone(&refused));
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/acquire" => {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                (
+                                    200,
+                                    serde_json::json!({"lockHandle": {"uuid": "one-shared-uuid", "lockName": "x"}, "err": "", "ttlMs": 10000, "fencingToken": 1}),
+                                )
+                            }
+                            "/release" => {
+                                let first = !refused.swap(true, Ordering::SeqCst);
+                                if !first || applied_before_refusing {
+                                    c.fetch_sub(1, Ordering::SeqCst);
+                                }
+                                match (first, code) {
+                                    (true, Some(code)) => (
+                                        status,
+                                        serde_json::json!({"err": "refused", "code": code}),
+                                    ),
+                                    (true, None) => {
+                                        (status, serde_json::json!({"err": "upstream reset"}))
+                                    }
+                                    (false, _) => (200, serde_json::json!({"err": ""})),
+                                }
+                            }
+                            _ => (200, serde_json::json!({"err": ""})),
+                        };
+                        let resp = hyper::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(
+                                body.to_string(),
+                            )))
+                            .unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (format!("http://{addr}"), count)
+}
+
+/// A 503 without lockgate's refused-before-applied code may come from a proxy after the release
+/// was applied: repeating it would give up a second share of the shared handle (another
+/// holder's), so it is not repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_answered_503_by_a_proxy_is_not_repeated() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (url, count) = counting_server(503, None, true).await;
+        let l = locker(&url, HttpConfig::default()).await;
+        let a = l.acquire("x", AcquireOptions::shared()).await.unwrap();
+        let _b = l.acquire("x", AcquireOptions::shared()).await.unwrap();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let _ = a.release().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the release was repeated: B's share is gone"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// A 503 carrying lockgate's own "refused before anything was applied" code (over capacity)
+/// proves nothing happened: that release is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_refused_with_lockgates_capacity_code_is_retried() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (url, count) = counting_server(503, Some("capacity"), false).await;
+        let l = locker(&url, HttpConfig::default()).await;
+        let a = l.acquire("x", AcquireOptions::shared()).await.unwrap();
+        let _b = l.acquire("x", AcquireOptions::shared()).await.unwrap();
+        a.release().await.unwrap();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}

@@ -494,7 +494,7 @@ fn cancelling_during_the_clean_up_still_leaves_the_queue() {
             && v.req.method == http::Method::GET
             && !v.req.is_watch()
             && v.sent > ms(1400))
-            .then(|| Plan::clean(ms(1), 2 * SEC))
+        .then(|| Plan::clean(ms(1), 2 * SEC))
     });
     let journal = Journal::default();
     let (a, c) = (w.add_host("a"), w.add_host("c"));
