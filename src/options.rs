@@ -278,9 +278,10 @@ impl AcquireOptions {
     }
 
     /// Calls `hook` with the lock name and the reason if the lease of the acquired lock is lost
-    /// (leased backends only; file locks cannot be lost). It runs on the backend's renewal task,
-    /// so it must be quick: signal your work to stop. [`LockGuard::lost`](crate::LockGuard::lost)
-    /// is the same event as a future.
+    /// (leased backends only; file locks cannot be lost). It runs on a blocking thread of the
+    /// runtime (its panics caught), so nothing it does delays the renewal of other leases; keep
+    /// it short all the same: signal your work to stop.
+    /// [`LockGuard::lost`](crate::LockGuard::lost) is the same event as a future.
     pub fn on_lost(
         mut self,
         hook: impl Fn(&str, &crate::LostReason) + Send + Sync + 'static,

@@ -96,6 +96,9 @@ pub(crate) struct Remote {
     pub config: HttpConfig,
     kind: AtomicU8,
     ttl_ms: AtomicU64,
+    /// The session this server's leases are renewed in (to retime it when a renewal answer
+    /// brings a new TTL).
+    session: std::sync::OnceLock<std::sync::Weak<HttpSession>>,
 }
 
 /// What the session keeps of a held lease: its handle.
@@ -190,10 +193,29 @@ impl Remote {
             lock_handle: held.handle.clone(),
         };
         for _ in 0..2 {
-            let answer: Result<RenewLeaseResponse, CallError> =
+            let answer: Result<serde_json::Value, CallError> =
                 self.transport.post(RENEW_LEASE_PATH, &req, timeout).await;
+            // Every lock server's answer says `err` (`""` when renewed, as Go writes it): a
+            // `200 {}` from something else in front of the server confirms nothing.
+            let answer = answer.map(|v| {
+                let has_err = v.get("err").is_some();
+                (has_err, serde_json::from_value::<RenewLeaseResponse>(v))
+            });
             match answer {
-                Ok(r) => {
+                Ok((false, _)) | Ok((true, Err(_))) => {
+                    tracing::warn!(
+                        lock = held.handle.lock_name,
+                        "a renewal answer that is not the lock protocol's; retrying"
+                    );
+                    return Renewal::Unknown;
+                }
+                Ok((true, Ok(r))) => {
+                    if let (Some(ms), Some(session)) = (
+                        r.ttl_ms,
+                        self.session.get().and_then(std::sync::Weak::upgrade),
+                    ) {
+                        self.learn(&session, Some(ms));
+                    }
                     return match r.error_code() {
                         None => Renewal::Renewed(held),
                         Some(ErrorCode::LockAlreadyLeased) => Renewal::Lost(LostReason::Taken),
@@ -208,7 +230,7 @@ impl Remote {
                             );
                             Renewal::Unknown
                         }
-                    }
+                    };
                 }
                 // Overloaded or restarting: ask again when the server says (the session's
                 // deadline still bounds the wait).
@@ -288,11 +310,12 @@ impl HttpLocker {
             config,
             kind: AtomicU8::new(ServerKind::Unknown as u8),
             ttl_ms: AtomicU64::new(0),
+            session: std::sync::OnceLock::new(),
         });
         let timing = remote.timing();
-        Ok(Self {
-            session: Session::new(remote, timing, bridge),
-        })
+        let session = Session::new(Arc::clone(&remote), timing, bridge);
+        let _ = remote.session.set(Arc::downgrade(&session));
+        Ok(Self { session })
     }
 
     /// The server's URL, without credentials.

@@ -132,6 +132,24 @@ async fn counting_server(
     code: Option<&'static str>,
     applied_before_refusing: bool,
 ) -> (String, Arc<std::sync::atomic::AtomicI64>) {
+    fake_server(
+        status,
+        code,
+        applied_before_refusing,
+        r#"{"err":""}"#,
+        10_000,
+    )
+    .await
+}
+
+/// [`counting_server`], answering renewals with `renew_body` and granting `ttl_ms` leases.
+async fn fake_server(
+    status: u16,
+    code: Option<&'static str>,
+    applied_before_refusing: bool,
+    renew_body: &'static str,
+    ttl_ms: u64,
+) -> (String, Arc<std::sync::atomic::AtomicI64>) {
     use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     let count = Arc::new(AtomicI64::new(0));
     let refused = Arc::new(AtomicBool::new(false));
@@ -153,7 +171,7 @@ async fn counting_server(
                                 c.fetch_add(1, Ordering::SeqCst);
                                 (
                                     200,
-                                    serde_json::json!({"lockHandle": {"uuid": "one-shared-uuid", "lockName": "x"}, "err": "", "ttlMs": 10000, "fencingToken": 1}),
+                                    serde_json::json!({"lockHandle": {"uuid": "one-shared-uuid", "lockName": "x"}, "err": "", "ttlMs": ttl_ms, "fencingToken": 1}),
                                 )
                             }
                             "/release" => {
@@ -172,6 +190,7 @@ async fn counting_server(
                                     (false, _) => (200, serde_json::json!({"err": ""})),
                                 }
                             }
+                            "/renew-lease" => (200, serde_json::from_str(renew_body).unwrap()),
                             _ => (200, serde_json::json!({"err": ""})),
                         };
                         let resp = hyper::Response::builder()
@@ -228,6 +247,23 @@ async fn a_release_refused_with_lockgates_capacity_code_is_retried() {
         let _b = l.acquire("x", AcquireOptions::shared()).await.unwrap();
         a.release().await.unwrap();
         assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
+
+/// A `200 {}` (something in front of the server that is not a lock server) confirms no
+/// renewal: the lease is lost at its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_renewal_answer_confirms_nothing() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (url, _) = fake_server(503, None, false, "{}", 3000).await;
+        let l = locker(&url, HttpConfig::default()).await;
+        let g = l.acquire("x", AcquireOptions::exclusive()).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(6), g.lost())
+            .await
+            .expect("lost at its deadline (2.25 s with a 3 s TTL)");
+        assert_eq!(reason, LostReason::RenewalFailed);
     })
     .await
     .unwrap();

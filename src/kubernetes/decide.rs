@@ -22,6 +22,23 @@ pub(crate) struct Seen {
     /// Whether this locker saw the current lease change (be renewed) under its uuid: then it
     /// is alive as far as we can tell, and only our own clock may expire it.
     renewal_seen: bool,
+    /// When this locker last looked at the lock (to forget locks long unused).
+    touched: Option<Instant>,
+}
+
+/// How many locks a locker remembers what it saw of; beyond, the least recently looked at
+/// are forgotten (their expiry clocks start again when next looked at: later, never earlier).
+const SEEN_MAX: usize = 4096;
+
+/// Forgets the least recently touched half of `seen` when it has grown past [`SEEN_MAX`].
+fn bound(seen: &mut std::collections::HashMap<String, Seen>) {
+    if seen.len() <= SEEN_MAX {
+        return;
+    }
+    let mut touched: Vec<Option<Instant>> = seen.values().map(|s| s.touched).collect();
+    touched.sort_unstable();
+    let cut = touched[touched.len() / 2];
+    seen.retain(|_, s| s.touched > cut);
 }
 
 /// True when a shared request may join the shared record `rec`: its `IsShared` was set or
@@ -83,7 +100,9 @@ impl Acquisition<'_> {
         let ttl = config.ttl;
         let (since, live, next_expiry, joinable, stale_allowed) = {
             let mut seen = object.seen();
+            bound(&mut seen);
             let seen = seen.entry(self.key.clone()).or_default();
+            seen.touched = Some(crate::clock::now());
             let joinable = joinable(&rec);
             let lease = rec.lease_part();
             match &seen.lease {

@@ -130,7 +130,13 @@ impl Served {
     }
 
     fn remember(&self, key: &str, value: Option<String>) {
+        /// A cache of what this process last saw: past this many locks it starts afresh (a
+        /// stale or missing value costs a failed `test` and a read, nothing else).
+        const VALUES_MAX: usize = 4096;
         let mut values = self.values();
+        if values.len() >= VALUES_MAX {
+            values.clear();
+        }
         match value {
             Some(v) => values.insert(key.to_owned(), v),
             None => values.remove(key),

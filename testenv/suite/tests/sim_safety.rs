@@ -526,3 +526,44 @@ fn cancelling_during_the_clean_up_still_leaves_the_queue() {
     );
     check(&w, &journal);
 }
+
+/// Item: a join whose answer was lost, by an acquisition cancelled meanwhile, is found and
+/// given back even after another holder's renewal changed the record (the join's own tag is
+/// gone, its holder entry is not): the count does not stay one too high for a TTL.
+#[test]
+fn a_cancelled_join_whose_answer_was_lost_is_given_back() {
+    let a_id = Arc::new(AtomicU32::new(u32::MAX));
+    let a_id2 = Arc::clone(&a_id);
+    let mut w = world(move |_, v| {
+        let join = record_changes(v.req).iter().any(|c| c.counts() == (1, 2));
+        (v.host as u32 == a_id2.load(Ordering::SeqCst) && join).then(|| Plan {
+            there: ms(1),
+            hold: false,
+            before: Before::Handle,
+            after: After::Lose,
+        })
+    });
+    let journal = Journal::default();
+    let (a, b) = (w.add_host("a"), w.add_host("b"));
+    a_id.store(a as u32, Ordering::SeqCst);
+    let (la, lb) = (
+        locker(&w, a, LeaseConfig::default()),
+        locker(&w, b, LeaseConfig::default()),
+    );
+    let gb = acquire(&w, &journal, b, &lb, "x", Mode::Shared, Wait::Forever);
+    assert!(run_until(&mut w, SEC, |_| holds(&gb)));
+    {
+        let la = la.clone();
+        w.spawn(a, async move {
+            let join = la.acquire("x", lockgate::AcquireOptions::shared());
+            // Cancelled while the join's answer is awaited.
+            let _ = tokio::time::timeout(ms(500), join).await;
+        });
+    }
+    w.run_for(10 * SEC);
+    let rec = record(&w, "x").expect("the record");
+    if rec["SharedHoldersCount"] != 1 {
+        fail(&w, &journal, &format!("A's join was not given back: {rec}"));
+    }
+    check(&w, &journal);
+}
