@@ -26,6 +26,8 @@ fn config(seed: u64, go: bool) -> Config {
     let mut c = Config::random(&mut rng);
     if go {
         c.go_peers = rng.range(1, 3) as usize;
+        // Every participant must use the same TTL: Go's is 10 s.
+        c.lease = lockgate::kubernetes::LeaseConfig::default();
     }
     c
 }

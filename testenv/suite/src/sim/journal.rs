@@ -12,7 +12,17 @@ use std::time::Duration;
 
 use lockgate::{LostSignal, Mode};
 
+use super::go::GoBelief;
 use super::world::{as_host_at, trace_line, HostId};
+
+/// What tells whether a holder still believes it holds.
+#[derive(Debug, Clone)]
+pub enum Belief {
+    /// A lockgate holder: its lost signal (read on its own boot clock).
+    Rust(LostSignal),
+    /// A Go lockgate holder.
+    Go(Arc<GoBelief>),
+}
 
 /// One hold, as its client believed it.
 #[derive(Debug)]
@@ -26,7 +36,7 @@ pub struct Hold {
     pub token: Option<u64>,
     /// When the client called release (or dropped its guard), or saw it lost.
     pub ended: Option<Duration>,
-    signal: LostSignal,
+    belief: Belief,
 }
 
 /// Counts of what happened, for the report.
@@ -41,6 +51,7 @@ pub struct Counts {
     pub lost: u64,
     pub releases: u64,
     pub release_errors: u64,
+    pub go_errors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -64,7 +75,8 @@ impl Journal {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A grant to `client` on `host` at world time `now`; returns the hold's index.
+    /// A grant to the lockgate client `client` on `host` at world time `now`; returns the
+    /// hold's index.
     #[allow(clippy::too_many_arguments)]
     pub fn grant(
         &self,
@@ -76,6 +88,22 @@ impl Journal {
         mode: Mode,
         token: Option<u64>,
         signal: LostSignal,
+    ) -> usize {
+        self.grant_belief(client, host, host_started, now, name, mode, token, Belief::Rust(signal))
+    }
+
+    /// A grant to any client, with what tells its belief.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grant_belief(
+        &self,
+        client: &str,
+        host: HostId,
+        host_started: Duration,
+        now: Duration,
+        name: &str,
+        mode: Mode,
+        token: Option<u64>,
+        belief: Belief,
     ) -> usize {
         let mut j = self.inner();
         j.counts.grants += 1;
@@ -95,8 +123,11 @@ impl Journal {
             if h.ended.is_some_and(|e| e <= now) || j.dead.contains(&h.host) {
                 continue;
             }
-            let lost = as_host_at(h.host_started, now, || h.signal.reason());
-            if lost.is_none() {
+            let lost = match &h.belief {
+                Belief::Rust(signal) => as_host_at(h.host_started, now, || signal.reason()).is_some(),
+                Belief::Go(b) => b.over(now),
+            };
+            if !lost {
                 found.push(format!(
                     "{now:?}: {client} was granted {name:?} ({mode}) while {} (granted {:?} at {:?}, token {:?}) still held it, not told it was lost",
                     h.client, h.mode, h.granted, h.token
@@ -119,7 +150,7 @@ impl Journal {
             granted: now,
             token,
             ended: None,
-            signal,
+            belief,
         });
         j.holds.len() - 1
     }
@@ -153,6 +184,16 @@ impl Journal {
 
     pub fn count(&self, f: impl FnOnce(&mut Counts)) {
         f(&mut self.inner().counts);
+    }
+
+    /// Notes a Go peer's error (Go's own races: counted, not violations).
+    pub fn go_error(&self, e: String) {
+        let mut j = self.inner();
+        j.counts.go_errors += 1;
+        let e = format!("go: {e}");
+        if j.errors.len() < 20 && !j.errors.contains(&e) {
+            j.errors.push(e);
+        }
     }
 
     /// Notes an error message (the first 20 distinct kinds).

@@ -129,12 +129,9 @@ impl Report {
 /// Runs the schedule of `seed` with the shape `config`, recording a trace when `trace`.
 pub fn run(seed: u64, config: &Config, trace: bool) -> Report {
     let mut rng = Rng::new(seed ^ 0x5eed);
-    let mut world = World::new(
-        seed,
-        Box::new(RandomPolicy {
-            faults: config.net.clone(),
-        }),
-    );
+    let policy = RandomPolicy::new(config.net.clone());
+    let spared = Arc::clone(&policy.spared);
+    let mut world = World::new(seed, Box::new(policy));
     world.trace.enable(trace);
     world.server.create(OBJECT);
     let journal = Journal::default();
@@ -146,6 +143,11 @@ pub fn run(seed: u64, config: &Config, trace: bool) -> Report {
         let h = world.add_host(&format!("h{i}"));
         hosts.push(h);
         start_clients(&world, h, config, &journal, &stop, &running, &mut rng);
+    }
+    for i in 0..config.go_peers {
+        let h = world.add_host(&format!("go{i}"));
+        spared.lock().unwrap().insert(h);
+        start_go(&world, h, config, &journal, &stop, &running, &mut rng);
     }
     if config.host_faults {
         schedule_host_faults(
@@ -159,9 +161,7 @@ pub fn run(seed: u64, config: &Config, trace: bool) -> Report {
     world.run_until(config.duration);
     // Wind down: no new faults matter now; everyone resumes and finishes.
     stop.store(true, Ordering::SeqCst);
-    world.set_policy(Box::new(RandomPolicy {
-        faults: NetFaults::none(),
-    }));
+    world.set_policy(Box::new(RandomPolicy::new(NetFaults::none())));
     for h in 0..world.hosts.len() {
         world.resume(h);
     }
@@ -267,6 +267,46 @@ fn start_clients(
             }
         }
     });
+}
+
+/// A Go lockgate peer (v0.1.1 or v0.2.0, with an acquirer id or not) on host `h`.
+fn start_go(
+    world: &World,
+    h: world::HostId,
+    config: &Config,
+    journal: &Journal,
+    stop: &Arc<AtomicBool>,
+    running: &Running,
+    rng: &mut Rng,
+) {
+    let client = world.client(h);
+    let version = if rng.chance(0.5) {
+        go::Version::V011
+    } else {
+        go::Version::V020
+    };
+    let mut peer = world.enter_host(h, || {
+        go::GoPeer::new(version, client, api::NAMESPACE, OBJECT, Rng::new(rng.u64()))
+    });
+    if version == go::Version::V020 && rng.chance(0.5) {
+        peer.acquirer_id = Some(format!("go-acquirer-{h}"));
+    }
+    let count = running.host(h);
+    count.fetch_add(1, Ordering::SeqCst);
+    let name = format!("{}/{version:?}", world.host(h).name);
+    world.spawn(
+        h,
+        go::run_client(
+            peer,
+            name,
+            h,
+            world.host(h).started(),
+            config.names.clone(),
+            journal.clone(),
+            Arc::clone(stop),
+            count,
+        ),
+    );
 }
 
 /// Pauses, suspends, kills (with a new host in its place) and clock steps, at random moments.
