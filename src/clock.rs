@@ -124,6 +124,36 @@ fn system_boot() -> Duration {
     )
 }
 
+/// Bugs the simulator plants to show it finds them (feature `simulation`; never in a normal
+/// build, where this is a constant `false`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "simulation"), allow(dead_code))]
+pub(crate) enum Bug {
+    /// A release whose answer was lost is rebuilt on the record read next (the defect of the
+    /// first fault review).
+    DoubleDecrement = 1,
+    /// A release in doubt forgets its doubt after a conflict (the second review's item 1).
+    ReleaseRebuilt = 2,
+    /// Shared requests join Go-written shared records (a Go v0.2 take-over).
+    JoinGoTakeover = 4,
+    /// The renewer ignores its deadline: leases are lost only when a renewal says so.
+    IgnoreDeadline = 8,
+}
+
+/// True when `bug` is planted (simulation only).
+#[inline]
+pub(crate) fn planted(bug: Bug) -> bool {
+    #[cfg(feature = "simulation")]
+    {
+        sim::PLANTED.load(std::sync::atomic::Ordering::Relaxed) & bug as u32 != 0
+    }
+    #[cfg(not(feature = "simulation"))]
+    {
+        let _ = bug;
+        false
+    }
+}
+
 /// The simulator's hook (feature `simulation`): lockgate's deterministic simulator installs a
 /// [`Source`] that answers per simulated host. Not for applications.
 #[cfg(feature = "simulation")]
@@ -144,6 +174,28 @@ pub mod sim {
     }
 
     static SOURCE: OnceLock<&'static dyn Source> = OnceLock::new();
+
+    /// Planted bugs, a bit each (see [`plant`]).
+    pub(crate) static PLANTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    /// Plants the bugs named in `bugs` (replacing any planted before): `double-decrement`,
+    /// `release-rebuilt`, `join-go-takeover`, `ignore-deadline`. Returns false for a name it
+    /// does not know (nothing planted then).
+    pub fn plant(bugs: &[&str]) -> bool {
+        use super::Bug;
+        let mut bits = 0;
+        for b in bugs {
+            bits |= match *b {
+                "double-decrement" => Bug::DoubleDecrement as u32,
+                "release-rebuilt" => Bug::ReleaseRebuilt as u32,
+                "join-go-takeover" => Bug::JoinGoTakeover as u32,
+                "ignore-deadline" => Bug::IgnoreDeadline as u32,
+                _ => return false,
+            };
+        }
+        PLANTED.store(bits, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
 
     /// Installs `source` for the rest of the process. Returns false if one was installed
     /// already (the first stays).

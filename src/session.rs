@@ -90,6 +90,9 @@ struct Held<S> {
 impl<S> Held<S> {
     /// Tells every member the lease's deadline.
     fn publish(&self, renew_deadline: Duration) {
+        if clock::planted(clock::Bug::IgnoreDeadline) {
+            return;
+        }
         let deadline = self.confirmed + renew_deadline;
         for n in self.members.values() {
             n.set_deadline(deadline);
@@ -217,7 +220,7 @@ impl<R: Renewer> Session<R> {
         notifier: LostNotifier,
     ) -> Result<u64, JoinError> {
         let renew_deadline = self.timing().renew_deadline;
-        if (sent + renew_deadline).passed() {
+        if (sent + renew_deadline).passed() && !clock::planted(clock::Bug::IgnoreDeadline) {
             return Err(JoinError::TooLate);
         }
         self.ensure_renewer()?;
@@ -327,6 +330,9 @@ impl<R: Renewer> Session<R> {
 
     /// Declares leases lost whose deadline passed; returns when the next one falls due.
     fn expire_overdue(&self) -> Option<Boot> {
+        if clock::planted(clock::Bug::IgnoreDeadline) {
+            return None;
+        }
         let renew_deadline = self.timing().renew_deadline;
         let overdue: Vec<String> = self
             .held()

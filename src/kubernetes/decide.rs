@@ -48,7 +48,8 @@ fn bound(seen: &mut std::collections::HashMap<String, Seen>) {
 /// in the record tells from a Go shared grant — a fresh process that did not watch the take-over
 /// would join an exclusive holder (PROTOCOL.md, "Go v0.2 peers", rule 4).
 fn joinable(rec: &Record) -> bool {
-    rec.is_shared && rec.shared_holders > 0 && rec.renewals > 0
+    use crate::clock::{planted, Bug};
+    rec.is_shared && rec.shared_holders > 0 && (rec.renewals > 0 || planted(Bug::JoinGoTakeover))
 }
 
 /// What to do about the record we see.

@@ -42,9 +42,12 @@ impl Held {
     /// lease under the same uuid, never ours. Go drops `Holders` when it rewrites a record, and
     /// a compact record has none: then the uuid and the count decide.
     pub fn is_ours(&self, rec: &Record) -> bool {
+        use crate::clock::{planted, Bug};
+        let uuid_only = planted(Bug::DoubleDecrement) || planted(Bug::ReleaseRebuilt);
         rec.uuid == self.uuid
             && rec.shared_holders > 0
-            && (self.ids.is_empty()
+            && (uuid_only
+                || self.ids.is_empty()
                 || i64::try_from(rec.holders.len()).unwrap_or(i64::MAX) < rec.shared_holders
                 || rec.holders.keys().any(|k| self.ids.contains(k)))
     }
@@ -253,7 +256,15 @@ impl Object {
             };
             let failure = match self.store.write(std::slice::from_ref(&change), true).await {
                 Ok(_) => return Ok((left(&new), Some(new))),
-                Err(WriteError::Conflict) => None,
+                Err(WriteError::Conflict) => {
+                    if clock::planted(clock::Bug::ReleaseRebuilt) {
+                        doubt = None;
+                    }
+                    None
+                }
+                Err(WriteError::Unknown(e)) if clock::planted(clock::Bug::DoubleDecrement) => {
+                    Some(e)
+                }
                 Err(WriteError::Unknown(e)) => {
                     doubt.get_or_insert((expected, new));
                     Some(e)

@@ -6,6 +6,8 @@
 //! cargo run -p lockgate-testenv --bin simulate -- --runs N     search N schedules
 //!     [--start S]   the first seed of a search (default: from the clock)
 //!     [--go]        include Go lockgate peers
+//!     [--plant BUG] plant a known bug, to see the search find it: double-decrement,
+//!                   release-rebuilt, join-go-takeover, ignore-deadline, short-ttl
 //! ```
 //!
 //! Exit status: 0 when nothing was found, 1 when a schedule broke a rule (its seed and the
@@ -17,13 +19,19 @@ use std::time::{Duration, Instant};
 use lockgate_testenv::sim::{self, rng::Rng, Config};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: simulate (--seed S | --minutes N | --runs N) [--start S] [--go]");
+    eprintln!(
+        "usage: simulate (--seed S | --minutes N | --runs N) [--start S] [--go] [--plant BUG]"
+    );
     ExitCode::from(2)
 }
 
-fn config(seed: u64, go: bool) -> Config {
+fn config(seed: u64, go: bool, plant: Option<&str>) -> Config {
     let mut rng = Rng::new(seed);
     let mut c = Config::random(&mut rng);
+    if plant == Some("short-ttl") {
+        c.short_ttl_host = true;
+        c.lease = lockgate::kubernetes::LeaseConfig::default();
+    }
     if go {
         c.go_peers = rng.range(1, 3) as usize;
         // Every participant must use the same TTL: Go's is 10 s.
@@ -39,6 +47,7 @@ fn main() -> ExitCode {
     let mut runs = None;
     let mut start = None;
     let mut go = false;
+    let mut plant: Option<String> = None;
     let mut i = 0;
     while i < args.len() {
         let value = |i: usize| args.get(i + 1).and_then(|v| v.parse::<u64>().ok());
@@ -52,15 +61,27 @@ fn main() -> ExitCode {
                 i += 1;
                 continue;
             }
+            "--plant" => {
+                let Some(bug) = args.get(i + 1) else {
+                    return usage();
+                };
+                if bug != "short-ttl" && !lockgate::sim::plant(&[bug.as_str()]) {
+                    eprintln!("simulate: unknown bug {bug:?}");
+                    return usage();
+                }
+                plant = Some(bug.clone());
+                i += 2;
+                continue;
+            }
             _ => return usage(),
         }
-        if args[i] != "--go" && value(i).is_none() {
+        if value(i).is_none() {
             return usage();
         }
         i += 2;
     }
     if let Some(seed) = seed {
-        let c = config(seed, go);
+        let c = config(seed, go, plant.as_deref());
         let r = sim::run(seed, &c, true);
         for line in &r.trace {
             println!("{line}");
@@ -88,15 +109,24 @@ fn main() -> ExitCode {
             break;
         }
         let seed = first.wrapping_add(n);
-        let c = config(seed, go);
+        let c = config(seed, go, plant.as_deref());
         let r = sim::run(seed, &c, false);
         done += 1;
         simulated += r.simulated;
         if !r.ok() {
             print_report(&r);
             println!(
-                "replay: cargo run -p lockgate-testenv --bin simulate -- --seed {seed}{}",
-                if go { " --go" } else { "" }
+                "found after {done} schedules, {:.0} s simulated, {:.1} s real",
+                simulated.as_secs_f64(),
+                began.elapsed().as_secs_f64()
+            );
+            println!(
+                "replay: cargo run -p lockgate-testenv --bin simulate -- --seed {seed}{}{}",
+                if go { " --go" } else { "" },
+                plant
+                    .as_deref()
+                    .map(|b| format!(" --plant {b}"))
+                    .unwrap_or_default()
             );
             return ExitCode::from(1);
         }

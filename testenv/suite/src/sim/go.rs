@@ -49,7 +49,11 @@ struct Record {
     count: i64,
     #[serde(rename = "IsShared")]
     shared: bool,
-    #[serde(rename = "QueueMembers", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "QueueMembers",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     queue: Option<BTreeMap<String, Member>>,
 }
 
@@ -99,7 +103,13 @@ fn key(name: &str) -> String {
 }
 
 impl GoPeer {
-    pub fn new(version: Version, client: kube::Client, namespace: &str, object: &str, rng: Rng) -> Self {
+    pub fn new(
+        version: Version,
+        client: kube::Client,
+        namespace: &str,
+        object: &str,
+        rng: Rng,
+    ) -> Self {
         let ar = ApiResource {
             group: String::new(),
             version: "v1".into(),
@@ -124,7 +134,12 @@ impl GoPeer {
     }
 
     fn record(obj: &DynamicObject, name: &str) -> Result<Option<Record>, GoError> {
-        match obj.metadata.annotations.as_ref().and_then(|a| a.get(&key(name))) {
+        match obj
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(&key(name)))
+        {
             None => Ok(None),
             Some(v) if v.is_empty() => Ok(None),
             Some(v) => serde_json::from_str(v)
@@ -135,8 +150,16 @@ impl GoPeer {
 
     /// PUT `obj` with `rec` as the record of `name` (`None`: removed). `Ok(false)`: Go's
     /// optimistic locking error (a conflict).
-    async fn put(&self, mut obj: DynamicObject, name: &str, rec: Option<&Record>) -> Result<bool, GoError> {
-        let annotations = obj.metadata.annotations.get_or_insert_with(Default::default);
+    async fn put(
+        &self,
+        mut obj: DynamicObject,
+        name: &str,
+        rec: Option<&Record>,
+    ) -> Result<bool, GoError> {
+        let annotations = obj
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
         match rec {
             Some(r) => {
                 annotations.insert(key(name), serde_json::to_string(r).expect("JSON"));
@@ -261,12 +284,22 @@ impl GoPeer {
                 if *k == me {
                     m.expire_at = now + TTL;
                 }
-                if next.as_ref().is_none_or(|n| n.arrived == 0 || m.arrived < n.arrived) {
+                if next
+                    .as_ref()
+                    .is_none_or(|n| n.arrived == 0 || m.arrived < n.arrived)
+                {
                     next = Some(m.clone());
                 }
             }
             if !me.is_empty() && !queue.contains_key(&me) {
-                queue.insert(me.clone(), Member { id: me.clone(), arrived: now, expire_at: now + TTL });
+                queue.insert(
+                    me.clone(),
+                    Member {
+                        id: me.clone(),
+                        arrived: now,
+                        expire_at: now + TTL,
+                    },
+                );
             }
             let next = next.map(|n| n.id).unwrap_or_default();
             if next.is_empty() || next == me {
@@ -292,7 +325,14 @@ impl GoPeer {
             match queue.get_mut(&me) {
                 Some(m) => m.expire_at = now + TTL,
                 None => {
-                    queue.insert(me.clone(), Member { id: me.clone(), arrived: now, expire_at: now + TTL });
+                    queue.insert(
+                        me.clone(),
+                        Member {
+                            id: me.clone(),
+                            arrived: now,
+                            expire_at: now + TTL,
+                        },
+                    );
                 }
             }
         })
@@ -342,7 +382,14 @@ fn uuid_string(mut b: [u8; 16]) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// What a Go holder believes: it holds until released, told it lost the record, or the
@@ -361,12 +408,14 @@ impl GoBelief {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(expire_at.max(0) as u64);
         let left = at.duration_since(wall).unwrap_or_default();
         let now = host_now().unwrap_or_default();
-        self.until.store((now + left).as_nanos() as u64, Ordering::SeqCst);
+        self.until
+            .store((now + left).as_nanos() as u64, Ordering::SeqCst);
     }
 
     /// True when the holder no longer believes it holds at world time `now`.
     pub fn over(&self, now: Duration) -> bool {
-        self.lost.load(Ordering::SeqCst) || now.as_nanos() as u64 >= self.until.load(Ordering::SeqCst)
+        self.lost.load(Ordering::SeqCst)
+            || now.as_nanos() as u64 >= self.until.load(Ordering::SeqCst)
     }
 }
 
@@ -391,7 +440,9 @@ pub async fn run_client(
         let uuid = loop {
             match peer.try_acquire(&name, false).await {
                 Ok(uuid) => break Some(uuid),
-                Err(GoError::ShouldWait) if !non_blocking && host_now().unwrap_or_default() - began < give_up => {
+                Err(GoError::ShouldWait)
+                    if !non_blocking && host_now().unwrap_or_default() - began < give_up =>
+                {
                     tokio::time::sleep(POLL).await;
                 }
                 Err(GoError::ShouldWait) => break None,

@@ -89,7 +89,16 @@ impl Journal {
         token: Option<u64>,
         signal: LostSignal,
     ) -> usize {
-        self.grant_belief(client, host, host_started, now, name, mode, token, Belief::Rust(signal))
+        self.grant_belief(
+            client,
+            host,
+            host_started,
+            now,
+            name,
+            mode,
+            token,
+            Belief::Rust(signal),
+        )
     }
 
     /// A grant to any client, with what tells its belief.
@@ -124,7 +133,9 @@ impl Journal {
                 continue;
             }
             let lost = match &h.belief {
-                Belief::Rust(signal) => as_host_at(h.host_started, now, || signal.reason()).is_some(),
+                Belief::Rust(signal) => {
+                    as_host_at(h.host_started, now, || signal.reason()).is_some()
+                }
                 Belief::Go(b) => b.over(now),
             };
             if !lost {

@@ -73,20 +73,31 @@ pub struct Config {
     pub server_faults: bool,
     /// Go lockgate peers (v0.1.1 and v0.2.0), one per host of their own.
     pub go_peers: usize,
+    /// A planted bug of configuration: the first host's lockers use a 4 s TTL while everyone
+    /// else uses `lease`'s.
+    pub short_ttl_host: bool,
 }
 
 impl Config {
     /// A random shape.
     pub fn random(rng: &mut Rng) -> Self {
-        let lease = if rng.chance(0.5) {
-            LeaseConfig::default()
-        } else {
-            LeaseConfig {
+        let lease = match rng.range(0, 3) {
+            0 => LeaseConfig::default(),
+            // Short: much renewing, many takeovers.
+            1 => LeaseConfig {
                 ttl: Duration::from_secs(4),
                 renew_period: Duration::from_secs(1),
                 renew_deadline: Duration::from_secs(3),
                 request_timeout: Duration::from_secs(1),
-            }
+            },
+            // Quiet: records stand still for seconds between renewals, so that a write held
+            // back lands on the very value it tests.
+            _ => LeaseConfig {
+                ttl: Duration::from_secs(30),
+                renew_period: Duration::from_secs(10),
+                renew_deadline: Duration::from_secs(25),
+                request_timeout: Duration::from_secs(2),
+            },
         };
         let n = rng.range(1, 4) as usize;
         Self {
@@ -95,14 +106,12 @@ impl Config {
             names: (0..n).map(|i| format!("lock-{i}")).collect(),
             duration: Duration::from_secs(rng.range(20, 90)),
             lease,
-            net: if rng.chance(0.8) {
-                NetFaults::some()
-            } else {
-                NetFaults::none()
-            },
+            // From a calm network to one where a write in five meets a fault.
+            net: NetFaults::scaled(*rng.pick(&[0.0, 0.5, 1.0, 3.0, 10.0, 20.0])),
             host_faults: rng.chance(0.7),
             server_faults: rng.chance(0.5),
             go_peers: 0,
+            short_ttl_host: false,
         }
     }
 }
@@ -229,7 +238,16 @@ fn start_clients(
 ) {
     let client = world.client(h);
     let count = running.host(h);
-    let lease = config.lease;
+    let lease = if config.short_ttl_host && h == 0 {
+        LeaseConfig {
+            ttl: Duration::from_secs(4),
+            renew_period: Duration::from_secs(1),
+            renew_deadline: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(1),
+        }
+    } else {
+        config.lease
+    };
     let started = world.host(h).started();
     let host_name = world.host(h).name.clone();
     let clients: Vec<workload::Client> = (0..config.clients_per_host)

@@ -313,14 +313,20 @@ impl NetFaults {
     }
 
     pub fn some() -> Self {
+        Self::scaled(1.0)
+    }
+
+    /// [`some`](Self::some)'s probabilities times `k` (at most 1).
+    pub fn scaled(k: f64) -> Self {
+        let p = |x: f64| (x * k).min(1.0);
         Self {
-            drop: 0.01,
-            lose_reply: 0.01,
-            hold: 0.01,
-            refuse: 0.01,
-            error_after: 0.01,
-            reset: 0.005,
-            slow: 0.02,
+            drop: p(0.01),
+            lose_reply: p(0.01),
+            hold: p(0.01),
+            refuse: p(0.01),
+            error_after: p(0.01),
+            reset: p(0.005),
+            slow: p(0.02),
         }
     }
 }
