@@ -225,8 +225,9 @@ pub enum Error {
     },
 
     /// TLS with the lock server failed in another way retrying cannot mend: it does not speak
-    /// TLS (an `https://` URL for an `http://` server), or it shares no protocol version or
-    /// cipher suite with the client.
+    /// TLS (an `https://` URL for an `http://` server) or speaks nothing else (an `http://` URL
+    /// for an `https://` server), or it shares no protocol version or cipher suite with the
+    /// client.
     #[cfg(feature = "http")]
     #[error("TLS with the lock server {server} failed")]
     ServerTls {

@@ -146,11 +146,14 @@ async fn run(
                         hook(&e);
                     }
                 }
-                if let Some(patience) = remote.config.patience {
-                    if began.elapsed() + pause > patience {
-                        return Err(gave_up(remote, patience, e).into());
-                    }
-                }
+                // The last try comes when the patience ends: no sooner give-up.
+                let pause = match remote.config.patience {
+                    Some(patience) => match patience.checked_sub(began.elapsed()) {
+                        Some(left) if !left.is_zero() => pause.min(left),
+                        _ => return Err(gave_up(remote, patience, e).into()),
+                    },
+                    None => pause,
+                };
                 if !attempt.fits(pause) {
                     return Err(e.into());
                 }

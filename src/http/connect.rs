@@ -247,12 +247,13 @@ impl Permanent {
                 server,
                 source: Box::new(self),
             },
-            Permanent::NotTls(_) | Permanent::Tls(_) => Error::ServerTls {
+            // An http:// URL for an https:// server is a TLS matter too.
+            Permanent::NotTls(_) | Permanent::Tls(_) | Permanent::NotHttp(_) => Error::ServerTls {
                 server,
                 source: Box::new(self),
             },
             // One cause, said once: not hyper's and the connector's wrappers around it.
-            Permanent::UnknownHost(_) | Permanent::NotHttp(_) => Error::ServerUnreachable {
+            Permanent::UnknownHost(_) => Error::ServerUnreachable {
                 server,
                 source: Box::new(self),
             },
