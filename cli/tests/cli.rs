@@ -909,6 +909,34 @@ COMP_WORDS=(lockgate exec --non); COMP_CWORD=2; _lockgate lockgate --non exec; e
         "{exec}"
     );
     assert!(exec.contains("\\-\\-nonblock") && exec.contains("\\-\\-conflict\\-exit\\-code"));
+    // What --help has no room for: exit status, environment, signals, files, examples.
+    for section in ["EXIT STATUS", "ENVIRONMENT", "SIGNALS", "FILES", "EXAMPLES"] {
+        assert!(main.contains(&format!(".SH \"{section}\"")), "{section}");
+    }
+    for code in ["128+N", "64", "69", "70", "73", "75", "126", "127"] {
+        assert!(
+            main.contains(&format!("\\fB{code}\\fR")),
+            "exit code {code}"
+        );
+    }
+    for var in [
+        "LOCKGATE_LOCKER",
+        "LOCKGATE_DIR",
+        "LOCKGATE_PATIENCE",
+        "LOCKGATE_TOKEN",
+        "LOCKGATE_CA_FILE",
+        "KUBECONFIG",
+        "LOCKGATE_FENCING_TOKEN",
+    ] {
+        assert!(main.contains(var), "{var}");
+    }
+    assert!(main.contains("/run/lock/lockgate\\-UID"));
+    assert!(exec.contains(".SH \"SIGNALS\"") && exec.contains("\\-\\-keep\\-running"));
+    let hold = page(&["hold"]);
+    assert!(
+        hold.contains(".SH \"EXIT STATUS\"") && hold.contains("etcdctl"),
+        "{hold}"
+    );
     let out = run(bin().args(["man", "frobnicate"]));
     assert_eq!(out.status.code(), Some(64));
     assert!(
@@ -924,6 +952,8 @@ COMP_WORDS=(lockgate exec --non); COMP_CWORD=2; _lockgate lockgate --non exec; e
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     pages.sort();
+    let written = std::fs::read_to_string(dir.path().join("lockgate-exec.1")).unwrap();
+    assert!(written.contains(".SH \"EXIT STATUS\""), "{written}");
     assert_eq!(
         pages,
         [
