@@ -10,6 +10,7 @@ mod args;
 mod errors;
 mod exec;
 mod hold;
+mod holders;
 mod job;
 mod json;
 mod locator;

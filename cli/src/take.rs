@@ -118,7 +118,15 @@ fn options(args: &LockArgs, reminders: Option<&Reminders>, description: String) 
     }
     let began = reminders.map(Reminders::sender);
     opts.on_wait(move |info| {
-        let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
+        let holders: Vec<String> = info
+            .holders
+            .iter()
+            .map(|h| {
+                let mut h = h.clone();
+                crate::holders::explain(&mut h, None);
+                h.to_string()
+            })
+            .collect();
         let held_by = if holders.is_empty() {
             String::new()
         } else {

@@ -333,6 +333,11 @@ fn status_shows_the_users_command_and_exited_holders() {
         .to_owned();
     assert!(description.starts_with("sh -c echo ready"), "{description}");
     assert!(!description.contains("lockgate"), "{description}");
+    // The waiting line names the holder the same way.
+    let mut waiter = Proc::spawn(lockgate(dir.path()).args(["exec", "n", "true"]));
+    let waiting = waiter.expect_err("lockgate: waiting for exclusive lock \"n\" held by pid");
+    assert!(waiting.contains("(sh -c echo ready"), "{waiting}");
+    waiter.kill();
     p.kill();
     let lockgate_pid = p.id();
     let out = run(lockgate(dir.path()).arg("status"));
