@@ -284,3 +284,20 @@ fn go_listen_form_and_status_json_of_a_lock_server() {
     holder.signal(libc::SIGTERM);
     assert_eq!(holder.wait().code(), Some(0));
 }
+
+/// The README's two TLS recipes, pasted as they are: a private CA and a certificate it signs,
+/// and a self-signed certificate pinned by the clients. Before, the README's recipe (a
+/// certificate of `openssl req -x509`, CA:TRUE) failed with CaUsedAsEndEntity.
+#[test]
+fn the_readmes_tls_recipes_work_as_written() {
+    for recipe in ["tls-ca", "tls-pinned"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out, err) =
+            common::paste(&common::readme_block(recipe), dir.path(), closed_port());
+        assert_eq!(code, Some(0), "{recipe}: {out}{err}");
+        assert!(
+            out.contains("deploying under the lock"),
+            "{recipe}: {out}{err}"
+        );
+    }
+}

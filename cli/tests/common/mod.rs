@@ -124,3 +124,56 @@ pub fn busy(dir: &Path, name: &str) -> bool {
 pub fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// The shell block of README.md marked `<!-- readme-test: NAME -->`.
+pub fn readme_block(name: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let marker = format!("<!-- readme-test: {name} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("no {marker} in README.md"))
+        .1;
+    let block = after
+        .split_once("```sh\n")
+        .and_then(|(_, b)| b.split_once("\n```"))
+        .unwrap_or_else(|| panic!("no sh block after {marker}"))
+        .0;
+    block.to_owned()
+}
+
+/// Runs `script` as a user pastes it into a shell (`sh -e`, in `dir`, with this build's
+/// `lockgate` first on PATH and `7780` replaced by `port`), in a session of its own whose
+/// processes (a server started with `&`) are killed when it ends; its exit code, stdout and
+/// stderr.
+pub fn paste(script: &str, dir: &Path, port: u16) -> (Option<i32>, String, String) {
+    let script = script.replace("7780", &port.to_string());
+    let bin_dir = Path::new(&lockgate_path()).parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let (out, err) = (dir.join(".stdout"), dir.join(".stderr"));
+    let mut c = Command::new("setsid");
+    c.args(["sh", "-e", "-c", &script])
+        .current_dir(dir)
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+    for k in [
+        "LOCKGATE_LOCKER",
+        "LOCKGATE_DIR",
+        "LOCKGATE_TOKEN",
+        "LOCKGATE_CA_FILE",
+    ] {
+        c.env_remove(k);
+    }
+    let mut p = Proc::spawn_with(&mut c, false, false, false);
+    let sid = p.id();
+    let status = p.wait();
+    crate::support::kill_session(sid);
+    let read = |f: &Path| std::fs::read_to_string(f).unwrap_or_default();
+    (status.code(), read(&out), read(&err))
+}
