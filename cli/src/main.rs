@@ -16,6 +16,7 @@ mod json;
 mod locator;
 #[cfg(test)]
 mod locator_proptests;
+mod lockers;
 mod manual;
 mod serve;
 mod signals;
