@@ -210,6 +210,34 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// The lock server's certificate is not trusted: an unknown issuer, expired, for another
+    /// name, a CA's certificate used as a server's. Retrying cannot mend it; trusting the
+    /// server's CA, or pinning its certificate, can
+    /// ([`HttpConfig::root_certificates_pem`](crate::HttpConfig::root_certificates_pem)).
+    #[cfg(feature = "http")]
+    #[error("the certificate of the lock server {server} is not trusted")]
+    UntrustedCertificate {
+        /// The server's URL (without credentials).
+        server: String,
+        /// What rustls found wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// TLS with the lock server failed in another way retrying cannot mend: it does not speak
+    /// TLS (an `https://` URL for an `http://` server) or speaks nothing else (an `http://` URL
+    /// for an `https://` server), or it shares no protocol version or cipher suite with the
+    /// client.
+    #[cfg(feature = "http")]
+    #[error("TLS with the lock server {server} failed")]
+    ServerTls {
+        /// The server's URL (without credentials).
+        server: String,
+        /// What rustls found wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// The lock server refused a request, or answered with something that is not the lock
     /// protocol.
     #[cfg(feature = "http")]

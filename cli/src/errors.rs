@@ -82,9 +82,32 @@ impl Failure {
         let f = Self::from(e);
         Self::new(
             f.code,
-            format!("cannot {doing} lock {name:?}: {}", f.message),
+            format!("cannot {doing} lock {}: {}", shorten(name), f.message),
         )
     }
+
+    /// The message as printed: one line, whatever a cause's text holds (a YAML parser's
+    /// excerpt of a broken kubeconfig, say).
+    pub(crate) fn line(&self) -> String {
+        one_line(&self.message)
+    }
+}
+
+/// `s` quoted, cut to its first 60 characters when it is long (a 100 KB lock name is not
+/// echoed whole).
+pub(crate) fn shorten(s: &str) -> String {
+    const KEEP: usize = 60;
+    if s.chars().count() <= KEEP + 20 {
+        return format!("{s:?}");
+    }
+    let head: String = s.chars().take(KEEP).collect();
+    format!("{head:?}… ({} bytes)", s.len())
+}
+
+/// Each line's text joined with "; ", so that a message is one line.
+pub(crate) fn one_line(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines.join("; ")
 }
 
 /// What to do next, for the errors whose message does not say it already.
@@ -126,6 +149,14 @@ fn advice(e: &lockgate::Error) -> Option<String> {
         }
         E::CorruptRecord { key, .. } => {
             format!("if no lockgate uses it, remove it with `kubectl annotate OBJECT {key}-`")
+        }
+        E::UntrustedCertificate { .. } => {
+            "trust the server's CA, or pin its own certificate, with --ca-file FILE or \
+             $LOCKGATE_CA_FILE"
+                .to_owned()
+        }
+        E::Unauthorized { .. } => {
+            "give the server's token with --token-file FILE or $LOCKGATE_TOKEN".to_owned()
         }
         E::Unreachable { .. } => {
             "check the API server address of the kubeconfig (or KUBERNETES_SERVICE_HOST) and the \

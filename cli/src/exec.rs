@@ -1,37 +1,42 @@
 //! `lockgate exec`: hold a lock while a command runs.
 //!
-//! The command never runs without the lock:
+//! The command never runs without the lock, and does not outlive lockgate:
 //! - With a file locker the command inherits the lock file's descriptor, so the lock belongs to
-//!   it as much as to lockgate: if lockgate is killed, the command keeps the lock until it (and
-//!   any child that inherited the descriptor) exits.
+//!   it as much as to lockgate (flock(1)'s rule).
 //! - With a leased locker, when the lease is lost the command's process group gets SIGTERM, and
-//!   SIGKILL if anything of it still runs 2 s later; lockgate exits 75. If lockgate itself dies,
-//!   the watchdog (see `watchdog.rs`) does the same.
+//!   SIGKILL if anything of it still runs 2 s later; lockgate exits 75.
+//! - If lockgate dies (SIGKILL, its process group killed by a CI runner's cancel), the watchdog
+//!   (see `watchdog.rs`) ends the command's group the same way, for every locker; with
+//!   `--keep-running` (file lockers only) the command runs on, keeping the lock, as flock(1)'s
+//!   command does when flock alone is killed.
 //!
 //! The command runs in a process group of its own (see `job.rs`). SIGINT, SIGTERM, SIGHUP and
-//! SIGQUIT sent to lockgate while the command runs are forwarded to that group; lockgate exits
-//! with the command's status (128+N if it was killed by signal N). When the command ended by a
-//! signal (forwarded, from the terminal, or its own), what is left of its group gets SIGTERM, and
-//! SIGKILL 2 s later: an interrupted job stops as a whole.
+//! SIGQUIT sent to lockgate while the command runs are forwarded to that group, unless they were
+//! ignored when lockgate started: those stay ignored, for lockgate and the command
+//! (`signals.rs`). lockgate exits with the command's status (128+N if it was killed by signal
+//! N). When the command ended by a signal (forwarded, from the terminal, or its own), what is
+//! left of its group gets SIGTERM, and SIGKILL 2 s later: an interrupted job stops as a whole.
 //!
 //! Every path that acquired the lock releases it explicitly and waits for the release before
 //! lockgate exits: a leased lock merely dropped would be released by a task that dies with the
 //! runtime, and stay held for a TTL.
 
-use std::io::{self, IsTerminal};
+use std::ffi::OsString;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use lockgate::{AcquireError, AcquireOptions, LockGuard, Locker, LostReason, Mode, Wait};
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use lockgate::{LockGuard, LostReason};
 use tokio::time::Instant;
 
 use crate::args::ExecArgs;
-use crate::errors::{code, error_chain, Failure};
+use crate::errors::{code, Failure};
 use crate::job::{Job, Spawn, Terminal};
 use crate::locator::Locator;
+use crate::signals::Signals;
+use crate::take::{take, Outcome};
 use crate::watchdog::Watchdog;
 
 /// How long a command may run on after it was told to stop (a lost lease, lockgate's death, an
@@ -40,178 +45,60 @@ use crate::watchdog::Watchdog;
 /// with the default lease).
 pub(crate) const KILL_AFTER: Duration = Duration::from_secs(2);
 
-/// The signals forwarded to the command's group.
-const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+/// The command `exec` runs: COMMAND, or for `-c STRING` `$SHELL -c STRING` (else `/bin/sh`), as
+/// flock(1) runs it.
+fn command(args: &mut ExecArgs) -> Result<Vec<OsString>, Failure> {
+    let command = std::mem::take(&mut args.command);
+    match (args.shell_command.take(), command.is_empty()) {
+        (Some(script), true) => {
+            let shell = std::env::var_os("SHELL")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "/bin/sh".into());
+            Ok(vec![shell, "-c".into(), script])
+        }
+        (Some(_), false) => Err(Failure::new(
+            code::USAGE,
+            "give either -c 'SHELL COMMAND' or COMMAND [ARGS...], not both",
+        )),
+        (None, true) => Err(Failure::new(
+            code::USAGE,
+            "no COMMAND to run: lockgate exec NAME COMMAND [ARGS...] (or -c 'SHELL COMMAND')",
+        )),
+        (None, false) => Ok(command),
+    }
+}
 
-pub(crate) fn run(locator: &Locator, args: ExecArgs) -> Result<u8, Failure> {
-    let rt = crate::runtime()?;
-    // On a terminal, a long wait is told now and then; in a log, once.
-    let reminders = (!args.quiet && io::stderr().is_terminal()).then(Reminders::start);
-    let opts = options(&args, reminders.as_ref());
-    let (_locker, acquired) = match locator {
-        // A file lock is waited for on this very thread: the kernel wakes it at the release,
-        // with no hop through another thread (and a timer interrupts it for `-w`). Nothing
-        // else runs yet.
-        Locator::File { .. } => {
-            let locker = Locker::new(locator.file_locker()?);
-            let acquired = locker.acquire_blocking(&args.name, opts);
-            (locker, acquired)
-        }
-        Locator::Kubernetes { .. } | Locator::Http { .. } => rt.block_on(async {
-            let locker = locator.locker().await?;
-            let acquired = locker.acquire(&args.name, opts).await;
-            Ok::<_, Failure>((locker, acquired))
-        })?,
+pub(crate) fn run(locator: Option<&Locator>, mut args: ExecArgs) -> Result<u8, Failure> {
+    let command = command(&mut args)?;
+    if args.keep_running
+        && matches!(
+            locator,
+            Some(Locator::Kubernetes { .. } | Locator::Http { .. })
+        )
+    {
+        return Err(Failure::new(
+            code::USAGE,
+            "--keep-running applies to file locks only: nothing renews a leased lock once lockgate is gone",
+        ));
+    }
+    // Who holds the lock, for whoever waits or looks: the command line.
+    let description: Vec<String> = command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let taken = match take(locator, &args.lock, &args.name, description.join(" "))? {
+        Outcome::Held(taken) => taken,
+        Outcome::Busy(code) => return Ok(code),
     };
-    drop(reminders);
-    let guard = match acquired {
-        Ok(guard) => guard,
-        Err(AcquireError::Failed(e)) => return Err(Failure::lock("take", &args.name, e)),
-        Err(e) => {
-            if !args.quiet {
-                let next = match e {
-                    AcquireError::TimedOut { .. } => {
-                        "; it is still held (a longer -w waits longer)"
-                    }
-                    _ => "; not waiting for it (-n)",
-                };
-                eprintln!("lockgate: {}{next}", error_chain(&e));
-            }
-            return Ok(args.conflict_exit_code);
-        }
-    };
-    rt.block_on(async {
-        let ended = supervise(&guard, &args).await;
+    let guard = taken.guard;
+    taken.rt.block_on(async {
+        let ended = supervise(&guard, &command, args.keep_running).await;
         let released = guard
             .release()
             .await
             .map_err(|e| Failure::lock("release", &args.name, e));
         exit_code(ended, released)
     })
-}
-
-fn options(args: &ExecArgs, reminders: Option<&Reminders>) -> AcquireOptions {
-    let mode = if args.shared {
-        Mode::Shared
-    } else {
-        Mode::Exclusive
-    };
-    let wait = match args.timeout {
-        _ if args.non_blocking => Wait::NonBlocking,
-        Some(t) => Wait::Timeout(t),
-        None => Wait::Forever,
-    };
-    // Who holds the lock, for whoever waits or looks: the command line.
-    let command: Vec<String> = args
-        .command
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let opts = AcquireOptions::default()
-        .mode(mode)
-        .wait(wait)
-        .description(command.join(" "));
-    if args.quiet {
-        return opts;
-    }
-    let began = reminders.map(Reminders::sender);
-    opts.on_wait(move |info| {
-        let holders: Vec<String> = info.holders.iter().map(ToString::to_string).collect();
-        let held_by = if holders.is_empty() {
-            String::new()
-        } else {
-            format!(" held by {}", holders.join("; "))
-        };
-        eprintln!(
-            "lockgate: waiting for {} lock {:?}{held_by}",
-            info.mode, info.name
-        );
-        if let Some(began) = &began {
-            let _ = began.send(Reminder::Began {
-                at: std::time::Instant::now(),
-                what: format!("{} lock {:?}", info.mode, info.name),
-                held_by,
-            });
-        }
-    })
-}
-
-/// When a wait on a terminal is told again: the first reminder after this long, then each one
-/// after as long again as the wait has lasted, but at least once a minute (5 s, 10 s, 20 s,
-/// 40 s, 80 s, 140 s, ...).
-const FIRST_REMINDER: Duration = Duration::from_secs(5);
-const MAX_REMINDER_GAP: Duration = Duration::from_secs(60);
-
-/// What the reminder thread is told.
-enum Reminder {
-    /// The acquisition started to wait.
-    Began {
-        at: std::time::Instant,
-        /// `exclusive lock "NAME"`.
-        what: String,
-        /// `, held by ...` as the first line said it, or nothing.
-        held_by: String,
-    },
-    /// The acquisition has ended.
-    Stop,
-}
-
-/// A thread that says now and then that lockgate still waits for its lock (how long, and who
-/// held it when the wait began), until the acquisition ends. Only on a terminal: a log gets the
-/// first line alone.
-struct Reminders {
-    tx: std::sync::mpsc::Sender<Reminder>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Reminders {
-    fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("lockgate-reminders".into())
-            .spawn(move || Self::run(&rx))
-            .ok();
-        Self { tx, thread }
-    }
-
-    fn sender(&self) -> std::sync::mpsc::Sender<Reminder> {
-        self.tx.clone()
-    }
-
-    fn run(rx: &std::sync::mpsc::Receiver<Reminder>) {
-        use std::sync::mpsc::RecvTimeoutError;
-        let Ok(Reminder::Began { at, what, held_by }) = rx.recv() else {
-            return;
-        };
-        let mut after = FIRST_REMINDER;
-        loop {
-            let due = at + after;
-            match rx.recv_timeout(due.saturating_duration_since(std::time::Instant::now())) {
-                Err(RecvTimeoutError::Timeout) => {}
-                Ok(_) | Err(RecvTimeoutError::Disconnected) => return,
-            }
-            let waited = Duration::from_secs(at.elapsed().as_secs());
-            let held_by = if held_by.is_empty() {
-                String::new()
-            } else {
-                format!(" (when the wait began{held_by})")
-            };
-            eprintln!(
-                "lockgate: still waiting for {what} after {}{held_by}",
-                humantime::format_duration(waited)
-            );
-            after += after.min(MAX_REMINDER_GAP);
-        }
-    }
-}
-
-impl Drop for Reminders {
-    fn drop(&mut self) {
-        let _ = self.tx.send(Reminder::Stop);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// How the command ended.
@@ -244,56 +131,23 @@ fn exit_code(ended: Result<Ended, Failure>, released: Result<(), Failure>) -> Re
     })
 }
 
-/// The signals lockgate handles while the command runs.
-struct Signals {
-    forwarded: Vec<(libc::c_int, Signal)>,
-    child: Signal,
-    /// lockgate was continued (`fg`, `bg`): the command's group may get the terminal.
-    continued: Signal,
-}
-
-impl Signals {
-    /// Installs the handlers. From here on these signals no longer end lockgate, so none can
-    /// kill it between starting the command and waiting for it.
-    fn install() -> Result<Self, Failure> {
-        let handle = |sig: libc::c_int| {
-            signal(SignalKind::from_raw(sig)).map_err(|e| Failure::internal("handle signals", e))
-        };
-        Ok(Self {
-            forwarded: FORWARDED
-                .iter()
-                .map(|&sig| Ok((sig, handle(sig)?)))
-                .collect::<Result<_, Failure>>()?,
-            child: handle(libc::SIGCHLD)?,
-            continued: handle(libc::SIGCONT)?,
-        })
-    }
-
-    /// The next forwarded signal to arrive.
-    async fn next_forwarded(forwarded: &mut [(libc::c_int, Signal)]) -> libc::c_int {
-        std::future::poll_fn(|cx| {
-            for (sig, s) in forwarded.iter_mut() {
-                if s.poll_recv(cx).is_ready() {
-                    return std::task::Poll::Ready(*sig);
-                }
-            }
-            std::task::Poll::Pending
-        })
-        .await
-    }
-}
-
 /// Starts the command and waits for it (and for its group, when it was stopped by a signal).
-async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure> {
+async fn supervise(
+    guard: &LockGuard,
+    command: &[OsString],
+    keep_running: bool,
+) -> Result<Ended, Failure> {
     let mut signals = Signals::install()?;
     let lock_fd = guard.as_fd().map(|fd| fd.as_raw_fd());
-    // A leased lock (no descriptor carries it) must not outlive lockgate in the command.
-    let watchdog = match lock_fd {
-        Some(_) => None,
-        None => Some(Watchdog::start().map_err(|e| Failure::internal("start the watchdog", e))?),
+    // The command must not outlive lockgate: a leased lock is renewed by lockgate alone, and a
+    // CI runner that cancels a job kills lockgate's process group, not the command's. Unless
+    // asked to keep running (file locks only: the command co-owns the lock).
+    let watchdog = match keep_running && lock_fd.is_some() {
+        true => None,
+        false => Some(Watchdog::start().map_err(|e| Failure::internal("start the watchdog", e))?),
     };
     let spawned = Job::spawn(Spawn {
-        command: &args.command,
+        command,
         lock_fd,
         watchdog_fd: watchdog.as_ref().map(Watchdog::command_fd),
         terminal: Terminal::of_stdin(),
@@ -305,7 +159,7 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
             if let Some(w) = watchdog {
                 w.disarm();
             }
-            let program = args.command[0].to_string_lossy();
+            let program = command[0].to_string_lossy();
             let code = match e.kind() {
                 io::ErrorKind::NotFound => code::NOT_FOUND,
                 _ => code::NOT_EXECUTABLE,
@@ -383,23 +237,9 @@ async fn supervise(guard: &LockGuard, args: &ExecArgs) -> Result<Ended, Failure>
 ///   for it when `lockgate` itself is paused (SIGSTOP, a frozen VM) and nothing renews the lease,
 ///   while the command runs on after another holder took the lock over.
 fn command_env(guard: &LockGuard) -> Vec<(&'static str, String)> {
-    let mut host = [0u8; 256];
-    // SAFETY: gethostname into a buffer of the given size; the result is NUL-terminated or cut.
-    let host = if unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0 {
-        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
-        String::from_utf8_lossy(&host[..end]).into_owned()
-    } else {
-        "localhost".to_owned()
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
     let mut env = vec![
         ("LOCKGATE_LOCK_NAME", guard.name().to_owned()),
-        (
-            "LOCKGATE_HOLDER_ID",
-            format!("{host}/{}/{nanos}", std::process::id()),
-        ),
+        ("LOCKGATE_HOLDER_ID", crate::take::holder_id()),
     ];
     if let Some(token) = guard.fencing_token() {
         env.push(("LOCKGATE_FENCING_TOKEN", token.to_string()));

@@ -1,15 +1,13 @@
 //! The locator: which locker the command line names (`--locker URL`, `--dir DIR`) or the
-//! environment does.
+//! environment does, and the flags that apply to it (`lockers.rs` makes the locker).
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 
 use lockgate::file::Naming;
-use lockgate::kubernetes::LeaseConfig;
-use lockgate::{FileLocker, HttpConfig, HttpLocker, KubernetesLocker, Locker};
 
 use crate::args::LocatorArgs;
-use crate::errors::{code, error_chain, Failure};
+use crate::errors::{code, Failure};
+use crate::lockers::default_dir;
 
 /// Where the locks live, as the command line and the environment name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,10 +17,16 @@ pub(crate) enum Locator {
     /// Annotations of a Kubernetes object.
     Kubernetes {
         context: Option<String>,
+        /// `None`: cluster-scoped, unless `default_namespace`.
         namespace: Option<String>,
+        /// `kubernetes://RESOURCE/NAME`: the namespace is `--namespace`, else the client's
+        /// default (the kubeconfig context's, or the pod's), as with kubectl.
+        default_namespace: bool,
         resource: String,
         name: String,
         create_missing: bool,
+        /// `--kubeconfig`.
+        kubeconfig: Option<PathBuf>,
     },
     /// A lock server.
     Http {
@@ -36,11 +40,56 @@ pub(crate) enum Locator {
 
 impl Locator {
     /// Resolves, in order: `--locker`, `--dir`, `$LOCKGATE_LOCKER`, `$LOCKGATE_DIR`, the default
-    /// directory.
+    /// directory; and refuses flags that do not apply to the locker.
     pub(crate) fn resolve(args: &LocatorArgs) -> Result<Self, Failure> {
         let mut locator = Self::resolve_location(args)?;
+        locator.refuse_foreign_flags(args)?;
         match &mut locator {
-            Locator::Kubernetes { create_missing, .. } => *create_missing = args.create_missing,
+            Locator::Kubernetes {
+                create_missing,
+                context,
+                namespace,
+                default_namespace,
+                kubeconfig,
+                ..
+            } => {
+                *create_missing = args.create_missing;
+                kubeconfig.clone_from(&args.kubeconfig);
+                if let Some(c) = &args.context {
+                    match context {
+                        Some(given) if given != c => {
+                            return Err(Failure::new(
+                                code::USAGE,
+                                format!(
+                                "--context {c:?} contradicts the locker URL's context {given:?}"
+                            ),
+                            ))
+                        }
+                        _ => *context = Some(c.clone()),
+                    }
+                }
+                if let Some(ns) = &args.namespace {
+                    match (&*namespace, *default_namespace) {
+                        (_, true) => {
+                            *namespace = Some(ns.clone());
+                            *default_namespace = false;
+                        }
+                        (Some(given), false) if given == ns => {}
+                        (Some(given), false) => {
+                            return Err(Failure::new(
+                                code::USAGE,
+                                format!("--namespace {ns:?} contradicts the locker URL's namespace {given:?}"),
+                            ))
+                        }
+                        (None, false) => {
+                            return Err(Failure::new(
+                                code::USAGE,
+                                format!("--namespace {ns:?} contradicts the locker URL, which names a cluster-scoped object (kubernetes:///...); write kubernetes://RESOURCE/NAME"),
+                            ))
+                        }
+                    }
+                }
+            }
             Locator::Http {
                 token_file,
                 ca_file,
@@ -56,6 +105,80 @@ impl Locator {
             Locator::File { .. } => {}
         }
         Ok(locator)
+    }
+
+    /// A flag given for another kind of locker is a mistake worth a word, not silence.
+    fn refuse_foreign_flags(&self, args: &LocatorArgs) -> Result<(), Failure> {
+        let (kind, flags): (&str, &[(&str, bool)]) = match self {
+            Locator::File { .. } => (
+                "a file locker",
+                &[
+                    ("--create-missing", args.create_missing),
+                    ("--kubeconfig", args.kubeconfig.is_some()),
+                    ("--context", args.context.is_some()),
+                    ("--namespace", args.namespace.is_some()),
+                    ("--token-file", args.token_file.is_some()),
+                    ("--ca-file", args.ca_file.is_some()),
+                ],
+            ),
+            Locator::Kubernetes { .. } => (
+                "a Kubernetes locker",
+                &[
+                    ("--legacy-names", args.legacy_names),
+                    ("--token-file", args.token_file.is_some()),
+                    ("--ca-file", args.ca_file.is_some()),
+                ],
+            ),
+            Locator::Http { .. } => (
+                "a lock server",
+                &[
+                    ("--legacy-names", args.legacy_names),
+                    ("--create-missing", args.create_missing),
+                    ("--kubeconfig", args.kubeconfig.is_some()),
+                    ("--context", args.context.is_some()),
+                    ("--namespace", args.namespace.is_some()),
+                ],
+            ),
+        };
+        match flags.iter().find(|(_, given)| *given) {
+            Some((flag, _)) => Err(Failure::new(
+                code::USAGE,
+                format!(
+                    "{flag} does not apply to {kind} ({}); {}",
+                    self.describe(),
+                    applies_to(flag)
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Where the locks are, for people: a directory, a Kubernetes URL, a server.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Locator::File { dir, .. } => dir.display().to_string(),
+            Locator::Kubernetes {
+                context,
+                namespace,
+                default_namespace,
+                resource,
+                name,
+                ..
+            } => {
+                let context = context
+                    .as_ref()
+                    .map(|c| format!("{c}@"))
+                    .unwrap_or_default();
+                match (namespace, default_namespace) {
+                    (_, true) => format!("kubernetes://{context}{resource}/{name}"),
+                    (ns, false) => format!(
+                        "kubernetes://{context}{}/{resource}/{name}",
+                        ns.as_deref().unwrap_or_default()
+                    ),
+                }
+            }
+            Locator::Http { url, .. } => lockgate_url_without_credentials(url),
+        }
     }
 
     fn resolve_location(args: &LocatorArgs) -> Result<Self, Failure> {
@@ -97,7 +220,10 @@ impl Locator {
         let (scheme, rest) = url.split_once(':').ok_or_else(|| {
             Failure::new(
                 code::USAGE,
-                format!("locker {url:?} is not a URL; expected file:DIR"),
+                format!(
+                    "locker {} is not a URL; expected file:DIR, kubernetes://[NAMESPACE/]RESOURCE/NAME or http(s)://HOST:PORT",
+                    crate::errors::shorten(url)
+                ),
             )
         })?;
         match scheme {
@@ -135,105 +261,45 @@ impl Locator {
             }
             _ => Err(Failure::new(
                 code::USAGE,
-                format!("unknown locker scheme {scheme:?} in {url:?}; supported: file:DIR, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME, http(s)://HOST:PORT"),
+                format!("unknown locker scheme {:?} in {}; supported: file:DIR, kubernetes://[CONTEXT@][NAMESPACE/]RESOURCE/NAME, http(s)://HOST:PORT", crate::errors::shorten(scheme), crate::errors::shorten(url)),
             )),
-        }
-    }
-
-    /// The file locker this locator names.
-    pub(crate) fn file_locker(&self) -> Result<FileLocker, Failure> {
-        match self {
-            Locator::File { dir, naming } => Ok(FileLocker::with_naming(dir, *naming)?),
-            Locator::Kubernetes { .. } | Locator::Http { .. } => Err(Failure::new(
-                code::USAGE,
-                "this command needs a file locker (--dir or --locker file:DIR)",
-            )),
-        }
-    }
-
-    /// The Kubernetes locker this locator names. Must run inside the Tokio runtime.
-    pub(crate) async fn kubernetes_locker(&self) -> Result<KubernetesLocker, Failure> {
-        let Locator::Kubernetes {
-            context,
-            namespace,
-            resource,
-            name,
-            create_missing,
-        } = self
-        else {
-            return Err(Failure::new(
-                code::USAGE,
-                "this command needs a kubernetes:// locker",
-            ));
-        };
-        let locker = KubernetesLocker::connect(
-            context.as_deref(),
-            resource,
-            namespace.clone(),
-            name,
-            LeaseConfig::default(),
-        )
-        .await?;
-        Ok(locker.create_missing(*create_missing))
-    }
-
-    /// The HTTP locker this locator names. Must run inside the Tokio runtime.
-    pub(crate) async fn http_locker(&self) -> Result<HttpLocker, Failure> {
-        let Locator::Http {
-            url,
-            token_file,
-            ca_file,
-        } = self
-        else {
-            return Err(Failure::new(
-                code::USAGE,
-                "this command needs an http:// or https:// locker",
-            ));
-        };
-        let mut config = HttpConfig::default();
-        let token = match token_file {
-            Some(path) => Some(crate::serve::read_token(path)?),
-            None => std::env::var("LOCKGATE_TOKEN")
-                .ok()
-                .filter(|t| !t.trim().is_empty()),
-        };
-        if let Some(token) = token {
-            config = config.token(token.trim());
-        }
-        if let Some(path) = ca_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                Failure::new(
-                    code::USAGE,
-                    format!("cannot read the CA file {}: {e}", path.display()),
-                )
-            })?;
-            config = config
-                .root_certificates_pem(&pem)
-                .map_err(|e| Failure::new(code::USAGE, format!("{}: {e}", path.display())))?;
-        }
-        HttpLocker::connect(url, config).await.map_err(|e| match e {
-            lockgate::Error::InvalidConfig(_) => Failure::new(code::USAGE, error_chain(&e)),
-            e => e.into(),
-        })
-    }
-
-    /// The locker this locator names. Must run inside the Tokio runtime.
-    pub(crate) async fn locker(&self) -> Result<Locker, Failure> {
-        match self {
-            Locator::File { .. } => Ok(Locker::new(self.file_locker()?)),
-            Locator::Kubernetes { .. } => Ok(Locker::new(self.kubernetes_locker().await?)),
-            Locator::Http { .. } => Ok(Locker::new(self.http_locker().await?)),
         }
     }
 }
 
-/// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME`; an empty NAMESPACE is cluster-scoped.
+/// Which lockers a flag applies to, for the message that refuses it.
+fn applies_to(flag: &str) -> &'static str {
+    match flag {
+        "--legacy-names" => "it applies to file lockers (--dir, file:DIR)",
+        "--create-missing" | "--kubeconfig" | "--context" | "--namespace" => {
+            "it applies to Kubernetes lockers (--locker kubernetes://...)"
+        }
+        _ => "it applies to lock servers (--locker http(s)://...) and serve",
+    }
+}
+
+/// `url` without the password of its user part.
+fn lockgate_url_without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://{host}{path}"),
+        None => url.to_owned(),
+    }
+}
+
+/// `kubernetes://[CONTEXT@][NAMESPACE/]RESOURCE/NAME`: three parts name the namespace (an empty
+/// one: cluster-scoped), two leave it to `--namespace` or the client's default.
 fn parse_kubernetes(url: &str, rest: &str) -> Result<Locator, Failure> {
     let bad = |why: &str| {
         Failure::new(
             code::USAGE,
             format!(
-                "locker {url:?} {why}; expected kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"
+                "locker {} {why}; expected kubernetes://[CONTEXT@][NAMESPACE/]RESOURCE/NAME",
+                crate::errors::shorten(url)
             ),
         )
     };
@@ -246,54 +312,28 @@ fn parse_kubernetes(url: &str, rest: &str) -> Result<Locator, Failure> {
         None => (None, rest),
     };
     let parts: Vec<&str> = path.split('/').collect();
-    let [namespace, resource, name] = parts.as_slice() else {
-        return Err(bad("does not have three parts"));
+    let (namespace, default_namespace, resource, name) = match parts.as_slice() {
+        [namespace, resource, name] => (
+            (!namespace.is_empty()).then(|| namespace.to_string()),
+            false,
+            resource,
+            name,
+        ),
+        [resource, name] => (None, true, resource, name),
+        _ => return Err(bad("does not have two or three parts")),
     };
     if resource.is_empty() || name.is_empty() {
         return Err(bad("names no resource or no object"));
     }
     Ok(Locator::Kubernetes {
         context,
-        namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
+        namespace,
+        default_namespace,
         resource: resource.to_string(),
         name: name.to_string(),
         create_missing: false,
+        kubeconfig: None,
     })
-}
-
-/// `$XDG_RUNTIME_DIR/lockgate`, else `/tmp/lockgate-UID`: private to the user, created 0700. An
-/// existing default directory must belong to the user (in a shared /tmp, another user could
-/// have created it first).
-fn default_dir() -> Result<PathBuf, Failure> {
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-        Some(run) => PathBuf::from(run).join("lockgate"),
-        None => std::env::temp_dir().join(format!("lockgate-{uid}")),
-    };
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(source) => return Err(lockgate::Error::LockDir { path: dir, source }.into()),
-    }
-    let meta = std::fs::symlink_metadata(&dir).map_err(|source| {
-        Failure::from(lockgate::Error::LockDir {
-            path: dir.clone(),
-            source,
-        })
-    })?;
-    if !meta.is_dir() {
-        return Err(lockgate::Error::NotADirectory { path: dir }.into());
-    }
-    if meta.uid() != uid {
-        return Err(lockgate::Error::ForeignLockDir {
-            path: dir,
-            owner: meta.uid(),
-            uid,
-        }
-        .into());
-    }
-    Ok(dir)
 }
 
 #[cfg(test)]
@@ -322,9 +362,31 @@ mod tests {
         let k = |c: Option<&str>, ns: Option<&str>, r: &str, n: &str| Locator::Kubernetes {
             context: c.map(Into::into),
             namespace: ns.map(Into::into),
+            default_namespace: false,
             resource: r.into(),
             name: n.into(),
             create_missing: false,
+            kubeconfig: None,
+        };
+        let default_ns = |c: Option<&str>, r: &str, n: &str| match k(c, None, r, n) {
+            Locator::Kubernetes {
+                context,
+                namespace,
+                resource,
+                name,
+                create_missing,
+                kubeconfig,
+                ..
+            } => Locator::Kubernetes {
+                context,
+                namespace,
+                default_namespace: true,
+                resource,
+                name,
+                create_missing,
+                kubeconfig,
+            },
+            other => other,
         };
         let cases = [
             (
@@ -338,6 +400,11 @@ mod tests {
             (
                 "kubernetes:///widgets.v1alpha1.example.com/w",
                 k(None, None, "widgets.v1alpha1.example.com", "w"),
+            ),
+            ("kubernetes://cm/locks", default_ns(None, "cm", "locks")),
+            (
+                "kubernetes://kind@configmaps.v1./locks",
+                default_ns(Some("kind"), "configmaps.v1.", "locks"),
             ),
         ];
         for (url, want) in cases {
@@ -370,7 +437,9 @@ mod tests {
             "file:",
             "nonsense",
             "ftp://x",
-            "kubernetes://ns/configmaps",
+            "kubernetes://configmaps",
+            "kubernetes://configmaps/",
+            "kubernetes:///cm",
             "kubernetes://ns//cm",
             "kubernetes://@ns/configmaps/cm",
             "kubernetes:ns/configmaps/cm",
@@ -384,6 +453,17 @@ mod tests {
                 code::USAGE,
                 "{url}"
             );
+        }
+    }
+
+    #[test]
+    fn credentials_are_not_shown() {
+        for (url, shown) in [
+            ("http://lockgate:s3cret@h:1/p", "http://h:1/p"),
+            ("https://h:1", "https://h:1"),
+            ("http://u@h", "http://h"),
+        ] {
+            assert_eq!(lockgate_url_without_credentials(url), shown);
         }
     }
 }

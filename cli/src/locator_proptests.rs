@@ -6,7 +6,7 @@ use crate::errors::code;
 use crate::locator::Locator;
 use lockgate::file::Naming;
 
-/// A URL part without the separators of `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME`.
+/// A URL part without the separators of `kubernetes://[CONTEXT@][NAMESPACE/]RESOURCE/NAME`.
 fn part() -> impl Strategy<Value = String> {
     "[^/@]{1,20}"
 }
@@ -21,7 +21,8 @@ proptest! {
     }
 
     /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME` gives its parts back, an empty
-    /// namespace meaning cluster-scoped.
+    /// namespace meaning cluster-scoped (two parts leave the namespace to the client: tested
+    /// in `locator.rs`).
     #[test]
     fn kubernetes_urls_give_their_parts_back(
         context in prop::option::of(part()),
@@ -38,9 +39,11 @@ proptest! {
         prop_assert_eq!(parsed, Locator::Kubernetes {
             context,
             namespace,
+            default_namespace: false,
             resource,
             name,
             create_missing: false,
+            kubeconfig: None,
         });
     }
 

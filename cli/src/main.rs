@@ -1,21 +1,27 @@
 //! `lockgate`: run a command while holding a lock, show locks, collect stale lock files.
 //!
-//! See `lockgate --help` and the README for the exit-code table. One file per job: the command
-//! line (`args`), where the locks live (`locator`), `exec` and the command's process group
-//! (`job`, `watchdog`), `status` and `gc` output (`status`), the HTTP lock server (`serve`), and
+//! See `lockgate --help`, `lockgate man` and the README for the exit-code table. One file per
+//! job: the command line (`args`), where the locks live (`locator`), taking the lock (`take`),
+//! `exec` and the command's process group (`job`, `watchdog`, `signals`), `hold`, `status` and
+//! `gc` output (`status`, `json`), the HTTP lock server (`serve`), the manual (`manual`), and
 //! lockgate's own failures (`errors`).
 
 mod args;
 mod errors;
 mod exec;
+mod hold;
+mod holders;
 mod job;
 mod json;
 mod locator;
 #[cfg(test)]
 mod locator_proptests;
+mod lockers;
 mod manual;
 mod serve;
+mod signals;
 mod status;
+mod take;
 mod watchdog;
 
 use std::io::IsTerminal;
@@ -23,7 +29,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use args::{Cli, Command};
+use args::{Cli, Command, LocatorArgs};
 use errors::{code, Failure};
 use locator::Locator;
 
@@ -50,7 +56,7 @@ fn main() -> ExitCode {
         // A closed pipe (`lockgate status | head`) is the reader's choice, not a failure.
         Err(f) if f.broken_pipe => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("lockgate: {}", f.message);
+            eprintln!("lockgate: {}", f.line());
             ExitCode::from(f.code)
         }
     }
@@ -94,24 +100,89 @@ fn report_panic(info: &std::panic::PanicHookInfo<'_>) {
 }
 
 fn run(cli: Cli) -> Result<u8, Failure> {
+    let verbose = cli.verbose > 0;
+    VERBOSE.store(verbose, std::sync::atomic::Ordering::Relaxed);
     // Commands that need no locker: nothing to resolve (the default directory is not created).
     let command = match cli.command {
-        Command::Serve(args) => return serve::run(args, cli.locator.token_file.as_deref()),
+        Command::Serve(args) => {
+            only_flags(&cli.locator, "serve", &["--token-file"])?;
+            return serve::run(args, cli.locator.token_file.as_deref());
+        }
         Command::Completions { shell } => return manual::completions(shell),
         Command::Man {
             subcommand,
             out_dir,
         } => return manual::man(subcommand.as_deref(), out_dir.as_deref()),
+        // `--file PATH`: the path is the lock; no locker.
+        Command::Exec(args) if args.lock.file => {
+            only_flags(&cli.locator, "--file", &[])?;
+            say_where(verbose, || path_of(&args.name));
+            return exec::run(None, args);
+        }
+        Command::Hold(args) if args.lock.file => {
+            only_flags(&cli.locator, "--file", &[])?;
+            say_where(verbose, || path_of(&args.name));
+            return hold::run(None, args);
+        }
         command => command,
     };
     let locator = Locator::resolve(&cli.locator)?;
+    // A Kubernetes locker says which object once it has resolved it.
+    if !matches!(locator, Locator::Kubernetes { .. }) {
+        say_where(verbose, || locator.describe());
+    }
     match command {
-        Command::Exec(args) => exec::run(&locator, args),
+        Command::Exec(args) => exec::run(Some(&locator), args),
+        Command::Hold(args) => hold::run(Some(&locator), args),
         Command::Status { json } => status::status(&locator, json),
         Command::Gc { older_than, json } => status::gc(&locator, older_than, json),
         Command::Serve(_) | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled above")
         }
+    }
+}
+
+/// `-v`: where the locks are, first (`lockgate: locks in /run/lock/lockgate-1000`).
+pub(crate) fn say_where(verbose: bool, place: impl FnOnce() -> String) {
+    if verbose {
+        eprintln!("lockgate: locks in {}", place());
+    }
+}
+
+/// `-v` was given.
+pub(crate) fn verbose() -> bool {
+    VERBOSE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn path_of(path: &str) -> String {
+    format!("the file {path} itself (as flock(1))")
+}
+
+/// Refuses the locker flags other than `allowed` for a command they do not apply to (`serve`,
+/// `--file`): a flag that does nothing is a mistake worth a word.
+fn only_flags(args: &LocatorArgs, what: &str, allowed: &[&str]) -> Result<(), Failure> {
+    let given = [
+        ("--locker", args.locker.is_some()),
+        ("--dir", args.dir.is_some()),
+        ("--legacy-names", args.legacy_names),
+        ("--create-missing", args.create_missing),
+        ("--kubeconfig", args.kubeconfig.is_some()),
+        ("--context", args.context.is_some()),
+        ("--namespace", args.namespace.is_some()),
+        ("--token-file", args.token_file.is_some()),
+        ("--ca-file", args.ca_file.is_some()),
+    ];
+    match given
+        .iter()
+        .find(|(flag, on)| *on && !allowed.contains(flag))
+    {
+        Some((flag, _)) => Err(Failure::new(
+            errors::code::USAGE,
+            format!("{flag} does not apply with {what}"),
+        )),
+        None => Ok(()),
     }
 }
 

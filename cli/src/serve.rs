@@ -40,9 +40,9 @@ fn lease_config(ttl: Duration) -> Result<LeaseConfig, Failure> {
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
-    /// Address to listen on; port 0 picks a free port. The first line on stdout is
-    /// `serving on ADDR` with the address bound.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780")]
+    /// Address to listen on; port 0 picks a free port, `:PORT` (Go's form) is every IPv4
+    /// address. The first line on stdout is `serving on ADDR` with the address bound.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7780", value_parser = listen_addr)]
     listen: String,
     /// Where leases live: `memory` (in this process; they end with it), or
     /// `kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME` (the annotation records of that object,
@@ -58,15 +58,15 @@ pub(crate) struct ServeArgs {
     tls_key: Option<PathBuf>,
     /// Lease time-to-live: a lease not renewed for this long is dropped. Go clients renew every
     /// 3 s and poll every 2 s.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::args::parse_duration)]
     ttl: Duration,
     /// Grant nothing for this long after start, so that holders of a previous instance's
     /// leases learn they lost them first [default: the TTL; 0 when no earlier instance served
     /// the same clients].
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::args::parse_duration)]
     grace: Option<Duration>,
     /// The longest long poll a client may ask for.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::args::parse_duration)]
     max_wait: Duration,
     /// Cap on held leases.
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
@@ -87,6 +87,15 @@ pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Fail
         "memory" => None,
         s if s.starts_with("kubernetes://") => {
             match Locator::parse(s, lockgate::file::Naming::Sha256)? {
+                Locator::Kubernetes {
+                    default_namespace: true,
+                    ..
+                } => {
+                    return Err(Failure::new(
+                        code::USAGE,
+                        format!("--store {s:?} does not have three parts: the store names its namespace, kubernetes://[CONTEXT@]NAMESPACE/RESOURCE/NAME"),
+                    ))
+                }
                 Locator::Kubernetes {
                     context,
                     namespace,
@@ -188,6 +197,15 @@ pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Fail
             .await;
         Ok(0)
     })
+}
+
+/// `--listen`: `HOST:PORT`, or Go's `:PORT` for every IPv4 address.
+fn listen_addr(s: &str) -> Result<String, String> {
+    match s.strip_prefix(':') {
+        Some(port) if port.parse::<u16>().is_ok() => Ok(format!("0.0.0.0:{port}")),
+        Some(_) => Err(format!("{s:?} is not :PORT")),
+        None => Ok(s.to_owned()),
+    }
 }
 
 pub(crate) fn read_token(path: &Path) -> Result<String, Failure> {

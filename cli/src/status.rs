@@ -14,8 +14,13 @@ pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
         Locator::Http { .. } => return http_status(locator, json),
         Locator::File { .. } => {}
     }
-    let locker = locator.file_locker()?;
-    let locks = locker.status()?;
+    let locker = locator.file_locker(false)?;
+    let mut locks = locker.status()?;
+    for lock in &mut locks {
+        for h in &mut lock.holders {
+            crate::holders::explain(h, Some(&lock.path));
+        }
+    }
     let mut out = std::io::stdout().lock();
     if json {
         let doc = json::FileStatus {
@@ -26,7 +31,9 @@ pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
         };
         write_json(&mut out, &doc)?;
     } else {
-        file_table(&mut out, &locks).map_err(Failure::output)?;
+        writeln!(out, "locks in {}", locker.dir().display())
+            .and_then(|()| file_table(&mut out, &locks))
+            .map_err(Failure::output)?;
     }
     out.flush().map_err(Failure::output)?;
     Ok(0)
@@ -35,7 +42,7 @@ pub(crate) fn status(locator: &Locator, json: bool) -> Result<u8, Failure> {
 /// Deletes unused lock files older than `older_than` and prints what it did. Exits 69 when some
 /// files could not be examined or deleted.
 pub(crate) fn gc(locator: &Locator, older_than: Duration, json: bool) -> Result<u8, Failure> {
-    let locker = locator.file_locker()?;
+    let locker = locator.file_locker(false)?;
     let report = locker.gc(older_than)?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -136,6 +143,7 @@ fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
         out.flush().map_err(Failure::output)?;
         return Ok(0);
     }
+    writeln!(out, "locks in {object}").map_err(Failure::output)?;
     let rows: Vec<Row<'_>> = records
         .iter()
         .map(|r| match (&r.error, r.mode) {
@@ -163,21 +171,21 @@ fn kubernetes_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// `GET /status` of a lock server: passed through with `--json`, else a table.
+/// `GET /status` of a lock server, as a table or as the schema-1 JSON document.
 fn http_status(locator: &Locator, json: bool) -> Result<u8, Failure> {
     let rt = crate::runtime()?;
+    let (server, status) = rt.block_on(async {
+        let locker = locator.http_locker(None).await?;
+        Ok::<_, Failure>((locker.server().to_owned(), locker.status().await?))
+    })?;
     let mut out = std::io::stdout().lock();
     if json {
-        let text = rt.block_on(async {
-            Ok::<_, Failure>(locator.http_locker().await?.status_json().await?)
-        })?;
-        writeln!(out, "{}", text.trim_end()).map_err(Failure::output)?;
-        out.flush().map_err(Failure::output)?;
-        return Ok(0);
+        write_json(&mut out, &json::HttpStatus::new(&server, &status))?;
+    } else {
+        writeln!(out, "locks on the lock server {server}")
+            .and_then(|()| http_table(&mut out, &status))
+            .map_err(Failure::output)?;
     }
-    let status =
-        rt.block_on(async { Ok::<_, Failure>(locator.http_locker().await?.status().await?) })?;
-    http_table(&mut out, &status).map_err(Failure::output)?;
     out.flush().map_err(Failure::output)?;
     Ok(0)
 }

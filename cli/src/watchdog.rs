@@ -1,11 +1,13 @@
 //! The watchdog: a small process that ends the command's process group if `lockgate` dies while
-//! it holds a leased lock.
+//! the command runs.
 //!
 //! # Why a process of its own
 //!
-//! A leased lock (Kubernetes) is only held while `lockgate` renews it. If `lockgate` is killed
-//! (SIGKILL, the OOM killer), nothing renews the lease and another host may take the lock after
-//! its TTL, so the command must stop. `PR_SET_PDEATHSIG` only reaches the command's own process,
+//! A leased lock (Kubernetes, a lock server) is only held while `lockgate` renews it. If
+//! `lockgate` is killed (SIGKILL, the OOM killer), nothing renews the lease and another host may
+//! take the lock after its TTL, so the command must stop. A file lock stays with the command,
+//! but a CI runner that cancels a job kills the job's process group, and the command, in a group
+//! of its own, would run on, holding the lock: it must stop too (unless `--keep-running`). `PR_SET_PDEATHSIG` only reaches the command's own process,
 //! not the processes it started, and nothing in `lockgate` runs after a SIGKILL. So before the
 //! command starts, `lockgate` forks this watchdog. It holds the read end of a pipe whose write end
 //! only `lockgate` has (and the command, until its `exec`); when `lockgate` dies the kernel closes
@@ -105,15 +107,13 @@ pub(crate) fn announce(fd: RawFd) -> io::Result<()> {
 unsafe fn watch(rx: RawFd, tx: RawFd) -> ! {
     unsafe {
         libc::setpgid(0, 0);
-        // Default dispositions and an empty mask: lockgate's handlers are not ours.
-        for sig in [
-            libc::SIGINT,
-            libc::SIGTERM,
-            libc::SIGHUP,
-            libc::SIGQUIT,
-            libc::SIGCHLD,
-            libc::SIGPIPE,
-        ] {
+        // lockgate's handlers are not ours. A hangup or an interrupt is for lockgate and its
+        // command to act on (they reach the watchdog only if sent to it by pid): the watchdog
+        // must last as long as lockgate. SIGTERM still ends it.
+        for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        for sig in [libc::SIGTERM, libc::SIGCHLD, libc::SIGPIPE] {
             libc::signal(sig, libc::SIG_DFL);
         }
         let mut none: libc::sigset_t = std::mem::zeroed();

@@ -387,13 +387,15 @@ fn the_command_leads_its_own_process_group() {
     assert!(holder.finish().success());
 }
 
+/// With `--keep-running`, flock(1)'s rule: the command co-owns the lock, and keeps it when
+/// lockgate is killed (without it the command is ended: `signals.rs`).
 #[test]
 fn a_killed_lockgate_leaves_the_lock_with_the_command() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("marker");
     let mut holder = hold(
         dir.path(),
-        &[],
+        &["--keep-running"],
         "inherit",
         &format!("echo shell $$; read _ || true; touch {}", marker.display()),
     );
@@ -658,41 +660,56 @@ fn status_lists_every_lock_on_a_busy_host() {
     }
 }
 
+/// The default directory, whatever the environment says (`status` creates it, `-v` names it).
+fn default_dir() -> PathBuf {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let base = if Path::new("/run/lock").is_dir() {
+        "/run/lock"
+    } else {
+        "/tmp"
+    };
+    PathBuf::from(format!("{base}/lockgate-{uid}"))
+}
+
 #[test]
 fn the_default_directory_is_private_to_the_user() {
-    let runtime = tempfile::tempdir().unwrap();
-    let out = run(bin()
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .args(["exec", "d", "true"]));
-    assert!(out.status.success());
+    let out = run(bin().args(["exec", "d", "true"]));
+    assert!(out.status.success(), "{}", stderr(&out));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(runtime.path().join("lockgate"))
+    let mode = std::fs::metadata(default_dir())
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 }
 
-/// A default directory that another user owns (another user could have created it first in a
-/// shared /tmp) is refused. Needs root to create it for another uid.
+/// A default directory that another user owns (another user could have created it first in the
+/// shared /run/lock or /tmp) is refused. Needs root, to run lockgate as a user whose directory
+/// another uid made.
 #[test]
 fn a_default_directory_owned_by_another_user_is_refused() {
+    use std::os::unix::process::CommandExt;
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: needs root to give a directory to another user");
         return;
     }
-    let runtime = tempfile::tempdir().unwrap();
-    let dir = runtime.path().join("lockgate");
+    let (uid, intruder) = (54_321, 54_322);
+    let dir = default_dir().with_file_name(format!("lockgate-{uid}"));
+    let _ = std::fs::remove_dir(&dir);
     std::fs::create_dir(&dir).unwrap();
-    std::os::unix::fs::chown(&dir, Some(54321), Some(54321)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(intruder), Some(intruder)).unwrap();
     let out = run(bin()
-        .env("XDG_RUNTIME_DIR", runtime.path())
+        .uid(uid)
+        .gid(uid)
+        .current_dir("/")
         .args(["exec", "d", "--", "echo", "ran"]));
+    std::fs::remove_dir(&dir).unwrap();
     assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
     assert!(out.stdout.is_empty(), "the command ran");
     let err = stderr(&out);
-    assert!(err.contains("belongs to uid 54321"), "{err}");
+    assert!(err.contains(&format!("belongs to uid {intruder}")), "{err}");
 }
 
 /// lockgate's own failures that are not about the lock exit 70: here, output that cannot be
@@ -892,6 +909,34 @@ COMP_WORDS=(lockgate exec --non); COMP_CWORD=2; _lockgate lockgate --non exec; e
         "{exec}"
     );
     assert!(exec.contains("\\-\\-nonblock") && exec.contains("\\-\\-conflict\\-exit\\-code"));
+    // What --help has no room for: exit status, environment, signals, files, examples.
+    for section in ["EXIT STATUS", "ENVIRONMENT", "SIGNALS", "FILES", "EXAMPLES"] {
+        assert!(main.contains(&format!(".SH \"{section}\"")), "{section}");
+    }
+    for code in ["128+N", "64", "69", "70", "73", "75", "126", "127"] {
+        assert!(
+            main.contains(&format!("\\fB{code}\\fR")),
+            "exit code {code}"
+        );
+    }
+    for var in [
+        "LOCKGATE_LOCKER",
+        "LOCKGATE_DIR",
+        "LOCKGATE_PATIENCE",
+        "LOCKGATE_TOKEN",
+        "LOCKGATE_CA_FILE",
+        "KUBECONFIG",
+        "LOCKGATE_FENCING_TOKEN",
+    ] {
+        assert!(main.contains(var), "{var}");
+    }
+    assert!(main.contains("/run/lock/lockgate\\-UID"));
+    assert!(exec.contains(".SH \"SIGNALS\"") && exec.contains("\\-\\-keep\\-running"));
+    let hold = page(&["hold"]);
+    assert!(
+        hold.contains(".SH \"EXIT STATUS\"") && hold.contains("etcdctl"),
+        "{hold}"
+    );
     let out = run(bin().args(["man", "frobnicate"]));
     assert_eq!(out.status.code(), Some(64));
     assert!(
@@ -907,12 +952,15 @@ COMP_WORDS=(lockgate exec --non); COMP_CWORD=2; _lockgate lockgate --non exec; e
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     pages.sort();
+    let written = std::fs::read_to_string(dir.path().join("lockgate-exec.1")).unwrap();
+    assert!(written.contains(".SH \"EXIT STATUS\""), "{written}");
     assert_eq!(
         pages,
         [
             "lockgate-completions.1",
             "lockgate-exec.1",
             "lockgate-gc.1",
+            "lockgate-hold.1",
             "lockgate-man.1",
             "lockgate-serve.1",
             "lockgate-status.1",

@@ -5,6 +5,7 @@
 //! hash werf uses for its host locks), locked with `flock(LOCK_SH)` or `flock(LOCK_EX)`. A Go
 //! process and a Rust process locking the same name in the same directory exclude each other.
 
+mod path;
 mod status;
 mod wait;
 
@@ -24,6 +25,7 @@ use crate::error::{AcquireError, Error};
 use crate::name::LockName;
 use crate::options::{AcquireOptions, Mode};
 
+pub use path::PathLocker;
 pub use status::{GcReport, LockState, LockStatus};
 use wait::Waiter;
 

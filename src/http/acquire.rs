@@ -67,6 +67,8 @@ async fn run(
     let (name, opts) = (attempt.name, attempt.opts);
     let mut asked = false;
     let mut outages = 0u32;
+    // When the current outage began (its first failed request), for the patience.
+    let mut outage_began: Option<Instant> = None;
     loop {
         // The first request asks without waiting: a free lock is one request, and the on-wait
         // hook runs before the acquisition waits.
@@ -104,6 +106,7 @@ async fn run(
         match call(remote, session, request, timeout).await {
             Ok(resp) => {
                 outages = 0;
+                outage_began = None;
                 remote.learn(session, resp.ttl_ms);
                 match resp.error_code() {
                     None => {
@@ -137,6 +140,20 @@ async fn run(
                     .retry_after()
                     .unwrap_or(Duration::from_millis(100 << outages.min(4)));
                 let e = e.into_error(remote.transport.base());
+                let began = *outage_began.get_or_insert_with(Instant::now);
+                if outages == 0 {
+                    if let Some(hook) = &remote.config.on_unreachable {
+                        hook(&e);
+                    }
+                }
+                // The last try comes when the patience ends: no sooner give-up.
+                let pause = match remote.config.patience {
+                    Some(patience) => match patience.checked_sub(began.elapsed()) {
+                        Some(left) if !left.is_zero() => pause.min(left),
+                        _ => return Err(gave_up(remote, patience, e).into()),
+                    },
+                    None => pause,
+                };
                 if !attempt.fits(pause) {
                     return Err(e.into());
                 }
@@ -166,6 +183,19 @@ async fn run(
             let at = attempt.deadline().map_or(next, |d| d.min(next));
             tokio::time::sleep_until(at.into()).await;
         }
+    }
+}
+
+/// The error of an acquisition that stopped retrying an unreachable server after `patience`:
+/// the last failure, and how long the outage lasted.
+fn gave_up(remote: &Remote, patience: Duration, last: Error) -> Error {
+    let cause = match &last {
+        Error::ServerUnreachable { source, .. } => crate::error::chain(source.as_ref()),
+        other => crate::error::chain(other),
+    };
+    Error::ServerUnreachable {
+        server: remote.transport.base().to_owned(),
+        source: format!("gave up after {patience:?} of failures, the last: {cause}").into(),
     }
 }
 

@@ -11,6 +11,8 @@ mod client;
 #[cfg(feature = "http")]
 mod config;
 #[cfg(feature = "http")]
+mod connect;
+#[cfg(feature = "http")]
 mod lease;
 pub mod protocol;
 #[cfg(feature = "http")]

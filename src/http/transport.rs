@@ -1,7 +1,6 @@
 //! One lock server, as the client talks to it: JSON over HTTP/1.1 (TLS with rustls for
 //! `https://`), a bearer token, a timeout on every request, and every answer classified.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::connect::{permanent, tls_config, Resolver};
 use super::protocol::{ErrorCode, ErrorResponse};
 use super::url::Endpoint;
 use crate::error::Error;
@@ -48,10 +48,13 @@ pub(crate) enum CallError {
 }
 
 impl CallError {
-    /// True for failures that pass: the server unreachable, slow, overloaded or restarting.
+    /// True for failures that pass: the server unreachable, slow, overloaded or restarting. Not
+    /// an unknown host name, an untrusted certificate, or a server of the other scheme: no
+    /// retry mends those.
     pub fn transient(&self) -> bool {
         match self {
-            CallError::Unreachable { .. } | CallError::TimedOut(_) => true,
+            CallError::Unreachable { source, .. } => permanent(source.as_ref()).is_none(),
+            CallError::TimedOut(_) => true,
             CallError::Unauthorized => false,
             CallError::Refused { status, .. } => matches!(status, 408 | 429 | 500..=599),
         }
@@ -97,7 +100,10 @@ impl CallError {
     pub fn into_error(self, server: &str) -> Error {
         let server = server.to_owned();
         match self {
-            CallError::Unreachable { source, .. } => Error::ServerUnreachable { server, source },
+            CallError::Unreachable { source, .. } => match permanent(source.as_ref()) {
+                Some(p) => p.into_error(server),
+                None => Error::ServerUnreachable { server, source },
+            },
             CallError::TimedOut(after) => Error::ServerUnreachable {
                 server,
                 source: format!("no answer within {after:?}").into(),
@@ -120,7 +126,7 @@ impl CallError {
 
 /// The connection to one lock server.
 pub(crate) struct Transport {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>,
     /// `scheme://authority[/prefix]`, without credentials and without a trailing `/`.
     base: String,
     authorization: Option<HeaderValue>,
@@ -154,7 +160,7 @@ impl Transport {
                 Ok::<_, Error>(v)
             })
             .transpose()?;
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(Resolver);
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
@@ -316,32 +322,4 @@ fn excerpt(bytes: &[u8]) -> String {
         Some((i, _)) => format!("{}…", &text[..i]),
         None => text.to_owned(),
     }
-}
-
-/// rustls with the system's roots (for `https://` only) and `extra`.
-fn tls_config(
-    https: bool,
-    extra: &[CertificateDer<'static>],
-) -> Result<rustls::ClientConfig, Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    if https {
-        let native = rustls_native_certs::load_native_certs();
-        for e in &native.errors {
-            tracing::debug!(error = %e, "cannot load a system root certificate");
-        }
-        let (added, ignored) = roots.add_parsable_certificates(native.certs);
-        tracing::trace!(added, ignored, "system root certificates");
-    }
-    for cert in extra {
-        roots
-            .add(cert.clone())
-            .map_err(|e| Error::InvalidConfig(format!("unusable root certificate: {e}")))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::InvalidConfig(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(config)
 }

@@ -39,7 +39,7 @@ use crate::name::LockName;
 use crate::options::AcquireOptions;
 use crate::session::{Bridge, Session, Timing};
 
-pub use client::{client, client_from_config, Target};
+pub use client::{client, client_from_config, client_with, Target};
 pub use config::LeaseConfig;
 pub use record::{annotation_key, KEY_PREFIX};
 pub use status::RecordStatus;

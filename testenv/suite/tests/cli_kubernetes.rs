@@ -46,12 +46,14 @@ impl Drop for KillPid {
     }
 }
 
-/// Runs `lockgate --locker LOCKER exec NAME -- sh -c 'echo $$; exec sleep 600'`; returns
+/// Runs `lockgate --locker LOCKER exec ARGS NAME -- sh -c 'echo $$; exec sleep 600'`; returns
 /// lockgate and the command's pid once the command runs.
-fn exec_sleeper(locker: &str, name: &str) -> (Proc, i32) {
+fn exec_sleeper(locker: &str, args: &[&str], name: &str) -> (Proc, i32) {
     let mut lockgate = Proc::spawn(
         Command::new(rust_cli())
-            .args(["--locker", locker, "exec", "-q", name, "--"])
+            .args(["--locker", locker, "exec", "-q"])
+            .args(args)
+            .args([name, "--"])
             .args(["sh", "-c", "echo pid $$; exec sleep 600"])
             .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
             .stdin(Stdio::null())
@@ -63,8 +65,8 @@ fn exec_sleeper(locker: &str, name: &str) -> (Proc, i32) {
 }
 
 /// With a Kubernetes lock nothing renews the lease once `lockgate` is gone, so the command dies
-/// with it, even when `lockgate` is SIGKILLed. With a file lock (the contrast: flock(1)'s
-/// semantics, the command co-owns the lock) the same command lives on.
+/// with it, even when `lockgate` is SIGKILLed. So it does with a file lock, unless
+/// `--keep-running` asks for flock(1)'s rule (the command co-owns the lock): the contrast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_dies_with_lockgate_on_a_kubernetes_lock() {
     time_limit(Duration::from_secs(120));
@@ -73,8 +75,12 @@ async fn the_command_dies_with_lockgate_on_a_kubernetes_lock() {
     let file = format!("file:{}", dir.path().display());
     let u = url(&cm);
     tokio::task::spawn_blocking(move || {
-        for (locker, dies) in [(u.as_str(), true), (file.as_str(), false)] {
-            let (mut lockgate, pid) = exec_sleeper(locker, "pdeathsig");
+        for (locker, args, dies) in [
+            (u.as_str(), &[][..], true),
+            (file.as_str(), &[], true),
+            (file.as_str(), &["--keep-running"], false),
+        ] {
+            let (mut lockgate, pid) = exec_sleeper(locker, args, "pdeathsig");
             let _command = KillPid(pid);
             assert!(alive(pid));
             lockgate.kill().unwrap(); // SIGKILL: lockgate gets no chance to act
@@ -305,8 +311,11 @@ async fn status_shows_the_records_of_a_kubernetes_locker() {
         .expect("the corrupt record is listed");
     assert!(broken["error"].as_str().is_some_and(|e| !e.is_empty()));
 
-    // The table: a header, then one line per record with the same facts, and a line per holder.
-    let header = table.lines().next().unwrap();
+    // The table: where the locks are, a header, then one line per record with the same facts,
+    // and a line per holder.
+    let place = table.lines().next().unwrap();
+    assert!(place.starts_with("locks in configmaps default/"), "{place}");
+    let header = table.lines().nth(1).unwrap();
     for column in ["STATE", "WAITING", "NAME"] {
         assert!(header.contains(column), "{header}");
     }

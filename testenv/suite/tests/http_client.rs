@@ -448,7 +448,10 @@ fn https_with_a_private_ca_and_status_as_a_table_and_json() {
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(table.starts_with("MODE "), "{table}");
+    assert!(
+        table.starts_with(&format!("locks on the lock server {u}\nMODE ")),
+        "{table}"
+    );
     assert!(
         table
             .lines()
@@ -462,7 +465,9 @@ fn https_with_a_private_ca_and_status_as_a_table_and_json() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["locks"][0]["lockName"], "tls \"quoted\"");
+    assert_eq!(v["schema"], 1);
+    assert_eq!(v["backend"], "http");
+    assert_eq!(v["locks"][0]["name"], "tls \"quoted\"");
     assert_eq!(v["locks"][0]["holders"][0]["mode"], "shared");
     assert_eq!(holder.finish(Duration::from_secs(10)), 0);
     // Go's server has no /status: a clear error, exit 69.

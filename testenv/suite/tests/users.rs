@@ -384,6 +384,44 @@ async fn a_pod_bound_by_the_deploy_rbac_takes_a_lock_with_in_cluster_configurati
     assert_eq!(free, 0, "released");
 }
 
+/// In a pod, `kubernetes://RESOURCE/NAME` is in the pod's own namespace (its service account's
+/// `namespace` file), as kubectl has it; and `cm` is found through discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_locks_in_its_own_namespace_by_default() {
+    let ns = namespace("podns").await;
+    for file in [
+        "rbac/serviceaccount.yaml",
+        "rbac/role.yaml",
+        "rbac/rolebinding.yaml",
+    ] {
+        apply(file, &ns).await;
+    }
+    create_configmap(&ns, "lockgate").await;
+    let pod = Pod::new(&ns, &service_account_token(&ns).await);
+    let mut cmd = pod.command(
+        &rust_cli(),
+        &[
+            "-v",
+            "--locker",
+            "kubernetes://cm/lockgate",
+            "exec",
+            "pod",
+            "true",
+        ],
+    );
+    let (code, _, stderr) = tokio::task::spawn_blocking(move || run(&mut cmd))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("lockgate: locks in configmaps {ns}/lockgate")),
+        "{stderr}"
+    );
+    assert!(annotations(&ns, "lockgate")
+        .await
+        .contains_key(&annotation_key("pod")));
+}
+
 /// deploy/job.yaml is a Job the API server accepts (server-side dry run), and its container's
 /// command, run as the pod would run it (its environment, in-cluster configuration, the service
 /// account of deploy/rbac/), takes the lock and runs the script.
