@@ -130,7 +130,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(1);
         }
-        if done % 20 == 0 {
+        if done.is_multiple_of(20) {
             eprintln!(
                 "{done} schedules, {:.0} s simulated, {:.0} s real",
                 simulated.as_secs_f64(),
