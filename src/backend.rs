@@ -94,6 +94,8 @@ pub struct LostSignal {
     /// The deadline on the boot clock, in nanoseconds; `u64::MAX`: none (released, or a lease
     /// that cannot be lost).
     deadline: Arc<AtomicU64>,
+    /// The time after the deadline before others may take the lease over, in nanoseconds.
+    grace: Arc<AtomicU64>,
 }
 
 /// No deadline.
@@ -103,6 +105,7 @@ const NO_DEADLINE: u64 = u64::MAX;
 pub struct LostNotifier {
     tx: watch::Sender<Option<LostReason>>,
     deadline: Arc<AtomicU64>,
+    grace: Arc<AtomicU64>,
     /// The acquisition's on-lost hook and lock name.
     hook: Option<(String, crate::options::OnLost)>,
 }
@@ -120,14 +123,17 @@ impl LostNotifier {
     pub fn new() -> (Self, LostSignal) {
         let (tx, rx) = watch::channel(None);
         let deadline = Arc::new(AtomicU64::new(NO_DEADLINE));
+        let grace = Arc::new(AtomicU64::new(0));
         let signal = LostSignal {
             rx,
             deadline: Arc::clone(&deadline),
+            grace: Arc::clone(&grace),
         };
         (
             Self {
                 tx,
                 deadline,
+                grace,
                 hook: None,
             },
             signal,
@@ -138,7 +144,11 @@ impl LostNotifier {
     /// (boot clock) unless a later deadline is set first. A deadline that has passed is final:
     /// a lease counted lost is never found again.
     #[cfg(any(feature = "kubernetes", feature = "http"))]
-    pub(crate) fn set_deadline(&self, deadline: crate::clock::Boot) {
+    pub(crate) fn set_deadline(&self, deadline: crate::clock::Boot, grace: Duration) {
+        self.grace.store(
+            u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Release,
+        );
         let new = deadline.as_nanos().min(NO_DEADLINE - 1);
         let _ = self
             .deadline
@@ -178,6 +188,7 @@ impl LostNotifier {
         LostSignal {
             rx: self.tx.subscribe(),
             deadline: Arc::clone(&self.deadline),
+            grace: Arc::clone(&self.grace),
         }
     }
 }
@@ -214,7 +225,24 @@ impl LostSignal {
         Self {
             rx,
             deadline: Arc::new(AtomicU64::new(NO_DEADLINE)),
+            grace: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// How long after the lease counts as lost another holder may, at the earliest, take the
+    /// lock over: the time a holder has to stop. Zero when the lease was taken over already (or
+    /// is gone from the store); `None` for a lease that cannot be lost (file locks) or was
+    /// released.
+    ///
+    /// `lockgate exec` gives its command half of it between SIGTERM and SIGKILL.
+    pub fn takeover_grace(&self) -> Option<Duration> {
+        match self.rx.borrow().clone() {
+            Some(LostReason::RenewalFailed) => {}
+            Some(_) => return Some(Duration::ZERO),
+            None if self.deadline.load(Ordering::Acquire) == NO_DEADLINE => return None,
+            None => {}
+        }
+        Some(Duration::from_nanos(self.grace.load(Ordering::Acquire)))
     }
 
     /// The reason, if the lease is lost already: told so by the backend, or its deadline

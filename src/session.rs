@@ -32,6 +32,9 @@ use crate::error::Error;
 pub(crate) struct Timing {
     pub renew_period: Duration,
     pub renew_deadline: Duration,
+    /// How long a lease lives unrenewed in the store: others may take it over that long after
+    /// the last confirmed renewal was sent, at the earliest.
+    pub ttl: Duration,
 }
 
 /// The longest the renewal task sleeps while it holds leases: its timers run on the monotonic
@@ -88,14 +91,16 @@ struct Held<S> {
 }
 
 impl<S> Held<S> {
-    /// Tells every member the lease's deadline.
-    fn publish(&self, renew_deadline: Duration) {
+    /// Tells every member the lease's deadline, and the grace after it before others may take
+    /// the lease over.
+    fn publish(&self, timing: Timing) {
         if clock::planted(clock::Bug::IgnoreDeadline) {
             return;
         }
-        let deadline = self.confirmed + renew_deadline;
+        let deadline = self.confirmed + timing.renew_deadline;
+        let grace = timing.ttl.saturating_sub(timing.renew_deadline);
         for n in self.members.values() {
-            n.set_deadline(deadline);
+            n.set_deadline(deadline, grace);
         }
     }
 }
@@ -187,7 +192,7 @@ impl<R: Renewer> Session<R> {
         *self.timing.lock().unwrap_or_else(PoisonError::into_inner) = timing;
         let mut held = self.held();
         for h in held.values_mut() {
-            h.publish(timing.renew_deadline);
+            h.publish(timing);
         }
         drop(held);
         self.wakeup.notify_one();
@@ -219,7 +224,8 @@ impl<R: Renewer> Session<R> {
         fresh: bool,
         notifier: LostNotifier,
     ) -> Result<u64, JoinError> {
-        let renew_deadline = self.timing().renew_deadline;
+        let timing = self.timing();
+        let renew_deadline = timing.renew_deadline;
         if (sent + renew_deadline).passed() && !clock::planted(clock::Bug::IgnoreDeadline) {
             return Err(JoinError::TooLate);
         }
@@ -239,7 +245,7 @@ impl<R: Renewer> Session<R> {
                     h.generation = generation;
                     h.confirmed = h.confirmed.min(sent);
                     h.members.insert(id, notifier);
-                    h.publish(renew_deadline);
+                    h.publish(timing);
                 }
                 _ => {
                     if let Some(old) = held.remove(key) {
@@ -251,7 +257,7 @@ impl<R: Renewer> Session<R> {
                         confirmed: sent,
                         members: [(id, notifier)].into(),
                     };
-                    h.publish(renew_deadline);
+                    h.publish(timing);
                     held.insert(key.to_owned(), h);
                 }
             }
@@ -410,13 +416,13 @@ impl<R: Renewer> Session<R> {
         for ((key, _, generation), outcome) in batch.into_iter().zip(outcomes) {
             match outcome {
                 Renewal::Renewed(state) => {
-                    let renew_deadline = self.timing().renew_deadline;
+                    let timing = self.timing();
                     let mut held = self.held();
                     if let Some(h) = held.get_mut(&key) {
                         if h.generation == generation {
                             h.state = state;
                             h.confirmed = h.confirmed.max(sent);
-                            h.publish(renew_deadline);
+                            h.publish(timing);
                         } else {
                             // Changed meanwhile (a release, a join): renew the new state.
                             retry = true;

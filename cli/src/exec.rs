@@ -39,11 +39,19 @@ use crate::signals::Signals;
 use crate::take::{take, Outcome};
 use crate::watchdog::Watchdog;
 
-/// How long a command may run on after it was told to stop (a lost lease, lockgate's death, an
-/// interrupted job) before it gets SIGKILL: the safety margin between the moment a holder learns
-/// of a loss and the moment another process may take the lock over (TTL minus renewal deadline
-/// with the default lease).
+/// How long a command may run on after it was told to stop (lockgate's death, an interrupted
+/// job) before it gets SIGKILL. After a lost lease it is shorter when the locker's timing says
+/// so: at most half the time between the loss and the earliest takeover ([`kill_after`]).
 pub(crate) const KILL_AFTER: Duration = Duration::from_secs(2);
+
+/// The time between SIGTERM and SIGKILL after a lost lease: half the lease's grace before
+/// anyone may take the lock over (none when it was taken over already), at most
+/// [`KILL_AFTER`].
+fn kill_after(signal: &lockgate::LostSignal) -> Duration {
+    signal
+        .takeover_grace()
+        .map_or(KILL_AFTER, |grace| (grace / 2).min(KILL_AFTER))
+}
 
 /// The command `exec` runs: COMMAND, or for `-c STRING` `$SHELL -c STRING` (else `/bin/sh`), as
 /// flock(1) runs it.
@@ -182,7 +190,20 @@ async fn supervise(
         }
         tokio::select! {
             _ = signals.child.recv() => {}
-            _ = signals.continued.recv() => job.continued(),
+            _ = signals.continued.recv() => {
+                // Stopped (Ctrl-Z) for longer than the lease could last: the command must not
+                // run on under a lock that may be somebody else's now.
+                if lost.is_none() && lost_signal.reason().is_some() {
+                    eprintln!(
+                        "lockgate: the lease of lock {:?} ran out while the command was stopped; killing it",
+                        guard.name()
+                    );
+                    job.signal(libc::SIGKILL);
+                    lost = lost_signal.reason();
+                } else {
+                    job.continued();
+                }
+            }
             sig = Signals::next_forwarded(&mut signals.forwarded) => {
                 tracing::debug!(signal = sig, "forwarding a signal to the command's group");
                 job.signal(sig);
@@ -195,11 +216,12 @@ async fn supervise(
                 );
                 job.signal(libc::SIGTERM);
                 lost = Some(reason);
-                kill_at = Some(Instant::now() + KILL_AFTER);
+                kill_at = Some(Instant::now() + kill_after(&lost_signal));
             }
             _ = sleep_until(kill_at), if kill_at.is_some() => {
                 eprintln!(
-                    "lockgate: the command did not stop within {KILL_AFTER:?} of losing the lease; killing it"
+                    "lockgate: the command did not stop within {:?} of losing the lease; killing it",
+                    kill_after(&lost_signal)
                 );
                 job.signal(libc::SIGKILL);
                 kill_at = None;

@@ -301,3 +301,32 @@ fn the_readmes_tls_recipes_work_as_written() {
         );
     }
 }
+
+/// A lost lease: the command gets SIGKILL within half the time left between the loss and the
+/// earliest takeover, not a fixed 2 s. With a 2 s TTL the lease counts as lost 1.5 s after its
+/// last confirmed renewal and the server may re-grant it at 2 s: a command that ignores SIGTERM
+/// dies 0.25 s after the loss. (It ran on for 2 s before: past the takeover.)
+#[test]
+fn a_command_that_ignores_sigterm_dies_before_a_takeover_is_possible() {
+    let (server, addr) = serve(&["--ttl", "2s"]);
+    let url = format!("http://{addr}");
+    let mut p = Proc::spawn(
+        bin()
+            .args(["--locker", &url, "exec", "ignores-term", "--", "sh", "-c"])
+            .arg("trap '' TERM; echo started; while :; do sleep 0.05; done")
+            .stdin(Stdio::null()),
+    );
+    p.expect("started");
+    // The server stops answering: renewals go unconfirmed.
+    server.signal(libc::SIGSTOP);
+    p.expect_err("lockgate: the lease of lock");
+    let lost = Instant::now();
+    let status = p.wait_within(Duration::from_secs(20));
+    let took = lost.elapsed();
+    server.signal(libc::SIGCONT);
+    assert_eq!(status.code(), Some(75), "exit 75 after a lost lease");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the command ran {took:?} after the loss (the takeover is possible 0.5 s after it)"
+    );
+}

@@ -117,11 +117,13 @@ pub(crate) fn timing_for(kind: ServerKind, ttl: Duration) -> Timing {
             Timing {
                 renew_period: ttl / 3,
                 renew_deadline: ttl - (ttl / 4).min(Duration::from_secs(2)),
+                ttl,
             }
         }
         ServerKind::Go | ServerKind::Unknown => Timing {
             renew_period: GO_RENEW_PERIOD,
             renew_deadline: GO_RENEW_DEADLINE,
+            ttl: GO_TTL,
         },
     }
 }

@@ -205,6 +205,7 @@ impl KubernetesLocker {
         let timing = Timing {
             renew_period: config.renew_period,
             renew_deadline: config.renew_deadline,
+            ttl: config.ttl,
         };
         let object = Arc::new(Object::new(store, config));
         Ok(Self {

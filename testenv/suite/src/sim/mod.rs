@@ -73,6 +73,10 @@ pub struct Config {
     pub server_faults: bool,
     /// Go lockgate peers (v0.1.1 and v0.2.0), one per host of their own.
     pub go_peers: usize,
+    /// How often a client asks for a shared lock.
+    pub shared: f64,
+    /// The longest a client holds a lock.
+    pub max_hold: Duration,
     /// A planted bug of configuration: the first host's lockers use a 4 s TTL while everyone
     /// else uses `lease`'s.
     pub short_ttl_host: bool,
@@ -99,7 +103,7 @@ impl Config {
                 request_timeout: Duration::from_secs(2),
             },
         };
-        let n = rng.range(1, 4) as usize;
+        let n = *rng.pick(&[1, 1, 2, 3]);
         Self {
             hosts: rng.range(2, 5) as usize,
             clients_per_host: rng.range(1, 4) as usize,
@@ -112,6 +116,8 @@ impl Config {
             server_faults: rng.chance(0.5),
             go_peers: 0,
             short_ttl_host: false,
+            shared: *rng.pick(&[0.2, 0.5, 0.8]),
+            max_hold: Duration::from_millis(rng.range(500, 20_000)),
         }
     }
 }
@@ -265,7 +271,8 @@ fn start_clients(
                 count.fetch_add(1, Ordering::SeqCst);
                 Arc::clone(&count)
             },
-            max_hold: lease.ttl * 2,
+            max_hold: config.max_hold,
+            shared: config.shared,
         })
         .collect();
     let journal = journal.clone();

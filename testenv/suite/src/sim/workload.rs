@@ -27,6 +27,8 @@ pub struct Client {
     pub running: Arc<AtomicUsize>,
     /// How long a hold lasts at most.
     pub max_hold: Duration,
+    /// How often it asks for a shared lock.
+    pub shared: f64,
 }
 
 fn now() -> Duration {
@@ -46,7 +48,7 @@ impl Client {
 
     async fn once(&mut self) {
         let name = self.rng.pick(&self.names).clone();
-        let mode = if self.rng.chance(0.4) {
+        let mode = if self.rng.chance(self.shared) {
             Mode::Shared
         } else {
             Mode::Exclusive
