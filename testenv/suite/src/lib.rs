@@ -233,6 +233,11 @@ fn kill_all_procs() {
 pub struct Proc(Child);
 
 impl Proc {
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
     /// Spawns `cmd`.
     pub fn spawn(cmd: &mut std::process::Command) -> Proc {
         arm_default_time_limit();

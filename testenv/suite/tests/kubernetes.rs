@@ -772,10 +772,14 @@ async fn rust_and_go_exclude_each_other() {
         // A lock a Rust process released with nobody waiting is reserved for a few seconds (for Rust
         // acquirers, under its uuid), then free for Go: see PROTOCOL.md, "Go v0.2 peers".
         eventually_free_for_go(&u, "interop");
-        // Shared holders of both mix in Go's shared record (a new lock: a record Go took over
-        // says what the record before it said).
+        // A Rust shared request does not join a shared record Go wrote (it may be Go v0.2's
+        // take-over for an exclusive request: PROTOCOL.md, "Go v0.2 peers", rule 4)...
         let go = go_hold(&u, &["-s"], "interop-shared");
+        assert_eq!(rust_try(&u, &["-s"], "interop-shared"), 1);
+        release(go);
+        // ... while Go shared requests join Rust's.
         let rust = rust_hold(&u, &["-s"], "interop-shared");
+        let go = go_hold(&u, &["-s"], "interop-shared");
         assert_eq!(go_try(&u, &[], "interop-shared"), 1);
         assert_eq!(rust_try(&u, &[], "interop-shared"), 1);
         release(go);
@@ -786,6 +790,46 @@ async fn rust_and_go_exclude_each_other() {
         );
         release(rust);
         eventually_free_for_go(&u, "interop-shared");
+    })
+    .await
+    .unwrap();
+}
+
+/// Go v0.2 takes an expired shared record over for an exclusive request and keeps
+/// `IsShared: true` (with a new uuid and count 1). A fresh Rust process asking for a shared lock
+/// must not join it: it holds the lock exclusively. (It joined before: exit 0.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_shared_request_does_not_join_a_go_takeover() {
+    time_limit(Duration::from_secs(120));
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || {
+        // A Rust shared holder dies: its record stays, shared, and stops being renewed.
+        let rust = rust_hold(&u, &["-s"], "go-takeover");
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(rust.id() as i32, libc::SIGKILL) };
+        drop(rust);
+        // Go v0.2 waits for it to expire (by its clock) and takes it over, exclusively.
+        let go = go_hold(&u, &["-w", "40"], "go-takeover");
+        let api = tokio::runtime::Runtime::new().unwrap();
+        let rec = api.block_on(async {
+            let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+                kube::Api::namespaced(lockgate_testenv::client(false).await, "default");
+            let cm = cms.get(&cm).await.unwrap();
+            cm.metadata.annotations.unwrap()[&lockgate::kubernetes::annotation_key("go-takeover")]
+                .clone()
+        });
+        assert!(
+            rec.contains(r#""IsShared":true"#) && !rec.contains("Renewals"),
+            "Go's take-over record: {rec}"
+        );
+        assert_eq!(
+            rust_try(&u, &["-s"], "go-takeover"),
+            1,
+            "a fresh shared request joined Go's exclusive holder: {rec}"
+        );
+        release(go);
     })
     .await
     .unwrap();
