@@ -1,21 +1,93 @@
 //! The Kubernetes store: leases in the annotation records of one Kubernetes object, shared by
 //! any number of servers, Kubernetes lockers and Go lockgate processes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::store::{
-    AcquireSpec, Acquired, AcquirerId, Grant, LeaseRef, StatusQuery, Store, StoreError,
+    AcquireSpec, Acquired, AcquirerId, Capacity, Grant, LeaseRef, StatusQuery, Store, StoreError,
     StoreFuture, StoreStats,
 };
 use crate::error::Error;
 use crate::http::protocol::{HolderStatus, LockStatus, StatusResponse, WaiterStatus};
-use crate::kubernetes::serve::{LeaseError, Served};
+use crate::kubernetes::serve::{LeaseError, Served, Usage};
 use crate::kubernetes::LeaseConfig;
 use crate::LockName;
+
+/// What Kubernetes allows an object's annotations, in all.
+const ANNOTATIONS_LIMIT: usize = 256 * 1024;
+/// What a new record and a new queue entry are counted as until the next read of the object.
+const RECORD_BYTES: usize = 400;
+const ENTRY_BYTES: usize = 160;
+
+/// Settings of a [`KubernetesStore`]: the lease timing every participant of the object shares,
+/// and the caps of this server.
+///
+/// ```
+/// use lockgate::kubernetes::LeaseConfig;
+/// use lockgate::server::KubernetesStoreConfig;
+///
+/// let config = KubernetesStoreConfig::new(LeaseConfig::default()).max_held(200);
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct KubernetesStoreConfig {
+    lease: LeaseConfig,
+    max_held: usize,
+    max_waiters: usize,
+    max_waiters_per_client: usize,
+    reserve: usize,
+    sweep_every: Duration,
+}
+
+impl KubernetesStoreConfig {
+    /// With `lease` (Go lockgate's timing by default) and the default caps.
+    pub fn new(lease: LeaseConfig) -> Self {
+        Self {
+            lease,
+            max_held: 100_000,
+            max_waiters: 10_000,
+            max_waiters_per_client: 1000,
+            reserve: 64 * 1024,
+            sweep_every: Duration::from_secs(5),
+        }
+    }
+
+    /// The cap on records with live holders in the object (default 100 000; the object's
+    /// 256 KiB usually stop it first): a grant beyond it answers [`Capacity::Held`].
+    pub fn max_held(mut self, max: usize) -> Self {
+        self.max_held = max;
+        self
+    }
+
+    /// The cap on live queue entries in the object (default 10 000).
+    pub fn max_waiters(mut self, max: usize) -> Self {
+        self.max_waiters = max;
+        self
+    }
+
+    /// The cap on acquisitions of one client that may queue and are open on this server at
+    /// once (default 1000).
+    pub fn max_waiters_per_client(mut self, max: usize) -> Self {
+        self.max_waiters_per_client = max;
+        self
+    }
+
+    /// The bytes of the object's annotations the server leaves to others (default 64 KiB of
+    /// the 256 KiB): past that, it writes no new lock record or queue entry
+    /// ([`Capacity::ObjectFull`]); renewals and releases go on, and so do the other
+    /// participants.
+    pub fn reserve(mut self, bytes: usize) -> Self {
+        self.reserve = bytes.min(ANNOTATIONS_LIMIT);
+        self
+    }
+}
 
 /// Leases in the annotations of one Kubernetes object: what `lockgate serve --store
 /// kubernetes://…` uses.
@@ -28,6 +100,11 @@ use crate::LockName;
 /// is needed). Acquisitions wait on a watch of the object and queue in the record; renewals
 /// rewrite the record's expiry while it carries the handle's uuid.
 ///
+/// The object is shared by everyone using it and Kubernetes allows its annotations 256 KiB in
+/// all: every few seconds the store reads it, removes what nobody needs any more (free records,
+/// dead leases and dead queue entries idle for 30 s), and counts what is left against its caps
+/// ([`KubernetesStoreConfig`]).
+///
 /// # Fairness
 ///
 /// The Kubernetes locker's: first come, first served across every participant, no writer
@@ -36,7 +113,10 @@ use crate::LockName;
 /// long poll is open.
 #[derive(Debug)]
 pub struct KubernetesStore {
-    served: Served,
+    served: Arc<Served>,
+    config: KubernetesStoreConfig,
+    counts: Arc<Counts>,
+    sweeper: tokio::task::AbortHandle,
     closed: AtomicBool,
     closing: Notify,
     grants: AtomicU64,
@@ -51,6 +131,60 @@ impl std::fmt::Debug for Served {
     }
 }
 
+/// What the object holds: as last read, plus what this server added since.
+#[derive(Debug, Default)]
+struct Counts {
+    read: Mutex<Usage>,
+    added_bytes: AtomicUsize,
+    added_held: AtomicUsize,
+    added_waiters: AtomicUsize,
+    /// Open acquisitions that may queue, by client.
+    clients: Mutex<HashMap<IpAddr, usize>>,
+    /// Read the object again now (it looks full).
+    sweep_now: Notify,
+}
+
+impl Counts {
+    fn usage(&self) -> Usage {
+        let read = *self.read.lock().unwrap_or_else(PoisonError::into_inner);
+        Usage {
+            bytes: read.bytes + self.added_bytes.load(Ordering::Relaxed),
+            held: read.held + self.added_held.load(Ordering::Relaxed),
+            waiters: read.waiters + self.added_waiters.load(Ordering::Relaxed),
+            removed: 0,
+        }
+    }
+
+    fn set(&self, usage: Usage) {
+        *self.read.lock().unwrap_or_else(PoisonError::into_inner) = usage;
+        self.added_bytes.store(0, Ordering::Relaxed);
+        self.added_held.store(0, Ordering::Relaxed);
+        self.added_waiters.store(0, Ordering::Relaxed);
+    }
+}
+
+/// An open acquisition that may queue, counted against its client.
+struct ClientWait {
+    counts: Arc<Counts>,
+    client: IpAddr,
+}
+
+impl Drop for ClientWait {
+    fn drop(&mut self) {
+        let mut clients = self
+            .counts
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = clients.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                clients.remove(&self.client);
+            }
+        }
+    }
+}
+
 fn unavailable(e: Error) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
@@ -60,6 +194,25 @@ fn lease_error(e: LeaseError) -> StoreError {
         LeaseError::NoLease => StoreError::NoLease,
         LeaseError::AlreadyLeased => StoreError::AlreadyLeased,
         LeaseError::Failed(e) => unavailable(e),
+        LeaseError::InDoubt(e) => StoreError::OutcomeUnknown(Box::new(e)),
+    }
+}
+
+/// Reads the object every `every` (or when asked), cleaning it up and counting what it holds.
+async fn sweep(served: Arc<Served>, counts: Arc<Counts>, every: Duration) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = counts.sweep_now.notified() => {}
+        }
+        match served.sweep().await {
+            Ok(usage) => counts.set(usage),
+            Err(e) => {
+                tracing::warn!(object = served.describe(), error = %crate::error::chain(&e), "cannot read the object to clean it up")
+            }
+        }
+        // At most one read a second, however often asked.
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -67,21 +220,36 @@ impl KubernetesStore {
     /// The store of the object `name` of `resource` (as kubectl names it) in `namespace`
     /// (`None`: cluster-scoped), with a client configured as kubectl's is; `context` picks a
     /// kubeconfig context. Must run inside a Tokio runtime. Every participant must use the same
-    /// TTL (`config.ttl`; Go lockgate's is 10 s).
+    /// TTL (the lease configuration's; Go lockgate's is 10 s).
     ///
     /// # Errors
     ///
     /// As [`KubernetesLocker::connect`](crate::KubernetesLocker::connect), and the object is
-    /// read once: [`Error::ResourceMissing`], [`Error::Forbidden`] now rather than later.
+    /// read (and cleaned up) once: [`Error::ResourceMissing`], [`Error::Forbidden`] now rather
+    /// than later.
     pub async fn connect(
         context: Option<&str>,
         resource: &str,
         namespace: Option<String>,
         name: &str,
-        config: LeaseConfig,
+        config: KubernetesStoreConfig,
     ) -> Result<Self, Error> {
+        let served = Arc::new(
+            Served::connect(context, resource, namespace, name, config.lease).await?,
+        );
+        let counts = Arc::new(Counts::default());
+        counts.set(served.sweep().await?);
+        let sweeper = tokio::spawn(sweep(
+            Arc::clone(&served),
+            Arc::clone(&counts),
+            config.sweep_every,
+        ))
+        .abort_handle();
         Ok(Self {
-            served: Served::connect(context, resource, namespace, name, config).await?,
+            served,
+            config,
+            counts,
+            sweeper,
             closed: AtomicBool::new(false),
             closing: Notify::new(),
             grants: AtomicU64::new(0),
@@ -99,19 +267,93 @@ impl KubernetesStore {
             StoreError::Unavailable(format!("the lock record's uuid {uuid:?} is not a UUID").into())
         })
     }
+
+    /// Checks the caps for `spec`; the returned guard counts an acquisition that may queue
+    /// against its client while it is open.
+    fn admit(&self, spec: &AcquireSpec, may_queue: bool) -> Result<Option<ClientWait>, StoreError> {
+        let usage = self.counts.usage();
+        let full = |e| {
+            self.counts.sweep_now.notify_one();
+            Err(StoreError::Capacity(e))
+        };
+        let budget = ANNOTATIONS_LIMIT.saturating_sub(self.config.reserve);
+        if usage.bytes + RECORD_BYTES > budget {
+            return full(Capacity::ObjectFull {
+                reserve: self.config.reserve,
+            });
+        }
+        if usage.held >= self.config.max_held {
+            return full(Capacity::Held {
+                max: self.config.max_held,
+            });
+        }
+        if !may_queue {
+            return Ok(None);
+        }
+        if usage.waiters >= self.config.max_waiters {
+            return full(Capacity::Waiters {
+                max: self.config.max_waiters,
+            });
+        }
+        let Some(client) = spec.client else {
+            return Ok(None);
+        };
+        let mut clients = self
+            .counts
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let n = clients.entry(client).or_default();
+        if *n >= self.config.max_waiters_per_client {
+            return Err(StoreError::Capacity(Capacity::ClientWaiters {
+                max: self.config.max_waiters_per_client,
+            }));
+        }
+        *n += 1;
+        Ok(Some(ClientWait {
+            counts: Arc::clone(&self.counts),
+            client,
+        }))
+    }
+}
+
+impl Drop for KubernetesStore {
+    fn drop(&mut self) {
+        self.sweeper.abort();
+    }
+}
+
+/// The acquirer's key in the record's queue: its id bound to its client, so that another client
+/// sending the same id is another acquirer.
+fn acquirer_key(id: &AcquirerId) -> String {
+    match id.bound_to() {
+        Some(client) => format!("{client}/{}", id.as_str()),
+        None => id.as_str().to_owned(),
+    }
 }
 
 impl Store for KubernetesStore {
     fn acquire(&self, spec: AcquireSpec) -> StoreFuture<'_, Result<Acquired, StoreError>> {
         Box::pin(async move {
+            // Listen before looking: a close between the two is then not missed.
+            let closing = self.closing.notified();
+            let mut closing = std::pin::pin!(closing);
+            closing.as_mut().enable();
             if self.closed.load(Ordering::Acquire) {
                 return Err(StoreError::ShuttingDown);
             }
-            let closing = self.closing.notified();
-            let acquirer = spec.acquirer_id.as_ref().map(AcquirerId::as_str);
-            let acquired = self
-                .served
-                .acquire(&spec.name, spec.mode, acquirer, spec.wait);
+            let may_queue = spec.wait.is_some() || spec.acquirer_id.is_some();
+            let _client = self.admit(&spec, may_queue)?;
+            if may_queue {
+                self.counts.added_waiters.fetch_add(1, Ordering::Relaxed);
+                self.counts
+                    .added_bytes
+                    .fetch_add(ENTRY_BYTES, Ordering::Relaxed);
+            }
+            let acquirer = spec.acquirer_id.as_ref().map(acquirer_key);
+            let acquired =
+                self.served
+                    .acquire(&spec.name, spec.mode, acquirer.as_deref(), spec.wait);
             let granted = tokio::select! {
                 g = acquired => g.map_err(unavailable)?,
                 () = closing => return Err(StoreError::ShuttingDown),
@@ -128,9 +370,13 @@ impl Store for KubernetesStore {
                 }
             };
             self.grants.fetch_add(1, Ordering::Relaxed);
+            self.counts.added_held.fetch_add(1, Ordering::Relaxed);
+            self.counts
+                .added_bytes
+                .fetch_add(RECORD_BYTES, Ordering::Relaxed);
             Ok(Acquired::Granted(Grant {
                 uuid,
-                fencing_token: g.token.unwrap_or_default(),
+                fencing_token: g.token,
                 ttl: self.served.ttl(),
             }))
         })
@@ -166,7 +412,7 @@ impl Store for KubernetesStore {
     ) -> StoreFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             self.served
-                .cancel(&name, acquirer_id.as_str())
+                .cancel(&name, &acquirer_key(&acquirer_id))
                 .await
                 .map_err(unavailable)
         })
@@ -180,10 +426,17 @@ impl Store for KubernetesStore {
                 .await
                 .map_err(unavailable)?;
             let total = views.len();
+            let after = query.after.as_deref();
+            let mut views: Vec<_> = views
+                .into_iter()
+                .filter(|v| after.is_none_or(|a| v.name.as_str() > a))
+                .take(query.limit.saturating_add(1))
+                .collect();
+            let truncated = views.len() > query.limit;
+            views.truncate(query.limit);
             let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
             let locks = views
                 .into_iter()
-                .take(query.limit)
                 .map(|v| LockStatus {
                     lock_name: v.name,
                     mode: v.mode,
@@ -213,15 +466,19 @@ impl Store for KubernetesStore {
             Ok(StatusResponse {
                 locks,
                 total,
-                truncated: total > query.limit,
+                truncated,
                 ttl_ms: ms(self.served.ttl()),
             })
         })
     }
 
     fn stats(&self) -> StoreStats {
-        // The leases live in the object; this server counts what it did.
+        // The leases live in the object; this server counts what it did, and what it last
+        // read there.
+        let usage = self.counts.usage();
         StoreStats {
+            locks_held: usage.held as u64,
+            waiters: usage.waiters as u64,
             grants: self.grants.load(Ordering::Relaxed),
             releases: self.releases.load(Ordering::Relaxed),
             ..StoreStats::default()

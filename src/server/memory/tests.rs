@@ -6,16 +6,14 @@ use std::task::Poll;
 
 use super::state::SWEEP_EVERY;
 use super::*;
-use crate::server::store::Grant;
+use crate::server::store::{Capacity, Grant};
 use crate::{LockName, Mode};
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(10);
 
 fn store() -> Arc<MemoryStore> {
-    Arc::new(MemoryStore::new(
-        MemoryConfig::default().ttl(TTL).grace(Duration::ZERO),
-    ))
+    Arc::new(MemoryStore::new(MemoryConfig::default().ttl(TTL).grace(Duration::ZERO)).unwrap())
 }
 
 fn spec(name: &str, mode: Mode) -> AcquireSpec {
@@ -299,12 +297,15 @@ async fn fencing_tokens_strictly_increase_per_lock() {
 
 #[tokio::test(start_paused = true)]
 async fn caps_refuse_with_a_clear_error() {
-    let s = Arc::new(MemoryStore::new(
-        MemoryConfig::default()
-            .grace(Duration::ZERO)
-            .max_held(2)
-            .max_waiters(1),
-    ));
+    let s = Arc::new(
+        MemoryStore::new(
+            MemoryConfig::default()
+                .grace(Duration::ZERO)
+                .max_held(2)
+                .max_waiters(1),
+        )
+        .unwrap(),
+    );
     let a = granted(&s, spec("a", Mode::Exclusive)).await;
     granted(&s, spec("b", Mode::Exclusive)).await;
     let e = s.acquire(spec("c", Mode::Exclusive)).await.unwrap_err();
@@ -325,9 +326,7 @@ async fn caps_refuse_with_a_clear_error() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_granted_during_the_start_up_grace() {
-    let s = Arc::new(MemoryStore::new(
-        MemoryConfig::default().ttl(TTL).grace(TTL),
-    ));
+    let s = Arc::new(MemoryStore::new(MemoryConfig::default().ttl(TTL).grace(TTL)).unwrap());
     assert_eq!(s.grace_remaining(), Some(TTL));
     busy(&s, spec("l", Mode::Exclusive)).await;
     let mut w = wait(&s, spec("l", Mode::Exclusive)).await;
