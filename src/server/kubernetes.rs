@@ -234,9 +234,8 @@ impl KubernetesStore {
         name: &str,
         config: KubernetesStoreConfig,
     ) -> Result<Self, Error> {
-        let served = Arc::new(
-            Served::connect(context, resource, namespace, name, config.lease).await?,
-        );
+        let served =
+            Arc::new(Served::connect(context, resource, namespace, name, config.lease).await?);
         let counts = Arc::new(Counts::default());
         counts.set(served.sweep().await?);
         let sweeper = tokio::spawn(sweep(

@@ -146,4 +146,6 @@ impl ServerHandle {
 }
 
 #[cfg(test)]
+mod handle_tests;
+#[cfg(test)]
 mod tests;
