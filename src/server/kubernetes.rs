@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use uuid::Uuid;
 
 use super::store::{
@@ -42,6 +42,7 @@ pub struct KubernetesStoreConfig {
     max_held: usize,
     max_waiters: usize,
     max_waiters_per_client: usize,
+    max_quick_writes: usize,
     reserve: usize,
     sweep_every: Duration,
 }
@@ -54,7 +55,8 @@ impl KubernetesStoreConfig {
             max_held: 100_000,
             max_waiters: 10_000,
             max_waiters_per_client: 1000,
-            reserve: 64 * 1024,
+            max_quick_writes: 8,
+            reserve: 128 * 1024,
             sweep_every: Duration::from_secs(5),
         }
     }
@@ -79,10 +81,21 @@ impl KubernetesStoreConfig {
         self
     }
 
-    /// The bytes of the object's annotations the server leaves to others (default 64 KiB of
+    /// Acquisitions that do not wait, releases and cancellations the server sends to the API
+    /// server at once (default 8); more wait for their turn. Every write to the object costs
+    /// the API server, and every watcher, a copy of the whole object: a flood of requests
+    /// through the server must not starve the renewals of every holder on it (renewals are not
+    /// limited).
+    pub fn max_quick_writes(mut self, max: usize) -> Self {
+        self.max_quick_writes = max.max(1);
+        self
+    }
+
+    /// The bytes of the object's annotations the server leaves to others (default 128 KiB of
     /// the 256 KiB): past that, it writes no new lock record or queue entry
     /// ([`Capacity::ObjectFull`]); renewals and releases go on, and so do the other
-    /// participants.
+    /// participants. Each write to the object carries all of it: a smaller object is cheaper
+    /// for everyone.
     pub fn reserve(mut self, bytes: usize) -> Self {
         self.reserve = bytes.min(ANNOTATIONS_LIMIT);
         self
@@ -116,6 +129,7 @@ pub struct KubernetesStore {
     served: Arc<Served>,
     config: KubernetesStoreConfig,
     counts: Arc<Counts>,
+    quick_writes: Semaphore,
     sweeper: tokio::task::AbortHandle,
     closed: AtomicBool,
     closing: Notify,
@@ -246,6 +260,7 @@ impl KubernetesStore {
         .abort_handle();
         Ok(Self {
             served,
+            quick_writes: Semaphore::new(config.max_quick_writes),
             config,
             counts,
             sweeper,
@@ -350,6 +365,16 @@ impl Store for KubernetesStore {
                     .fetch_add(ENTRY_BYTES, Ordering::Relaxed);
             }
             let acquirer = spec.acquirer_id.as_ref().map(acquirer_key);
+            // Waits are bounded by the caps on waiters; quick requests by this.
+            let _turn = match spec.wait {
+                None => Some(
+                    self.quick_writes
+                        .acquire()
+                        .await
+                        .map_err(|_| StoreError::ShuttingDown)?,
+                ),
+                Some(_) => None,
+            };
             let acquired =
                 self.served
                     .acquire(&spec.name, spec.mode, acquirer.as_deref(), spec.wait);
@@ -394,6 +419,11 @@ impl Store for KubernetesStore {
 
     fn release(&self, lease: LeaseRef) -> StoreFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
+            let _turn = self
+                .quick_writes
+                .acquire()
+                .await
+                .map_err(|_| StoreError::ShuttingDown)?;
             let uuid = lease.uuid.hyphenated().to_string();
             self.served
                 .release(&lease.name, &uuid)
@@ -410,6 +440,11 @@ impl Store for KubernetesStore {
         acquirer_id: AcquirerId,
     ) -> StoreFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
+            let _turn = self
+                .quick_writes
+                .acquire()
+                .await
+                .map_err(|_| StoreError::ShuttingDown)?;
             self.served
                 .cancel(&name, &acquirer_key(&acquirer_id))
                 .await
