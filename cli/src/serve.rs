@@ -85,7 +85,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_connections: usize,
     /// Cap on open connections from one client address (an IPv6 /64 counts as one address).
-    #[arg(long, value_name = "N", default_value_t = 512)]
+    #[arg(long, value_name = "N", default_value_t = 1024)]
     max_connections_per_client: usize,
     /// On SIGTERM, keep serving this long with /readyz failing before closing (the time a load
     /// balancer or Kubernetes takes to stop sending new clients).

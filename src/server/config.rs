@@ -162,7 +162,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(10),
             max_wait: Duration::from_secs(30),
             max_connections: 4096,
-            max_connections_per_client: 512,
+            max_connections_per_client: 1024,
             max_unauthorized_per_client: 30,
             shutdown_timeout: Duration::from_secs(10),
             drain_delay: Duration::ZERO,
@@ -234,7 +234,7 @@ impl ServerConfig {
         self
     }
 
-    /// Open connections from one client address at most (default 512; IPv6 clients count
+    /// Open connections from one client address at most (default 1024; IPv6 clients count
     /// by their /64); more are closed at once. Behind a proxy every client has the proxy's
     /// address: raise it there.
     pub fn max_connections_per_client(mut self, max: usize) -> Self {

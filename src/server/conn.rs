@@ -90,7 +90,15 @@ pub(crate) async fn serve(
             tracing::warn!(%peer, max = config.max_connections, "connection cap reached, closing a new connection");
             continue;
         };
-        let Some(peer_slot) = app.peers.connect(client_key(peer.ip())) else {
+        let client = client_key(peer.ip());
+        // An address that spent its budget of unauthorized requests is not listened to until it
+        // refills: closing at once costs less than answering 429 to a guesser's every request.
+        if app.token().is_some() && app.peers.limited(client).is_some() {
+            app.metrics.rejected_connections.inc();
+            tracing::debug!(%peer, "too many unauthorized requests from this address, closing a new connection");
+            continue;
+        }
+        let Some(peer_slot) = app.peers.connect(client) else {
             app.metrics.rejected_connections.inc();
             tracing::warn!(%peer, max = config.max_connections_per_client, "connection cap per client reached, closing a new connection");
             continue;

@@ -50,7 +50,8 @@ pub(crate) struct App {
     pub(crate) body_timeout: Duration,
     pub(crate) max_wait: Duration,
     pub(crate) status_limit: usize,
-    /// `/status` copies and serializes up to `status_limit` locks: two at a time.
+    /// `/status` copies and serializes up to `status_limit` locks: one at a time, so that a
+    /// flood of them takes one core at most.
     pub(crate) status_slots: Semaphore,
     phase: AtomicU8,
 }
@@ -85,7 +86,7 @@ impl App {
             body_timeout: config.body_timeout,
             max_wait: config.max_wait,
             status_limit: config.status_limit,
-            status_slots: Semaphore::new(2),
+            status_slots: Semaphore::new(1),
             phase: AtomicU8::new(Phase::Serving as u8),
         }
     }

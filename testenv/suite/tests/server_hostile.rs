@@ -185,8 +185,9 @@ async fn one_client_address_cannot_take_every_connection() {
 }
 
 /// Item 2: a 401 kept its connection open, so token guessing was unlimited on one connection.
-/// Now a 401 closes it, and an address that keeps guessing is answered 429, even with the
-/// right token, while other addresses are served.
+/// Now a 401 closes it, and an address that keeps guessing is not listened to (new connections
+/// closed, requests on open ones answered 429), even with the right token, while other
+/// addresses are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_closes_the_connection_and_guessing_is_rate_limited() {
     time_limit(Duration::from_secs(60));
@@ -194,6 +195,9 @@ async fn a_wrong_token_closes_the_connection_and_guessing_is_rate_limited() {
     let (_server, addr) = serve(&["--token-file", &token_file(dir.path(), "s3cret")]);
     let wrong = acquire_req("l", json!({}), &[("Authorization", "Bearer guess")]);
     let right = acquire_req("l", json!({}), &[("Authorization", "Bearer s3cret")]);
+    let mut early = Conn::connect_from(&addr, "127.0.0.4", None).await.unwrap();
+    let healthy = early.call(&healthz()).await.unwrap().expect("an answer");
+    assert_eq!(healthy.status, 200);
     let mut c = Conn::connect_from(&addr, "127.0.0.4", None).await.unwrap();
     let a = c.call(&wrong).await.unwrap().expect("an answer");
     assert_eq!(a.status, 401);
@@ -206,9 +210,13 @@ async fn a_wrong_token_closes_the_connection_and_guessing_is_rate_limited() {
         let a = call_from(&addr, "127.0.0.4", &wrong).await;
         assert_eq!(a.map(|a| a.status), Some(401), "guess {i}");
     }
-    let a = call_from(&addr, "127.0.0.4", &right)
-        .await
-        .expect("an answer");
+    // From there, even the right token: a new connection is closed at once...
+    assert!(
+        call_from(&addr, "127.0.0.4", &right).await.is_none(),
+        "a guesser's new connection was served"
+    );
+    // ...and a request on a connection opened before is answered 429.
+    let a = early.call(&right).await.unwrap().expect("an answer");
     assert_eq!(a.status, 429, "{:?}", a.json());
     assert_eq!(a.json()["code"], "too_many_requests");
     let after: u64 = a.header("retry-after").unwrap().parse().unwrap();
