@@ -14,7 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::http::{json, truncate, ApiError, App, ConnInfo, Phase, WithToken};
+use super::gate::WithToken;
+use super::http::{json, truncate, ApiError, App, ConnInfo, Phase};
 use super::store::{AcquireSpec, Acquired, AcquirerId, LeaseRef, StatusQuery, StoreError};
 use crate::http::protocol::{
     AcquireRequest, AcquireResponse, CancelRequest, ErrorCode, HealthResponse, LeaseRequest,

@@ -30,6 +30,7 @@ mod config;
 mod conn;
 mod deadlines;
 mod endpoints;
+mod gate;
 mod http;
 #[cfg(feature = "kubernetes")]
 mod kubernetes;

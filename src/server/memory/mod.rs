@@ -4,6 +4,7 @@ mod config;
 mod fencing;
 mod state;
 mod status;
+mod wait;
 
 use std::hash::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,9 +22,8 @@ use super::store::{
 use crate::http::protocol::StatusResponse;
 pub use config::MemoryConfig;
 use fencing::Fencing;
-use state::{
-    lock_mutex, reap, Delivery, Inner, Shard, ShardState, Slot, WaitGuard, Waiter, SHARDS,
-};
+use state::{lock_mutex, reap, Delivery, Inner, Shard, ShardState, Slot, Waiter, SHARDS};
+use wait::WaitGuard;
 
 /// Go lockgate's lease TTL.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
