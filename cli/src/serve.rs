@@ -69,7 +69,7 @@ pub(crate) struct ServeArgs {
     /// The longest long poll a client may ask for.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     max_wait: Duration,
-    /// Cap on held leases (about 300 bytes each in the memory store).
+    /// Cap on held leases (about 330 bytes each in the memory store).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_held: usize,
     /// Cap on queued acquirers.

@@ -71,7 +71,7 @@ impl MemoryConfig {
         self
     }
 
-    /// The cap on held leases (default 100 000, about 30 MiB): an acquisition that would be
+    /// The cap on held leases (default 100 000, about 32 MiB): an acquisition that would be
     /// granted beyond it fails with [`StoreError::Capacity`]. Waiters already queued are still
     /// granted.
     pub fn max_held(mut self, max: usize) -> Self {
