@@ -11,6 +11,8 @@ use tokio::sync::Notify;
 
 #[cfg(doc)]
 use super::super::store::Capacity;
+#[cfg(doc)]
+use super::KubernetesStore;
 use crate::kubernetes::serve::{Served, Usage};
 use crate::kubernetes::LeaseConfig;
 
