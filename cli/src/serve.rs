@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Args;
 use lockgate::kubernetes::LeaseConfig;
 use lockgate::server::{
-    KubernetesStore, MemoryConfig, MemoryStore, Server, ServerConfig, Store, TlsConfig,
+    KubernetesStore, KubernetesStoreConfig, MemoryConfig, MemoryStore, Server, ServerConfig,
+    ServerHandle, Store, TlsConfig,
 };
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -68,20 +69,46 @@ pub(crate) struct ServeArgs {
     /// The longest long poll a client may ask for.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::args::parse_duration)]
     max_wait: Duration,
-    /// Cap on held leases.
-    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    /// Cap on held leases (about 330 bytes each in the memory store).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_held: usize,
     /// Cap on queued acquirers.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_waiters: usize,
+    /// Cap on queued acquirers from one client address.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_waiters_per_client: usize,
+    /// Cap on queued acquirers of one lock (memory store).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_waiters_per_lock: usize,
     /// Cap on open connections.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    #[arg(long, value_name = "N", default_value_t = 4096)]
     max_connections: usize,
+    /// Cap on open connections from one client address (an IPv6 /64 counts as one address).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_connections_per_client: usize,
+    /// On SIGTERM, keep serving this long with /readyz failing before closing (the time a load
+    /// balancer or Kubernetes takes to stop sending new clients).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    drain_delay: Duration,
+    /// Also answer requests whose Host header names HOST (repeatable; `*`: any). Without it,
+    /// and without --token-file, only IP addresses and localhost are answered (DNS rebinding).
+    #[arg(long, value_name = "HOST")]
+    allowed_host: Vec<String>,
+    /// Listen on an address other than loopback without --token-file: anyone who can connect
+    /// may take and release every lock.
+    #[arg(long)]
+    allow_no_token: bool,
+    /// Memory store: keep the fencing tokens above those granted before a restart in FILE
+    /// (written about once per million grants), even when the clock was set back.
+    #[arg(long, value_name = "FILE")]
+    fencing_state: Option<PathBuf>,
 }
 
 /// Runs the server; `token_file` (the global `--token-file`) holds the token clients must send as
 /// `Authorization: Bearer TOKEN` or as the password of HTTP basic authentication (Go clients:
-/// `http://lockgate:TOKEN@HOST:PORT`); `/healthz` stays open.
+/// `http://lockgate:TOKEN@HOST:PORT`); `/healthz` and `/readyz` stay open. SIGHUP reads the
+/// token file and the certificate again.
 pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Failure> {
     let kubernetes = match args.store.as_str() {
         "memory" => None,
@@ -125,7 +152,12 @@ pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Fail
     }
     let mut config = ServerConfig::default()
         .max_wait(args.max_wait)
-        .max_connections(args.max_connections.max(1));
+        .max_connections(args.max_connections.max(1))
+        .max_connections_per_client(args.max_connections_per_client.max(1))
+        .drain_delay(args.drain_delay);
+    for host in &args.allowed_host {
+        config = config.allowed_host(host);
+    }
     if let Some(path) = token_file {
         config = config.token(read_token(path)?);
     }
@@ -136,11 +168,24 @@ pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Fail
     }
     let mut memory = MemoryConfig::default()
         .ttl(args.ttl)
-        .max_held(args.max_held)
-        .max_waiters(args.max_waiters);
+        .max_held(args.max_held.max(1))
+        .max_waiters(args.max_waiters.max(1))
+        .max_waiters_per_client(args.max_waiters_per_client.max(1))
+        .max_waiters_per_lock(args.max_waiters_per_lock.max(1));
     if let Some(grace) = args.grace {
         memory = memory.grace(grace);
     }
+    if let Some(path) = &args.fencing_state {
+        if kubernetes.is_some() {
+            return Err(Failure::new(
+                code::USAGE,
+                "--fencing-state is for the memory store (the Kubernetes store's tokens are the object's resource versions)",
+            ));
+        }
+        memory = memory.fencing_state(path);
+    }
+    let config_error =
+        |e: lockgate::server::ConfigError| Failure::new(code::USAGE, error_chain(&e));
     raise_fd_limit();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -159,27 +204,48 @@ pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Fail
         let addr = listener
             .local_addr()
             .map_err(|e| Failure::new(code::UNAVAILABLE, format!("cannot listen: {e}")))?;
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
-        let mut int = signal(SignalKind::interrupt())
-            .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))?;
+        if token_file.is_none() && !addr.ip().is_loopback() && !args.allow_no_token {
+            return Err(Failure::new(
+                code::USAGE,
+                format!(
+                    "refusing to listen on {addr} without a token: anyone who can connect could take and release every lock; give --token-file, listen on 127.0.0.1, or pass --allow-no-token"
+                ),
+            ));
+        }
+        let signals = |kind: SignalKind| {
+            signal(kind)
+                .map_err(|e| Failure::new(code::SOFTWARE, format!("cannot handle signals: {e}")))
+        };
+        let mut term = signals(SignalKind::terminate())?;
+        let mut int = signals(SignalKind::interrupt())?;
+        let mut hup = signals(SignalKind::hangup())?;
         let store: Arc<dyn Store> = match kubernetes {
-            None => Arc::new(MemoryStore::new(memory)),
+            None => Arc::new(MemoryStore::new(memory).map_err(config_error)?),
             Some((context, namespace, resource, name)) => {
                 let lease = lease_config(args.ttl)?;
+                let config = KubernetesStoreConfig::new(lease)
+                    .max_held(args.max_held.max(1))
+                    .max_waiters(args.max_waiters.max(1))
+                    .max_waiters_per_client(args.max_waiters_per_client.max(1));
                 let store = KubernetesStore::connect(
                     context.as_deref(),
                     &resource,
                     namespace,
                     &name,
-                    lease,
+                    config,
                 )
                 .await?;
                 tracing::info!(object = store.object(), "leases in the Kubernetes object");
                 Arc::new(store)
             }
         };
-        let server = Server::new(store, config);
+        let server = Server::new(store, config).map_err(config_error)?;
+        let handle = server.handle();
+        let reload = Reload {
+            handle,
+            token_file: token_file.map(Path::to_owned),
+            tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+        };
         {
             let mut out = std::io::stdout().lock();
             writeln!(out, "serving on {addr}")
@@ -189,9 +255,12 @@ pub(crate) fn run(args: ServeArgs, token_file: Option<&Path>) -> Result<u8, Fail
         tracing::info!(%addr, "serving");
         server
             .serve(listener, async move {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => break tracing::info!("SIGTERM: shutting down"),
+                        _ = int.recv() => break tracing::info!("SIGINT: shutting down"),
+                        _ = hup.recv() => reload.run(),
+                    }
                 }
             })
             .await;
@@ -205,6 +274,42 @@ fn listen_addr(s: &str) -> Result<String, String> {
         Some(port) if port.parse::<u16>().is_ok() => Ok(format!("0.0.0.0:{port}")),
         Some(_) => Err(format!("{s:?} is not :PORT")),
         None => Ok(s.to_owned()),
+    }
+}
+
+/// What SIGHUP reads again: the token file and the certificate with its key. A file that cannot
+/// be used is reported and the one in use kept.
+struct Reload {
+    handle: ServerHandle,
+    token_file: Option<PathBuf>,
+    tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl Reload {
+    fn run(&self) {
+        tracing::info!("SIGHUP: reading the token and the certificate again");
+        if let Some(path) = &self.token_file {
+            match read_token(path) {
+                Ok(token) => {
+                    if let Err(e) = self.handle.set_token(token) {
+                        tracing::error!(error = %error_chain(&e), "keeping the old token");
+                    }
+                }
+                Err(e) => tracing::error!(error = e.message, "keeping the old token"),
+            }
+        }
+        if let Some((cert, key)) = &self.tls {
+            match TlsConfig::from_pem_files(cert, key) {
+                Ok(tls) => {
+                    if let Err(e) = self.handle.set_tls(tls) {
+                        tracing::error!(error = %error_chain(&e), "keeping the old certificate");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "keeping the old certificate")
+                }
+            }
+        }
     }
 }
 

@@ -53,6 +53,9 @@ pub const CANCEL_PATH: &str = "/cancel";
 pub const STATUS_PATH: &str = "/status";
 /// `GET`: liveness ([`HealthResponse`]), never behind the token; lockgate only.
 pub const HEALTHZ_PATH: &str = "/healthz";
+/// `GET`: readiness ([`HealthResponse`]): fails (`503`) from the moment the server is told to
+/// stop, while it still serves; never behind the token; lockgate only.
+pub const READYZ_PATH: &str = "/readyz";
 /// `GET`: Prometheus text format; lockgate only.
 pub const METRICS_PATH: &str = "/metrics";
 
@@ -240,18 +243,30 @@ pub enum ErrorCode {
     NotFound,
     /// The endpoint exists, the method does not (`405`).
     MethodNotAllowed,
+    /// A request a browser made (it carries `Origin` or a `Sec-Fetch-Site` other than
+    /// `none`), or one whose `Host` the server does not answer to (`403`).
+    Forbidden,
     /// The request did not arrive in time (`408`).
     RequestTimeout,
     /// The body is over the limit (`413`).
     PayloadTooLarge,
-    /// The server's cap on held leases or on waiters is reached (`503`).
+    /// A `POST` body declared as something other than `application/json` (`415`).
+    UnsupportedMediaType,
+    /// Too many requests with a missing or wrong token from this client address (`429`, with
+    /// `Retry-After`).
+    TooManyRequests,
+    /// A cap of the server (held leases, waiters in all, per client or per lock, the share of a
+    /// Kubernetes object) is reached (`503`).
     Capacity,
     /// The server is shutting down (`503`).
     ShuttingDown,
-    /// The store behind the server failed (`503`).
+    /// The store behind the server failed before it changed anything (`503`).
     Unavailable,
     /// A bug in the server (`500`).
     Internal,
+    /// The store behind the server did not confirm a change it was sent: it may or may not
+    /// have been applied (`504`).
+    OutcomeUnknown,
     /// A code this version does not know.
     #[serde(other)]
     Unknown,
@@ -267,12 +282,38 @@ impl ErrorCode {
             ErrorCode::BadRequest | ErrorCode::InvalidName => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
+            ErrorCode::Forbidden => 403,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::Capacity | ErrorCode::ShuttingDown | ErrorCode::Unavailable => 503,
             ErrorCode::Internal | ErrorCode::Unknown => 500,
+            ErrorCode::OutcomeUnknown => 504,
         }
+    }
+
+    /// True when a lockgate server answering this code changed nothing: every refusal
+    /// (`4xx`) and every `503` it sends (`capacity`, `shutting_down`, `unavailable`), which
+    /// may be repeated safely. False for the lock outcomes, for `internal` and
+    /// `outcome_unknown` (the request may have been applied), and for an unknown code.
+    ///
+    /// ```
+    /// use lockgate::http::protocol::ErrorCode;
+    /// assert!(ErrorCode::Capacity.refused_before_applied());
+    /// assert!(!ErrorCode::OutcomeUnknown.refused_before_applied());
+    /// ```
+    pub fn refused_before_applied(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::ShouldWait
+                | ErrorCode::LockAlreadyLeased
+                | ErrorCode::NoExistingLockLeaseFound
+                | ErrorCode::Internal
+                | ErrorCode::OutcomeUnknown
+                | ErrorCode::Unknown
+        )
     }
 
     /// The code as written on the wire (`should_wait`, ...).
@@ -286,12 +327,16 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Capacity => "capacity",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -311,16 +356,17 @@ fn error_code(err: &str, code: Option<ErrorCode>) -> Option<ErrorCode> {
 }
 
 /// `GET /status` answer (lockgate only). Query: `name=NAME` for one lock, `limit=N` (default
-/// 1000) for at most N locks, sorted by name.
+/// and most: 1000) for at most N locks, sorted by name, `after=NAME` for the locks after NAME
+/// (the next page). Acquirer ids are shown only to a request that carries the server's token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct StatusResponse {
     /// Locks that have holders or waiters, sorted by name.
     pub locks: Vec<LockStatus>,
-    /// How many locks matched, before `limit`.
+    /// How many locks the server has with holders or waiters (with `name`: 0 or 1).
     pub total: usize,
-    /// True when `limit` cut the list.
+    /// True when more locks follow this page (ask again with `after` = the last name).
     pub truncated: bool,
     /// The server's lease TTL in milliseconds.
     pub ttl_ms: u64,
@@ -378,13 +424,13 @@ pub struct WaiterStatus {
     pub place_expires_in_ms: Option<u64>,
 }
 
-/// `GET /healthz` answer.
+/// `GET /healthz` and `GET /readyz` answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct HealthResponse {
-    /// `ok`, `grace` (serving, granting no lock before the start-up grace ends) or
-    /// `shutting_down`.
+    /// `ok`, `grace` (serving, granting no lock before the start-up grace ends), `draining`
+    /// (told to stop: serving on for the drain delay, `/readyz` failing) or `shutting_down`.
     pub status: String,
     /// Milliseconds left of the start-up grace, while it lasts.
     #[serde(default, skip_serializing_if = "Option::is_none")]

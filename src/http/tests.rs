@@ -8,13 +8,11 @@ use crate::{AcquireError, AcquireOptions, Error, HttpConfig, HttpLocker, Locker,
 
 /// A server on a free port; dropping the sender stops it.
 async fn server(config: ServerConfig) -> (String, tokio::sync::oneshot::Sender<()>) {
-    let store = Arc::new(MemoryStore::new(
-        MemoryConfig::default().grace(Duration::ZERO),
-    ));
+    let store = Arc::new(MemoryStore::new(MemoryConfig::default().grace(Duration::ZERO)).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(Server::new(store, config).serve(listener, async {
+    tokio::spawn(Server::new(store, config).unwrap().serve(listener, async {
         let _ = stopped.await;
     }));
     (format!("http://{addr}"), stop)

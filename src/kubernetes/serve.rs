@@ -49,8 +49,10 @@ pub(crate) enum LeaseError {
     NoLease,
     /// A record under another uuid: Go's `lock already leased`.
     AlreadyLeased,
-    /// The API server failed or refused.
+    /// The API server failed or refused; nothing was written.
     Failed(Error),
+    /// The API server failed after a write was sent: it may have been applied.
+    InDoubt(Error),
 }
 
 impl From<Error> for LeaseError {
@@ -63,8 +65,27 @@ impl From<Error> for LeaseError {
 #[derive(Debug)]
 pub(crate) struct Granted {
     pub uuid: String,
-    pub token: Option<u64>,
+    pub token: u64,
 }
+
+/// What the object holds, as the HTTP lock server's caps count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// Bytes of all annotations (keys and values; Kubernetes allows 256 KiB in all).
+    pub bytes: usize,
+    /// Lock records with live holders.
+    pub held: usize,
+    /// Live queue entries (holder marks not counted).
+    pub waiters: usize,
+    /// Records and queue entries removed by this sweep.
+    pub removed: usize,
+}
+
+/// How long a free record, a dead lease or a dead queue entry stands idle (by the API server's
+/// clock, past its `ExpireAtTimestamp`) before the server removes it. Go v0.2 reads a record
+/// twice within one attempt and fails if it vanished in between: a record idle this long has
+/// nobody polling for it (Go pollers take a free or expired record within 2 s).
+pub(crate) const IDLE_SECS: i64 = 30;
 
 /// One record, as the server's `/status` shows it.
 #[derive(Debug)]
@@ -171,9 +192,25 @@ impl Served {
         match granted {
             Ok(g) => {
                 self.remember(&key, Some(g.value));
+                // A grant learned from a read rather than from its write's answer may come
+                // without a resourceVersion: the object's current one is above the granting
+                // write's and below any later grant of the lock (we hold it).
+                let token = match g.token {
+                    Some(t) => t,
+                    None => match self.object.store.get().await?.rv {
+                        Some(t) => t,
+                        None => {
+                            let _ = self.release(name, &g.record.uuid).await;
+                            return Err(Error::Unreachable {
+                                resource: self.describe().to_owned(),
+                                source: "the object's resourceVersion is not a number: no fencing token to hand out".into(),
+                            });
+                        }
+                    },
+                };
                 Ok(Some(Granted {
                     uuid: g.record.uuid,
-                    token: g.token,
+                    token,
                 }))
             }
             Err(AcquireError::Failed(e)) => Err(e),
@@ -232,6 +269,20 @@ impl Served {
     /// Renews the lease `uuid` of `name` for a TTL: rewrites the record's expiry (with
     /// `Renewals` bumped and the holder mark refreshed) if it still carries the uuid.
     pub async fn renew(&self, name: &LockName, uuid: &str) -> Result<(), LeaseError> {
+        let mut doubt = false;
+        match self.renew_tracked(name, uuid, &mut doubt).await {
+            // A renewal whose write may have landed was maybe applied: say so.
+            Err(LeaseError::Failed(e)) if doubt => Err(LeaseError::InDoubt(e)),
+            r => r,
+        }
+    }
+
+    async fn renew_tracked(
+        &self,
+        name: &LockName,
+        uuid: &str,
+        doubt: &mut bool,
+    ) -> Result<(), LeaseError> {
         let key = annotation_key(name.as_str());
         let mut fresh = false;
         let mut pause = Duration::from_millis(100);
@@ -257,6 +308,7 @@ impl Served {
                 // renew what is there (a renewal may apply twice: it only moves the expiry).
                 Err(WriteError::Conflict) => {}
                 Err(WriteError::Unknown(e)) => {
+                    *doubt = true;
                     tracing::debug!(lock = name.as_str(), error = %crate::error::chain(&e), "renewal outcome unknown; reading");
                 }
                 Err(WriteError::Failed(e)) if transient(&e) => {
@@ -303,7 +355,14 @@ impl Served {
                 })),
                 Err(e) => Err(e),
             },
-            Err(e) => Err(e.into()),
+            // Refusals that wrote nothing; any other failure may follow a write that landed.
+            Err(
+                e @ (Error::Forbidden { .. }
+                | Error::CorruptRecord { .. }
+                | Error::ResourceMissing { .. }
+                | Error::Unauthorized { .. }),
+            ) => Err(LeaseError::Failed(e)),
+            Err(e) => Err(LeaseError::InDoubt(e)),
         }
     }
 
@@ -325,6 +384,80 @@ impl Served {
             .await;
         self.remember(&key, None);
         Ok(())
+    }
+
+    /// Removes what nobody needs from the object: free records, dead leases (expired by a TTL
+    /// with nobody renewing) and dead queue entries, idle for [`IDLE_SECS`] past their expiry,
+    /// in one conditional write (a record that changed meanwhile is left for the next sweep).
+    /// Returns what the object holds after.
+    pub async fn sweep(&self) -> Result<Usage, Error> {
+        let snap = self.object.store.get().await?;
+        let now = self.object.store.server_now();
+        let ttl = self.object.config.ttl_secs();
+        let idle = |expire_at: i64| expire_at.saturating_add(IDLE_SECS) < now;
+        // What this process remembers of records no longer there is of no use.
+        self.values()
+            .retain(|k, _| snap.annotations.as_ref().is_some_and(|a| a.contains_key(k)));
+        let mut usage = Usage::default();
+        let mut changes = Vec::new();
+        let mut freed = 0usize;
+        for (k, v) in snap.annotations.iter().flatten() {
+            usage.bytes += k.len() + v.len();
+            if !k.starts_with(KEY_PREFIX) {
+                continue;
+            }
+            let Ok(rec) = Record::parse(v) else {
+                continue;
+            };
+            let live_members = rec
+                .queue
+                .values()
+                .filter(|m| m.id != HOLDER_MARK && !idle(m.expire_at))
+                .count();
+            let dead_lease = rec.shared_holders > 0 && idle(rec.expire_at.saturating_add(ttl));
+            if (rec.shared_holders <= 0 || dead_lease) && idle(rec.expire_at) && live_members == 0 {
+                changes.push(Change {
+                    key: k.clone(),
+                    expected: Some(v.clone()),
+                    new: None,
+                });
+                freed += k.len() + v.len();
+                continue;
+            }
+            if rec.shared_holders > 0 && rec.expire_at >= now {
+                usage.held += 1;
+            }
+            usage.waiters += live_members;
+            let mut kept = rec.clone();
+            kept.queue
+                .retain(|id, m| id == HOLDER_MARK || !idle(m.expire_at));
+            if kept.queue.len() < rec.queue.len() {
+                let new = kept.to_value();
+                freed += v.len().saturating_sub(new.len());
+                changes.push(Change {
+                    key: k.clone(),
+                    expected: Some(v.clone()),
+                    new: Some(new),
+                });
+            }
+        }
+        if changes.is_empty() {
+            return Ok(usage);
+        }
+        match self.object.store.write(&changes, true).await {
+            Ok(_) => {
+                usage.bytes = usage.bytes.saturating_sub(freed);
+                usage.removed = changes.len();
+                tracing::info!(object = %self.describe(), records = changes.len(), bytes = freed, "removed idle lock records and dead queue entries");
+                for c in &changes {
+                    self.remember(&c.key, c.new.clone());
+                }
+            }
+            // Somebody wrote one of them meanwhile: the next sweep tries again.
+            Err(WriteError::Conflict | WriteError::Unknown(_)) => {}
+            Err(WriteError::Failed(e)) => return Err(e),
+        }
+        Ok(usage)
     }
 
     /// The records with holders or waiters, by lock name (`only`: that lock).

@@ -1,45 +1,145 @@
-//! Endpoints: parsing, validation, answers.
+//! The application: shared state, the router, and the gate every request passes (who may ask,
+//! from where, how, and the metrics).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{from_fn_with_state, Next};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use base64::Engine as _;
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq as _;
-use uuid::Uuid;
+use tokio::sync::Semaphore;
 
+use super::config::{ConfigError, Hosts, ServerConfig, TlsConfig};
+use super::conn::Activity;
+use super::endpoints;
+use super::gate::gate;
 use super::metrics::Metrics;
-use super::store::{AcquireSpec, Acquired, AcquirerId, LeaseRef, StatusQuery, Store, StoreError};
-use crate::http::protocol::{
-    AcquireRequest, AcquireResponse, CancelRequest, ErrorCode, ErrorResponse, HealthResponse,
-    LeaseRequest, LockHandle, ReleaseResponse, RenewLeaseResponse, ERR_LOCK_ALREADY_LEASED,
-    ERR_NO_EXISTING_LOCK_LEASE_FOUND, ERR_SHOULD_WAIT,
-};
-use crate::LockName;
+use super::peers::{client_key, Peers};
+use super::store::Store;
+use crate::http::protocol::{ErrorCode, ErrorResponse};
+
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Phase {
+    Serving = 0,
+    /// Told to stop; serving on for the drain delay with `/readyz` failing.
+    Draining = 1,
+    /// No longer accepting; the store is closed.
+    Closing = 2,
+}
 
 /// Shared by every request.
 #[derive(Debug)]
 pub(crate) struct App {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) metrics: Metrics,
-    pub(crate) token: Option<[u8; 32]>,
+    token: RwLock<Option<[u8; 32]>>,
+    tls: RwLock<Option<TlsConfig>>,
+    pub(crate) peers: Arc<Peers>,
+    pub(crate) hosts: Hosts,
     pub(crate) body_limit: usize,
     pub(crate) body_timeout: Duration,
     pub(crate) max_wait: Duration,
     pub(crate) status_limit: usize,
-    pub(crate) closing: AtomicBool,
+    /// `/status` copies and serializes up to `status_limit` locks: one at a time, so that a
+    /// flood of them takes one core at most.
+    pub(crate) status_slots: Semaphore,
+    phase: AtomicU8,
+}
+
+/// Who sent a request: set on every request by the connection.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) activity: Arc<Activity>,
+}
+
+impl ConnInfo {
+    /// The address the client is counted and bound by (see [`client_key`]).
+    pub(crate) fn client(&self) -> IpAddr {
+        client_key(self.peer.ip())
+    }
+}
+
+impl App {
+    pub(crate) fn new(store: Arc<dyn Store>, config: &ServerConfig) -> Self {
+        Self {
+            metrics: Metrics::new(store.clone()),
+            store,
+            token: RwLock::new(config.token.as_deref().map(token_digest)),
+            tls: RwLock::new(config.tls.clone()),
+            peers: Arc::new(Peers::new(
+                config.max_connections_per_client,
+                config.max_unauthorized_per_client,
+            )),
+            hosts: config.hosts.clone(),
+            body_limit: config.body_limit,
+            body_timeout: config.body_timeout,
+            max_wait: config.max_wait,
+            status_limit: config.status_limit,
+            status_slots: Semaphore::new(1),
+            phase: AtomicU8::new(Phase::Serving as u8),
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Closing,
+        }
+    }
+
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    pub(crate) fn token(&self) -> Option<[u8; 32]> {
+        *self
+            .token
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_token(&self, token: &[u8]) -> Result<(), ConfigError> {
+        if token.is_empty() {
+            return Err(ConfigError::EmptyToken);
+        }
+        *self
+            .token
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(token_digest(token));
+        tracing::info!("token replaced");
+        Ok(())
+    }
+
+    pub(crate) fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.0.clone()))
+    }
+
+    pub(crate) fn set_tls(&self, tls: TlsConfig) -> Result<(), ConfigError> {
+        let mut current = self
+            .tls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.is_none() {
+            return Err(ConfigError::TlsMismatch { tls: false });
+        }
+        *current = Some(tls);
+        tracing::info!("certificate replaced");
+        Ok(())
+    }
 }
 
 /// The SHA-256 of a token: compared in constant time, and of a fixed length whatever the
@@ -50,15 +150,16 @@ pub(crate) fn token_digest(token: &[u8]) -> [u8; 32] {
 
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/acquire", post(acquire))
-        .route("/renew-lease", post(renew_lease))
-        .route("/release", post(release))
-        .route("/cancel", post(cancel))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/acquire", post(endpoints::acquire))
+        .route("/renew-lease", post(endpoints::renew_lease))
+        .route("/release", post(endpoints::release))
+        .route("/cancel", post(endpoints::cancel))
+        .route("/status", get(endpoints::status))
+        .route("/metrics", get(endpoints::metrics))
+        .route("/healthz", get(endpoints::healthz))
+        .route("/readyz", get(endpoints::readyz))
+        .fallback(endpoints::not_found)
+        .method_not_allowed_fallback(endpoints::method_not_allowed)
         .layer(from_fn_with_state(app.clone(), gate))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(app)
@@ -69,6 +170,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
 pub(crate) struct ApiError {
     code: ErrorCode,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -76,7 +178,13 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    pub(crate) fn retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
     }
 }
 
@@ -95,16 +203,20 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Bearer realm=\"lockgate\""),
             );
         }
-        if matches!(self.code, ErrorCode::Capacity | ErrorCode::ShuttingDown) {
+        let retry = match self.retry_after {
+            Some(after) => Some(after.as_secs().max(1)),
+            None => matches!(self.code, ErrorCode::Capacity | ErrorCode::ShuttingDown).then_some(1),
+        };
+        if let Some(secs) = retry {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp.extensions_mut().insert(self.code);
         resp
     }
 }
 
-fn json(status: StatusCode, body: &impl Serialize) -> Response {
+pub(crate) fn json(status: StatusCode, body: &impl Serialize) -> Response {
     match serde_json::to_vec(body) {
         Ok(bytes) => (
             status,
@@ -119,16 +231,7 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response {
     }
 }
 
-/// A `200` answer carrying a lock outcome; the code goes to the metrics.
-fn outcome(body: &impl Serialize, code: Option<ErrorCode>) -> Response {
-    let mut resp = json(StatusCode::OK, body);
-    if let Some(code) = code {
-        resp.extensions_mut().insert(code);
-    }
-    resp
-}
-
-fn endpoint_of(path: &str) -> &'static str {
+pub(crate) fn endpoint_of(path: &str) -> &'static str {
     match path {
         "/acquire" => "acquire",
         "/renew-lease" => "renew-lease",
@@ -137,344 +240,17 @@ fn endpoint_of(path: &str) -> &'static str {
         "/status" => "status",
         "/metrics" => "metrics",
         "/healthz" => "healthz",
+        "/readyz" => "readyz",
         _ => "other",
     }
 }
 
-/// Authorization, metrics and the request log.
-async fn gate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let endpoint = endpoint_of(req.uri().path());
-    let method = req.method().clone();
-    let resp = if endpoint != "healthz" && !authorized(&app, req.headers()) {
-        ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing or wrong token: send `Authorization: Bearer TOKEN` (or HTTP basic \
-             authentication with the token as the password)",
-        )
-        .into_response()
-    } else {
-        next.run(req).await
-    };
-    let code = resp.extensions().get::<ErrorCode>().copied();
-    let elapsed = start.elapsed();
-    app.metrics.observe(
-        endpoint,
-        resp.status().as_u16(),
-        code.map_or("", ErrorCode::as_str),
-        elapsed,
-    );
-    tracing::debug!(
-        %method,
-        endpoint,
-        status = resp.status().as_u16(),
-        code = code.map_or("", ErrorCode::as_str),
-        elapsed_us = elapsed.as_micros() as u64,
-        "request"
-    );
-    resp
-}
-
-/// `Authorization: Bearer TOKEN`, or `Basic` with TOKEN as the password (what Go's HTTP client
-/// sends for a URL `http://user:TOKEN@host/`: Go lockgate's client has no other way).
-fn authorized(app: &App, headers: &HeaderMap) -> bool {
-    let Some(want) = &app.token else {
-        return true;
-    };
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
-    let rest = rest.trim();
-    let got = if scheme.eq_ignore_ascii_case("bearer") {
-        token_digest(rest.as_bytes())
-    } else if scheme.eq_ignore_ascii_case("basic") {
-        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) else {
-            return false;
-        };
-        let Some(colon) = decoded.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        token_digest(&decoded[colon + 1..])
-    } else {
-        return false;
-    };
-    bool::from(got.ct_eq(want))
-}
-
-async fn read_json<T: DeserializeOwned>(app: &App, body: Body) -> Result<T, ApiError> {
-    use axum::body::HttpBody as _;
-    if body.size_hint().lower() > app.body_limit as u64 {
-        return Err(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("the request body is over {} bytes", app.body_limit),
-        ));
-    }
-    let limited = Limited::new(body, app.body_limit);
-    let bytes = match tokio::time::timeout(app.body_timeout, limited.collect()).await {
-        Err(_) => {
-            return Err(ApiError::new(
-                ErrorCode::RequestTimeout,
-                format!(
-                    "the request body did not arrive within {} ms",
-                    app.body_timeout.as_millis()
-                ),
-            ))
-        }
-        Ok(Err(e)) if e.is::<LengthLimitError>() => {
-            return Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the request body is over {} bytes", app.body_limit),
-            ))
-        }
-        Ok(Err(e)) => {
-            return Err(ApiError::new(
-                ErrorCode::BadRequest,
-                format!("cannot read the request body: {e}"),
-            ))
-        }
-        Ok(Ok(collected)) => collected.to_bytes(),
-    };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid request body: {e}")))
-}
-
-fn lock_name(name: String) -> Result<LockName, ApiError> {
-    LockName::new(name).map_err(|e| ApiError::new(ErrorCode::InvalidName, e.to_string()))
-}
-
-fn lease_ref(handle: LockHandle) -> Result<LeaseRef, ApiError> {
-    let uuid = Uuid::try_parse(&handle.uuid).map_err(|_| {
-        ApiError::new(
-            ErrorCode::BadRequest,
-            format!("lockHandle.uuid {:?} is not a UUID", truncate(&handle.uuid)),
-        )
-    })?;
-    Ok(LeaseRef {
-        name: lock_name(handle.lock_name)?,
-        uuid,
-    })
-}
-
 /// At most 64 characters of client input in an error message.
-fn truncate(s: &str) -> &str {
+pub(crate) fn truncate(s: &str) -> &str {
     match s.char_indices().nth(64) {
         Some((i, _)) => &s[..i],
         None => s,
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    let code = match &e {
-        StoreError::NoLease => ErrorCode::NoExistingLockLeaseFound,
-        StoreError::AlreadyLeased => ErrorCode::LockAlreadyLeased,
-        StoreError::Capacity(_) => ErrorCode::Capacity,
-        StoreError::ShuttingDown => ErrorCode::ShuttingDown,
-        StoreError::Unavailable(_) => ErrorCode::Unavailable,
-    };
-    if let StoreError::Unavailable(cause) = &e {
-        tracing::warn!(error = %cause, "lock store unavailable");
-    }
-    ApiError::new(code, crate_error_chain(&e))
-}
-
-fn crate_error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
-async fn acquire(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let req: AcquireRequest = read_json(&app, body).await?;
-    let name = lock_name(req.lock_name)?;
-    let mut spec = AcquireSpec::new(name.clone(), req.opts.mode());
-    if !req.opts.acquirer_id.is_empty() {
-        spec =
-            spec.acquirer_id(AcquirerId::new(&req.opts.acquirer_id).map_err(|e| {
-                ApiError::new(ErrorCode::BadRequest, format!("opts.acquirerId: {e}"))
-            })?);
-    }
-    if let Some(ms) = req.opts.wait_ms {
-        spec = spec.wait(Duration::from_millis(ms).min(app.max_wait));
-    }
-    let ttl_ms = Some(millis(app.store.ttl()));
-    match app.store.acquire(spec).await.map_err(store_error)? {
-        Acquired::Granted(grant) => Ok(outcome(
-            &AcquireResponse {
-                lock_handle: LockHandle {
-                    uuid: grant.uuid.hyphenated().to_string(),
-                    lock_name: name.as_str().to_owned(),
-                },
-                err: String::new(),
-                code: None,
-                fencing_token: Some(grant.fencing_token),
-                ttl_ms: Some(millis(grant.ttl)),
-            },
-            None,
-        )),
-        Acquired::ShouldWait => Ok(outcome(
-            &AcquireResponse {
-                err: ERR_SHOULD_WAIT.to_owned(),
-                code: Some(ErrorCode::ShouldWait),
-                ttl_ms,
-                ..AcquireResponse::default()
-            },
-            Some(ErrorCode::ShouldWait),
-        )),
-    }
-}
-
-/// Go's lease outcomes are `200` answers: Go's client reads `err` only from a `200`.
-fn lease_lost(e: &StoreError) -> Option<(ErrorCode, &'static str)> {
-    match e {
-        StoreError::NoLease => Some((
-            ErrorCode::NoExistingLockLeaseFound,
-            ERR_NO_EXISTING_LOCK_LEASE_FOUND,
-        )),
-        StoreError::AlreadyLeased => Some((ErrorCode::LockAlreadyLeased, ERR_LOCK_ALREADY_LEASED)),
-        _ => None,
-    }
-}
-
-async fn renew_lease(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let req: LeaseRequest = read_json(&app, body).await?;
-    let lease = lease_ref(req.lock_handle)?;
-    match app.store.renew(lease).await {
-        Ok(ttl) => Ok(outcome(
-            &RenewLeaseResponse {
-                err: String::new(),
-                code: None,
-                ttl_ms: Some(millis(ttl)),
-            },
-            None,
-        )),
-        Err(e) => match lease_lost(&e) {
-            Some((code, text)) => Ok(outcome(
-                &RenewLeaseResponse {
-                    err: text.to_owned(),
-                    code: Some(code),
-                    ttl_ms: None,
-                },
-                Some(code),
-            )),
-            None => Err(store_error(e)),
-        },
-    }
-}
-
-async fn release(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let req: LeaseRequest = read_json(&app, body).await?;
-    let lease = lease_ref(req.lock_handle)?;
-    match app.store.release(lease).await {
-        Ok(()) => Ok(outcome(&ReleaseResponse::default(), None)),
-        Err(e) => match lease_lost(&e) {
-            Some((code, text)) => Ok(outcome(
-                &ReleaseResponse {
-                    err: text.to_owned(),
-                    code: Some(code),
-                },
-                Some(code),
-            )),
-            None => Err(store_error(e)),
-        },
-    }
-}
-
-async fn cancel(State(app): State<Arc<App>>, body: Body) -> Result<Response, ApiError> {
-    let req: CancelRequest = read_json(&app, body).await?;
-    let name = lock_name(req.lock_name)?;
-    let id = AcquirerId::new(&req.acquirer_id)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("acquirerId: {e}")))?;
-    app.store.cancel(name, id).await.map_err(store_error)?;
-    Ok(outcome(&ReleaseResponse::default(), None))
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct StatusParams {
-    name: Option<String>,
-    limit: Option<usize>,
-}
-
-async fn status(
-    State(app): State<Arc<App>>,
-    params: Result<Query<StatusParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(params) = params.map_err(|e| ApiError::new(ErrorCode::BadRequest, e.body_text()))?;
-    let query = match params.name {
-        Some(name) => StatusQuery::one(lock_name(name)?.as_str()),
-        None => StatusQuery::all(params.limit.unwrap_or(app.status_limit)),
-    };
-    let status = app.store.status(query).await.map_err(store_error)?;
-    Ok(json(StatusCode::OK, &status))
-}
-
-async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let grace = app.store.grace_remaining();
-    let status = if app.closing.load(Ordering::Relaxed) {
-        "shutting_down"
-    } else if grace.is_some() {
-        "grace"
-    } else {
-        "ok"
-    };
-    let code = if status == "shutting_down" {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    let body = HealthResponse {
-        status: status.to_owned(),
-        grace_remaining_ms: grace.map(millis),
-    };
-    json(code, &body)
-}
-
-async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let text = app
-        .metrics
-        .render()
-        .map_err(|_| ApiError::new(ErrorCode::Internal, "cannot render the metrics"))?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        )],
-        text,
-    )
-        .into_response())
-}
-
-async fn not_found(req: Request) -> ApiError {
-    ApiError::new(
-        ErrorCode::NotFound,
-        format!(
-            "no endpoint {:?}: the lock endpoints are POST /acquire, /renew-lease, /release",
-            truncate(req.uri().path())
-        ),
-    )
-}
-
-async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::new(
-        ErrorCode::MethodNotAllowed,
-        format!(
-            "{} is not allowed on {}",
-            req.method(),
-            truncate(req.uri().path())
-        ),
-    )
 }
 
 fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -26,14 +27,17 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// together. Requests with an [`AcquirerId`] keep their place between requests (a poller asking
 /// again, a long poll that timed out) for one lease TTL; requests without one hold a place only
 /// while their long poll is open, and a request that does not wait is granted only when no
-/// queued request is ahead of it.
+/// queued request is ahead of it. A place belongs to its acquirer id together with the client
+/// it was bound to ([`AcquirerId::client`]): the same id from another client is another
+/// acquirer.
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Acquires a lease of `spec.name` in `spec.mode`: [`Acquired::Granted`] or, when the lock
     /// stays busy for `spec.wait` (not at all when `None`), [`Acquired::ShouldWait`].
     ///
     /// # Errors
     ///
-    /// [`StoreError::Capacity`], [`StoreError::ShuttingDown`], [`StoreError::Unavailable`].
+    /// [`StoreError::Capacity`], [`StoreError::ShuttingDown`], [`StoreError::Unavailable`],
+    /// [`StoreError::OutcomeUnknown`].
     ///
     /// # Cancel safety
     ///
@@ -48,12 +52,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ///
     /// [`StoreError::NoLease`] when no lease of the lock exists (expired, released, ended with
     /// the server), [`StoreError::AlreadyLeased`] when the lock is held under other handles,
-    /// [`StoreError::Unavailable`].
+    /// [`StoreError::Unavailable`] (nothing was changed), [`StoreError::OutcomeUnknown`] (the
+    /// change may have been applied).
     fn renew(&self, lease: LeaseRef) -> StoreFuture<'_, Result<Duration, StoreError>>;
 
     /// An acquirer gives up: its queue place is removed, and an open long poll of it answers
     /// [`Acquired::ShouldWait`] (or its grant, if one landed first). Unknown acquirers are no
-    /// error. The default does nothing (places lapse one TTL after the acquirer's last request).
+    /// error, and so is the id of another client's acquirer (see [`AcquirerId::client`]): only
+    /// the client that took a place can give it up. The default does nothing (places lapse one
+    /// TTL after the acquirer's last request).
     ///
     /// # Errors
     ///
@@ -109,6 +116,9 @@ pub struct AcquireSpec {
     pub acquirer_id: Option<AcquirerId>,
     /// How long to wait for a busy lock; `None` answers at once.
     pub wait: Option<Duration>,
+    /// The client asking (its address), for the caps per client; `None`: not counted per
+    /// client.
+    pub client: Option<IpAddr>,
 }
 
 impl AcquireSpec {
@@ -119,6 +129,7 @@ impl AcquireSpec {
             mode,
             acquirer_id: None,
             wait: None,
+            client: None,
         }
     }
 
@@ -131,6 +142,12 @@ impl AcquireSpec {
     /// Waits up to `wait` for a busy lock (a zero wait does not wait).
     pub fn wait(mut self, wait: Duration) -> Self {
         self.wait = (!wait.is_zero()).then_some(wait);
+        self
+    }
+
+    /// Counts the request against the caps of the client at `client`.
+    pub fn client(mut self, client: IpAddr) -> Self {
+        self.client = Some(client);
         self
     }
 }
@@ -173,12 +190,18 @@ pub struct StatusQuery {
     pub name: Option<String>,
     /// At most this many locks (the first by name).
     pub limit: usize,
+    /// Only the locks whose names sort after this one (the next page).
+    pub after: Option<String>,
 }
 
 impl StatusQuery {
     /// All locks, at most `limit` of them.
     pub fn all(limit: usize) -> Self {
-        Self { name: None, limit }
+        Self {
+            name: None,
+            limit,
+            after: None,
+        }
     }
 
     /// One lock.
@@ -186,6 +209,7 @@ impl StatusQuery {
         Self {
             name: Some(name.into()),
             limit: 1,
+            after: None,
         }
     }
 }
@@ -226,9 +250,13 @@ pub enum StoreError {
     /// The server is shutting down.
     #[error("the lock server is shutting down")]
     ShuttingDown,
-    /// The store failed.
+    /// The store failed before it changed anything.
     #[error("the lock store is unavailable")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store failed after a change was sent, without learning whether it was applied (a
+    /// write that timed out): the lease may be released, renewed or granted, or not.
+    #[error("the lock store did not confirm the change; it may or may not have been applied")]
+    OutcomeUnknown(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Which cap an acquisition hit.
@@ -245,6 +273,24 @@ pub enum Capacity {
         /// The cap.
         max: usize,
     },
+    /// Queued acquirers of one client
+    /// ([`MemoryConfig::max_waiters_per_client`](super::MemoryConfig::max_waiters_per_client)).
+    ClientWaiters {
+        /// The cap.
+        max: usize,
+    },
+    /// Queued acquirers of one lock
+    /// ([`MemoryConfig::max_waiters_per_lock`](super::MemoryConfig::max_waiters_per_lock)).
+    LockWaiters {
+        /// The cap.
+        max: usize,
+    },
+    /// The Kubernetes object's annotations are filled up to the share the server may use: it
+    /// writes no new record or queue entry there before some are released.
+    ObjectFull {
+        /// The bytes of annotations the server leaves to others.
+        reserve: usize,
+    },
 }
 
 impl fmt::Display for Capacity {
@@ -258,6 +304,21 @@ impl fmt::Display for Capacity {
                 f,
                 "{max} acquirers are waiting on the lock server, its limit; try again later"
             ),
+            Capacity::ClientWaiters { max } => write!(
+                f,
+                "{max} acquirers from this client are waiting on the lock server, its limit per \
+                 client; try again later"
+            ),
+            Capacity::LockWaiters { max } => write!(
+                f,
+                "{max} acquirers are waiting for this lock, the server's limit per lock; try \
+                 again later"
+            ),
+            Capacity::ObjectFull { reserve } => write!(
+                f,
+                "the Kubernetes object's annotations are nearly full (the server leaves the last \
+                 {reserve} bytes to others); try again after some locks are released"
+            ),
         }
     }
 }
@@ -266,9 +327,26 @@ impl fmt::Display for Capacity {
 pub const MAX_ACQUIRER_ID_LEN: usize = 256;
 
 /// Go v0.2's `AcquireOptions.AcquirerId`: an opaque id an acquirer keeps across its requests,
-/// 1 to [`MAX_ACQUIRER_ID_LEN`] bytes of UTF-8 without control characters.
+/// 1 to [`MAX_ACQUIRER_ID_LEN`] bytes of UTF-8 without control characters, and the client it is
+/// bound to.
+///
+/// Two ids are the same acquirer only when both the text and the client are equal: the server
+/// binds every id to the address of the client that sent it, so that a queue place can be taken
+/// up or given up only from where it was taken, whoever learns or guesses the id.
+///
+/// ```
+/// use lockgate::server::AcquirerId;
+/// let here = AcquirerId::new("runner-7")?.client("10.0.0.7".parse()?);
+/// let there = AcquirerId::new("runner-7")?.client("10.0.0.8".parse()?);
+/// assert_ne!(here, there);
+/// assert_eq!(here.as_str(), there.as_str());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct AcquirerId(Box<str>);
+pub struct AcquirerId {
+    id: Box<str>,
+    client: Option<IpAddr>,
+}
 
 /// Why a string is not an acquirer id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -291,17 +369,31 @@ impl AcquirerId {
         if id.is_empty() || id.len() > MAX_ACQUIRER_ID_LEN || id.chars().any(char::is_control) {
             return Err(AcquirerIdError);
         }
-        Ok(Self(id.into()))
+        Ok(Self {
+            id: id.into(),
+            client: None,
+        })
+    }
+
+    /// Binds the id to the client at `client`.
+    pub fn client(mut self, client: IpAddr) -> Self {
+        self.client = Some(client);
+        self
     }
 
     /// The id.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.id
+    }
+
+    /// The client it is bound to.
+    pub fn bound_to(&self) -> Option<IpAddr> {
+        self.client
     }
 }
 
 impl fmt::Debug for AcquirerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
+        fmt::Debug::fmt(&self.id, f)
     }
 }

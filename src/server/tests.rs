@@ -20,13 +20,11 @@ struct TestServer {
 }
 
 async fn start(config: ServerConfig) -> TestServer {
-    let store = Arc::new(MemoryStore::new(
-        MemoryConfig::default().grace(Duration::ZERO),
-    ));
+    let store = Arc::new(MemoryStore::new(MemoryConfig::default().grace(Duration::ZERO)).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(Server::new(store, config).serve(listener, async {
+    let task = tokio::spawn(Server::new(store, config).unwrap().serve(listener, async {
         let _ = stopped.await;
     }));
     TestServer {
@@ -82,7 +80,7 @@ fn request(method: &str, path: &str, body: &str, auth: Option<&str>) -> Vec<u8> 
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
     format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -258,10 +256,13 @@ async fn every_bad_input_is_a_4xx_with_a_json_err_and_other_locks_are_untouched(
         }
         // Requests hyper cannot parse get a JSON answer too.
         let big_header = format!(
-            "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
             "a".repeat(70_000)
         );
-        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(70_000));
+        let long_uri = format!(
+            "GET /{} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            "u".repeat(70_000)
+        );
         for (bytes, status) in [
             (b"GARBAGE\r\n\r\n".to_vec(), 400),
             (b"GET / HTTP/1.1\r\nBad Header\r\n\r\n".to_vec(), 400),
@@ -278,7 +279,7 @@ async fn every_bad_input_is_a_4xx_with_a_json_err_and_other_locks_are_untouched(
         // A body announced far over the limit is refused without reading it.
         let (got, v) = raw(
             a,
-            b"POST /acquire HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n{",
+            b"POST /acquire HTTP/1.1\r\nHost: localhost\r\nContent-Length: 999999999\r\n\r\n{",
         )
         .await;
         assert_eq!((got, v["code"].as_str()), (413, Some("payload_too_large")));
@@ -404,7 +405,7 @@ async fn a_client_trickling_its_head_or_body_is_cut_off_with_a_json_408() {
 
         // A complete head, then the body one byte every 100 ms.
         let mut s = TcpStream::connect(a).await.unwrap();
-        s.write_all(b"POST /acquire HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n")
+        s.write_all(b"POST /acquire HTTP/1.1\r\nHost: localhost\r\nContent-Length: 40\r\n\r\n")
             .await
             .unwrap();
         let start = Instant::now();
@@ -454,7 +455,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout_only() {
         let mut s = TcpStream::connect(srv.addr).await.unwrap();
         let body = r#"{"lockName":"k","opts":{}}"#;
         let req = format!(
-            "POST /acquire HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /acquire HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).await.unwrap();

@@ -59,15 +59,36 @@ fn codes_round_trip() {
         ErrorCode::Unauthorized,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
+        ErrorCode::Forbidden,
         ErrorCode::RequestTimeout,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::TooManyRequests,
         ErrorCode::Capacity,
         ErrorCode::ShuttingDown,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::OutcomeUnknown,
     ] {
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(s, format!("\"{}\"", c.as_str()));
         assert_eq!(serde_json::from_str::<ErrorCode>(&s).unwrap(), c);
     }
+}
+
+#[test]
+fn every_503_is_refused_before_applied_and_a_504_is_in_doubt() {
+    for c in [
+        ErrorCode::Capacity,
+        ErrorCode::ShuttingDown,
+        ErrorCode::Unavailable,
+    ] {
+        assert_eq!(c.status(), 503);
+        assert!(c.refused_before_applied(), "{c:?}");
+    }
+    assert_eq!(ErrorCode::OutcomeUnknown.status(), 504);
+    assert!(!ErrorCode::OutcomeUnknown.refused_before_applied());
+    assert!(!ErrorCode::Internal.refused_before_applied());
+    assert!(!ErrorCode::Unknown.refused_before_applied());
+    assert!(ErrorCode::TooManyRequests.refused_before_applied());
 }

@@ -2,8 +2,9 @@
 //! each shard, and the guard of an open long poll.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::fencing::Fencing;
 use crate::server::store::{AcquirerId, Capacity, Grant, StoreError};
 use crate::Mode;
 
@@ -29,9 +31,13 @@ pub(super) struct Inner {
     pub(super) ttl: Duration,
     pub(super) max_held: usize,
     pub(super) max_waiters: usize,
+    pub(super) max_waiters_per_client: usize,
+    pub(super) max_waiters_per_lock: usize,
+    /// Queued acquirers by client.
+    pub(super) clients: Mutex<HashMap<IpAddr, usize>>,
     pub(super) grace_until: Instant,
     pub(super) closed: AtomicBool,
-    pub(super) next_token: AtomicU64,
+    pub(super) fencing: Fencing,
     pub(super) next_id: AtomicU64,
     pub(super) leases: AtomicU64,
     pub(super) locks_held: AtomicU64,
@@ -50,7 +56,8 @@ pub(super) struct Shard {
 
 #[derive(Debug, Default)]
 pub(super) struct ShardState {
-    pub(super) locks: HashMap<Arc<str>, LockState>,
+    /// By name, in order: `/status` reads the first names of each shard.
+    pub(super) locks: BTreeMap<Arc<str>, LockState>,
     /// When to look at a lock with waiters again (lease or queue place expiry, end of grace). A
     /// lock has at most a few entries: renewals only move `Holder::expires`; an entry that fires
     /// early re-arms itself.
@@ -82,6 +89,8 @@ pub(super) struct Waiter {
     pub(super) id: u64,
     pub(super) mode: Mode,
     pub(super) acquirer_id: Option<AcquirerId>,
+    /// The client it counts against.
+    pub(super) client: Option<IpAddr>,
     pub(super) since: Instant,
     pub(super) slot: Slot,
 }
@@ -237,16 +246,60 @@ impl Inner {
             }
             tracing::debug!(expired, "leases expired");
         }
-        let before = lock.queue.len();
-        lock.queue.retain(|w| match &w.slot {
-            Slot::Detached { expires } => *expires > now,
-            Slot::Attached { tx, .. } => !tx.is_closed(),
+        lock.queue.retain(|w| {
+            let keep = match &w.slot {
+                Slot::Detached { expires } => *expires > now,
+                Slot::Attached { tx, .. } => !tx.is_closed(),
+            };
+            if !keep {
+                self.place_expiries.fetch_add(1, Ordering::Relaxed);
+                self.waiter_left(w.client);
+            }
+            keep
         });
-        let lapsed = before - lock.queue.len();
-        if lapsed > 0 {
-            self.place_expiries
-                .fetch_add(lapsed as u64, Ordering::Relaxed);
-            self.waiters.fetch_sub(lapsed as u64, Ordering::Relaxed);
+    }
+
+    /// A new queue place for `client` in `lock`, within the caps.
+    pub(super) fn waiter_joins(
+        &self,
+        lock: &LockState,
+        client: Option<IpAddr>,
+    ) -> Result<(), StoreError> {
+        if self.waiters.load(Ordering::Relaxed) >= self.max_waiters as u64 {
+            return Err(StoreError::Capacity(Capacity::Waiters {
+                max: self.max_waiters,
+            }));
+        }
+        if lock.queue.len() >= self.max_waiters_per_lock {
+            return Err(StoreError::Capacity(Capacity::LockWaiters {
+                max: self.max_waiters_per_lock,
+            }));
+        }
+        if let Some(c) = client {
+            let mut clients = lock_mutex(&self.clients);
+            let n = clients.entry(c).or_default();
+            if *n >= self.max_waiters_per_client {
+                return Err(StoreError::Capacity(Capacity::ClientWaiters {
+                    max: self.max_waiters_per_client,
+                }));
+            }
+            *n += 1;
+        }
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A queue place of `client` is gone.
+    pub(super) fn waiter_left(&self, client: Option<IpAddr>) {
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        if let Some(c) = client {
+            let mut clients = lock_mutex(&self.clients);
+            if let std::collections::hash_map::Entry::Occupied(mut e) = clients.entry(c) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
         }
     }
 
@@ -272,7 +325,7 @@ impl Inner {
             let Some(w) = lock.queue.remove(i) else {
                 break;
             };
-            self.waiters.fetch_sub(1, Ordering::Relaxed);
+            self.waiter_left(w.client);
             let Slot::Attached { tx, .. } = w.slot else {
                 continue;
             };
@@ -299,7 +352,7 @@ impl Inner {
         now: Instant,
     ) -> Grant {
         let uuid = Uuid::new_v4();
-        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let token = self.fencing.next();
         if lock.holders.is_empty() {
             lock.holders.reserve_exact(1);
             self.locks_held.fetch_add(1, Ordering::Relaxed);
@@ -366,78 +419,6 @@ impl Inner {
             if st.reaper_until.is_none_or(|u| *at < u) {
                 self.shards[shard].wake.notify_one();
             }
-        }
-    }
-}
-
-/// The state of one open long poll; dropping it ends the wait (see [`Store::acquire`]).
-pub(super) struct WaitGuard {
-    pub(super) inner: Arc<Inner>,
-    pub(super) shard: usize,
-    pub(super) key: Arc<str>,
-    pub(super) waiter: u64,
-    pub(super) attach: u64,
-    pub(super) keep_place: bool,
-    pub(super) rx: oneshot::Receiver<Delivery>,
-    pub(super) done: bool,
-}
-
-impl WaitGuard {
-    /// Leaves the queue (or detaches, keeping the place); returns a grant that landed first.
-    pub(super) fn finish(&mut self) -> Option<Grant> {
-        self.done = true;
-        let mut st = lock_mutex(&self.inner.shards[self.shard].state);
-        let now = Instant::now();
-        let ShardState { locks, timers, .. } = &mut *st;
-        let landed = match self.rx.try_recv() {
-            Ok(Delivery::Granted(g)) => Some(g),
-            _ => None,
-        };
-        if let Some(lock) = locks.get_mut(&self.key) {
-            let pos = lock.queue.iter().position(|w| {
-                w.id == self.waiter
-                    && matches!(w.slot, Slot::Attached { attach, .. } if attach == self.attach)
-            });
-            if let Some(pos) = pos {
-                if self.keep_place && !self.inner.closed() {
-                    lock.queue[pos].slot = Slot::Detached {
-                        expires: now + self.inner.ttl,
-                    };
-                } else {
-                    lock.queue.remove(pos);
-                    self.inner.waiters.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            self.inner.settle(timers, &self.key, lock, now);
-            if lock.holders.is_empty() && lock.queue.is_empty() {
-                locks.remove(&self.key);
-            }
-        }
-        self.inner.wake_reaper(self.shard, &st);
-        landed
-    }
-}
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        // Cancelled: a lease granted at this moment has no one to tell; release it at once.
-        if let Some(grant) = self.finish() {
-            let mut st = lock_mutex(&self.inner.shards[self.shard].state);
-            let now = Instant::now();
-            let ShardState { locks, timers, .. } = &mut *st;
-            if let Some(lock) = locks.get_mut(&self.key) {
-                if self.inner.remove_holder(lock, grant.uuid) {
-                    self.inner.releases.fetch_add(1, Ordering::Relaxed);
-                }
-                self.inner.settle(timers, &self.key, lock, now);
-                if lock.holders.is_empty() && lock.queue.is_empty() {
-                    locks.remove(&self.key);
-                }
-            }
-            self.inner.wake_reaper(self.shard, &st);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What `GET /status` shows of the memory store.
 
+use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,16 +15,34 @@ impl MemoryStore {
     pub(super) fn status_now(&self, query: &StatusQuery) -> StatusResponse {
         let inner = &self.inner;
         let now = Instant::now();
+        // Each shard's locks are in name order: its first `limit` names after `after` are
+        // read without touching the others, so the work is bounded by the limit, not by the
+        // number of locks.
         let mut names: Vec<Arc<str>> = Vec::new();
-        for shard in inner.shards.iter() {
-            let st = lock_mutex(&shard.state);
-            match &query.name {
-                Some(n) => names.extend(st.locks.get_key_value(n.as_str()).map(|(k, _)| k.clone())),
-                None => names.extend(st.locks.keys().cloned()),
+        let mut total = 0;
+        match &query.name {
+            Some(n) => {
+                let st = lock_mutex(&inner.shards[inner.shard_of(n)].state);
+                names.extend(st.locks.get_key_value(n.as_str()).map(|(k, _)| k.clone()));
+                total = names.len();
+            }
+            None => {
+                let after = query.after.as_deref();
+                for shard in inner.shards.iter() {
+                    let st = lock_mutex(&shard.state);
+                    let from = match after {
+                        Some(a) => Bound::Excluded(a),
+                        None => Bound::Unbounded,
+                    };
+                    // One more than the page: whether more follow.
+                    let range = st.locks.range::<str, _>((from, Bound::Unbounded));
+                    names.extend(range.take(query.limit + 1).map(|(k, _)| k.clone()));
+                    total += st.locks.len();
+                }
             }
         }
         names.sort_unstable();
-        let total = names.len();
+        let more = names.len() > query.limit;
         names.truncate(query.limit);
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let mut locks = Vec::with_capacity(names.len());
@@ -70,7 +89,7 @@ impl MemoryStore {
         StatusResponse {
             locks,
             total,
-            truncated: total > query.limit,
+            truncated: more,
             ttl_ms: ms(inner.ttl),
         }
     }

@@ -6,16 +6,14 @@ use std::task::Poll;
 
 use super::state::SWEEP_EVERY;
 use super::*;
-use crate::server::store::Grant;
+use crate::server::store::{Capacity, Grant};
 use crate::{LockName, Mode};
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(10);
 
 fn store() -> Arc<MemoryStore> {
-    Arc::new(MemoryStore::new(
-        MemoryConfig::default().ttl(TTL).grace(Duration::ZERO),
-    ))
+    Arc::new(MemoryStore::new(MemoryConfig::default().ttl(TTL).grace(Duration::ZERO)).unwrap())
 }
 
 fn spec(name: &str, mode: Mode) -> AcquireSpec {
@@ -299,12 +297,15 @@ async fn fencing_tokens_strictly_increase_per_lock() {
 
 #[tokio::test(start_paused = true)]
 async fn caps_refuse_with_a_clear_error() {
-    let s = Arc::new(MemoryStore::new(
-        MemoryConfig::default()
-            .grace(Duration::ZERO)
-            .max_held(2)
-            .max_waiters(1),
-    ));
+    let s = Arc::new(
+        MemoryStore::new(
+            MemoryConfig::default()
+                .grace(Duration::ZERO)
+                .max_held(2)
+                .max_waiters(1),
+        )
+        .unwrap(),
+    );
     let a = granted(&s, spec("a", Mode::Exclusive)).await;
     granted(&s, spec("b", Mode::Exclusive)).await;
     let e = s.acquire(spec("c", Mode::Exclusive)).await.unwrap_err();
@@ -325,9 +326,7 @@ async fn caps_refuse_with_a_clear_error() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_granted_during_the_start_up_grace() {
-    let s = Arc::new(MemoryStore::new(
-        MemoryConfig::default().ttl(TTL).grace(TTL),
-    ));
+    let s = Arc::new(MemoryStore::new(MemoryConfig::default().ttl(TTL).grace(TTL)).unwrap());
     assert_eq!(s.grace_remaining(), Some(TTL));
     busy(&s, spec("l", Mode::Exclusive)).await;
     let mut w = wait(&s, spec("l", Mode::Exclusive)).await;
@@ -439,4 +438,87 @@ async fn a_cancelled_acquirer_leaves_the_queue_at_once() {
     .await
     .unwrap();
     assert_eq!(s.stats().waiters, 0);
+}
+
+/// Issue 18: a long poll that checked the closed flag just before `close` and queued just after
+/// `close` had gone through its shard was never answered. Spins of varying length put `close`
+/// at every point of the acquisitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_poll_that_starts_as_the_store_closes_is_answered() {
+    for round in 0..20_000u32 {
+        let s = Arc::new(MemoryStore::new(MemoryConfig::default().grace(Duration::ZERO)).unwrap());
+        let _h = granted(&s, spec("busy", Mode::Exclusive)).await;
+        let polls: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.acquire(spec("busy", Mode::Exclusive).wait(Duration::from_secs(60)))
+                        .await
+                })
+            })
+            .collect();
+        for _ in 0..(round % 64) * 20 {
+            std::hint::spin_loop();
+        }
+        s.close();
+        for p in polls {
+            let r = tokio::time::timeout(Duration::from_secs(5), p)
+                .await
+                .expect("a long poll that started as the store closed was never answered");
+            assert!(matches!(r.unwrap(), Err(StoreError::ShuttingDown)));
+        }
+    }
+}
+
+/// Issue 18: a TTL of zero was accepted (every lease expired at once) and a huge one panicked.
+#[test]
+fn impossible_settings_are_typed_errors() {
+    use crate::server::ConfigError;
+    for config in [
+        MemoryConfig::default().ttl(Duration::ZERO),
+        MemoryConfig::default().ttl(Duration::MAX),
+        MemoryConfig::default().grace(Duration::MAX),
+        MemoryConfig::default().max_waiters_per_lock(0),
+    ] {
+        let e = MemoryStore::new(config).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::OutOfRange { .. } | ConfigError::Zero { .. }),
+            "{e:?}"
+        );
+    }
+}
+
+/// Waiters count against their client; a client over its cap leaves the others their places.
+#[tokio::test(start_paused = true)]
+async fn a_client_over_its_waiter_cap_leaves_the_others_their_places() {
+    let s = Arc::new(
+        MemoryStore::new(
+            MemoryConfig::default()
+                .grace(Duration::ZERO)
+                .max_waiters_per_client(2),
+        )
+        .unwrap(),
+    );
+    let _h = granted(&s, spec("l", Mode::Exclusive)).await;
+    let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+    let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+    let mut w1 = wait(&s, spec("l", Mode::Exclusive).client(a)).await;
+    let _w2 = wait(&s, spec("l", Mode::Exclusive).client(a)).await;
+    let e = s
+        .acquire(
+            spec("l", Mode::Exclusive)
+                .client(a)
+                .wait(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        StoreError::Capacity(Capacity::ClientWaiters { max: 2 })
+    ));
+    let _w3 = wait(&s, spec("l", Mode::Exclusive).client(b)).await;
+    // A place given up is the client's again.
+    drop(std::mem::replace(&mut w1, Box::pin(std::future::pending())));
+    let _w4 = wait(&s, spec("l", Mode::Exclusive).client(a)).await;
+    assert_eq!(s.stats().waiters, 3);
 }

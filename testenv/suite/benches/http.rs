@@ -47,8 +47,10 @@ fn serve_mode() {
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("serving on {}", listener.local_addr().unwrap());
-        let store = MemoryStore::new(MemoryConfig::default().ttl(ttl).grace(Duration::ZERO));
+        let store = MemoryStore::new(MemoryConfig::default().ttl(ttl).grace(Duration::ZERO))
+            .expect("a valid memory store");
         Server::new(Arc::new(store), ServerConfig::default())
+            .expect("a valid server")
             .serve(listener, std::future::pending())
             .await;
     });
@@ -158,7 +160,7 @@ impl Conn {
     async fn post(&mut self, path: &str, body: &Value) -> Value {
         let body = body.to_string();
         let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         self.io.get_mut().write_all(req.as_bytes()).await.unwrap();
@@ -166,7 +168,7 @@ impl Conn {
     }
 
     async fn get(&mut self, path: &str) -> Value {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
         self.io.get_mut().write_all(req.as_bytes()).await.unwrap();
         self.read().await
     }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 pub mod audit;
 pub mod process;
 pub mod proxy;
+pub mod raw_http;
 
 /// An environment variable the test command sets, or a panic that says how to set it.
 pub fn required_env(key: &str) -> String {
