@@ -71,18 +71,7 @@ impl CallError {
             CallError::Unreachable { sent, .. } => *sent,
             CallError::TimedOut(_) => true,
             CallError::Refused { status, code, .. } => {
-                *status >= 500
-                    && !matches!(
-                        (status, code),
-                        (
-                            503,
-                            Some(
-                                ErrorCode::Capacity
-                                    | ErrorCode::ShuttingDown
-                                    | ErrorCode::Unavailable
-                            )
-                        )
-                    )
+                *status >= 500 && !code.is_some_and(ErrorCode::refused_before_applied)
             }
             CallError::Unauthorized => false,
         }
