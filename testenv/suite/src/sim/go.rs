@@ -399,6 +399,8 @@ pub struct GoBelief {
     /// World time at which the expiry it last wrote passes (nanoseconds).
     pub until: AtomicU64,
     pub lost: AtomicBool,
+    /// The lease's uuid.
+    pub uuid: String,
 }
 
 impl GoBelief {
@@ -456,7 +458,10 @@ pub async fn run_client(
             tokio::time::sleep(Duration::from_millis(peer.rng.range(0, 500))).await;
             continue;
         };
-        let belief = Arc::new(GoBelief::default());
+        let belief = Arc::new(GoBelief {
+            uuid: uuid.clone(),
+            ..GoBelief::default()
+        });
         belief.push(now_unix() + TTL);
         let hold = journal.grant_belief(
             &client_name,

@@ -37,6 +37,8 @@ pub struct Hold {
     /// When the client called release (or dropped its guard), or saw it lost.
     pub ended: Option<Duration>,
     belief: Belief,
+    /// The lease's uuid, once known (from the record its grant left).
+    uuid: Option<String>,
 }
 
 /// Counts of what happened, for the report.
@@ -161,6 +163,10 @@ impl Journal {
             granted: now,
             token,
             ended: None,
+            uuid: match &belief {
+                Belief::Go(b) => Some(b.uuid.clone()),
+                Belief::Rust(_) => None,
+            },
             belief,
         });
         j.holds.len() - 1
@@ -182,6 +188,75 @@ impl Journal {
                 )
             });
         }
+    }
+
+    /// After a write: every lease still believed by holders must be the record's, with a count
+    /// of at least its believers. (A believed share missing from the count — a release applied
+    /// twice, a grant freed by another's release — is caught here the moment it happens, before
+    /// anyone else is granted.)
+    pub fn check_counts(
+        &self,
+        now: Duration,
+        annotations: &std::collections::BTreeMap<String, String>,
+        snapshots: &super::world::Snapshots<'_>,
+    ) {
+        let mut j = self.inner();
+        let dead = j.dead.clone();
+        let mut believers: std::collections::BTreeMap<(String, String), Vec<String>> =
+            Default::default();
+        for h in j.holds.iter_mut() {
+            if h.ended.is_some_and(|e| e <= now) || dead.contains(&h.host) {
+                continue;
+            }
+            let believes = match &h.belief {
+                Belief::Rust(signal) => {
+                    as_host_at(h.host_started, now, || signal.reason()).is_none()
+                }
+                Belief::Go(b) => !b.over(now),
+            };
+            if !believes {
+                continue;
+            }
+            let key = lockgate::kubernetes::annotation_key(&h.name);
+            if h.uuid.is_none() {
+                h.uuid = h
+                    .token
+                    .and_then(|t| snapshots.at(t, &key))
+                    .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
+                    .and_then(|r| r["uuid"].as_str().map(str::to_owned));
+            }
+            if let Some(u) = &h.uuid {
+                believers
+                    .entry((key, u.clone()))
+                    .or_default()
+                    .push(h.client.clone());
+            }
+        }
+        let mut found = Vec::new();
+        for ((key, uuid), who) in believers {
+            let rec = annotations
+                .get(&key)
+                .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok());
+            let (now_uuid, count) = rec
+                .as_ref()
+                .map(|r| (r["uuid"].as_str().unwrap_or("").to_owned(), r["SharedHoldersCount"].as_i64().unwrap_or(0)))
+                .unwrap_or_default();
+            if now_uuid != uuid {
+                found.push(format!(
+                    "{now:?}: the lease {uuid} of {key} is believed by {who:?}, but the record is {}",
+                    if rec.is_some() { format!("another lease ({now_uuid})") } else { "gone".into() }
+                ));
+            } else if count < who.len() as i64 {
+                found.push(format!(
+                    "{now:?}: the lease {uuid} of {key} counts {count} holders, {} believe they hold it: {who:?}",
+                    who.len()
+                ));
+            }
+        }
+        for v in &found {
+            trace_line(now, || format!("VIOLATION {v}"));
+        }
+        j.violations.extend(found);
     }
 
     /// Host `h` was killed: its holds end with it.

@@ -150,6 +150,12 @@ pub fn run(seed: u64, config: &Config, trace: bool) -> Report {
     world.trace.enable(trace);
     world.server.create(OBJECT);
     let journal = Journal::default();
+    {
+        let journal = journal.clone();
+        world.observe(move |now, annotations, snapshots| {
+            journal.check_counts(now, annotations, snapshots);
+        });
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let running = Running::default();
     let ttl = config.lease.ttl;

@@ -461,6 +461,20 @@ impl Ord for Scheduled {
     }
 }
 
+/// The simulated object's annotations after each write, by resourceVersion.
+pub struct Snapshots<'a>(&'a BTreeMap<u64, BTreeMap<String, String>>);
+
+impl Snapshots<'_> {
+    /// The value of annotation `key` as the write of `rv` (or the last write before it) left it.
+    pub fn at(&self, rv: u64, key: &str) -> Option<&str> {
+        self.0
+            .range(..=rv)
+            .next_back()
+            .and_then(|(_, a)| a.get(key))
+            .map(String::as_str)
+    }
+}
+
 /// A watch stream to a host.
 struct Stream {
     host: HostId,
@@ -497,6 +511,11 @@ pub struct World {
     parked: Vec<oneshot::Sender<Reply>>,
     /// When each resourceVersion was written (world time).
     written: BTreeMap<u64, Duration>,
+    /// The simulated object's annotations as each write left them, by resourceVersion.
+    snapshots: BTreeMap<u64, BTreeMap<String, String>>,
+    /// Called after every write with the world time, the new annotations and the snapshots.
+    #[allow(clippy::type_complexity)]
+    observer: Option<Box<dyn FnMut(Duration, &BTreeMap<String, String>, &Snapshots)>>,
     /// Longest a held request is held.
     pub hold_max: Duration,
     pub trace: Trace,
@@ -559,6 +578,8 @@ impl World {
             seed,
             parked: Vec::new(),
             written: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
+            observer: None,
         };
         w.schedule(Duration::from_secs(1), Ev::Bookmarks);
         w
@@ -645,6 +666,14 @@ impl World {
             seq: self.seq,
             ev,
         });
+    }
+
+    /// Calls `f` after every write of the simulated object.
+    pub fn observe(
+        &mut self,
+        f: impl FnMut(Duration, &BTreeMap<String, String>, &Snapshots) + 'static,
+    ) {
+        self.observer = Some(Box::new(f));
     }
 
     /// When the write of resourceVersion `rv` was applied (world time).
@@ -885,9 +914,15 @@ impl World {
                 format!("#{seq} handled: {status} (revision {rv}) {what}")
             });
         }
-        self.written
-            .entry(self.server.revision())
-            .or_insert(self.now);
+        let rv = self.server.revision();
+        if let std::collections::btree_map::Entry::Vacant(e) = self.written.entry(rv) {
+            e.insert(self.now);
+            let now = self.server.annotations(super::OBJECT).unwrap_or_default();
+            self.snapshots.insert(rv, now.clone());
+            if let Some(observe) = self.observer.as_mut() {
+                observe(self.now, &now, &Snapshots(&self.snapshots));
+            }
+        }
         // Live watches learn of a write now.
         for (id, bytes) in self.server.take_pending() {
             self.send_chunk(id, bytes);
