@@ -6,6 +6,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use super::lockfile::{is_regular, Locked};
+use super::turnstile::Waited;
 use super::wait::{self, Outcome, Stop, Waiter};
 use super::{op, status, turnstile, FileLease, FileLocker, LockPath};
 use crate::acquire::Attempt;
@@ -84,7 +85,9 @@ impl FileLocker {
             path: path.path(),
             source,
         };
+        let mut turnstile = None;
         loop {
+            drop(turnstile.take());
             let file = match std::mem::replace(&mut step, Step::Try) {
                 Step::Try => {
                     let file = self.open(path)?;
@@ -98,14 +101,23 @@ impl FileLocker {
                     file
                 }
                 Step::Wait(file) => {
-                    let granted = match mode {
-                        Mode::Shared => wait::flock(&file, op(mode), stop),
+                    let waited = match mode {
+                        Mode::Shared => wait::flock(&file, op(mode), stop).map(|granted| {
+                            if granted {
+                                Waited::Granted(None)
+                            } else {
+                                Waited::Stopped
+                            }
+                        }),
                         Mode::Exclusive => turnstile::wait_exclusive(path, &file, stop),
                     };
-                    if !granted.map_err(lock_error)? {
-                        return Ok(None);
+                    match waited.map_err(lock_error)? {
+                        Waited::Stopped => return Ok(None),
+                        Waited::Granted(held) => {
+                            turnstile = held;
+                            file
+                        }
                     }
-                    file
                 }
                 Step::GiveWay => {
                     if !turnstile::pass(path, stop) {
@@ -114,8 +126,13 @@ impl FileLocker {
                     continue;
                 }
             };
+            // What an exclusive wait held besides the lock goes with the lease (or, for a file
+            // collected meanwhile, is closed here: nobody sees that file's mark).
             match self.locked(name, file, path, mode)? {
-                Locked::Lease(lease) => return Ok(Some(lease)),
+                Locked::Lease(mut lease) => {
+                    lease.turnstile = turnstile.take();
+                    return Ok(Some(lease));
+                }
                 Locked::Unlinked => step = Step::Try,
                 Locked::GiveWay => step = Step::GiveWay,
             }

@@ -161,7 +161,10 @@ impl FileLocker {
             Self::refresh_age(&file, &held);
         }
         tracing::trace!(lock = name.as_str(), "file lock acquired");
-        Ok(Locked::Lease(FileLease { file }))
+        Ok(Locked::Lease(FileLease {
+            file,
+            turnstile: None,
+        }))
     }
 
     /// Keeps a lock file's modification time within [`AGE_REFRESH`] of its last acquisition, so

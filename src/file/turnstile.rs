@@ -7,18 +7,19 @@
 //!
 //! - **The turnstile**: the file `<lock file>.turnstile`. An exclusive request that finds the
 //!   lock busy takes `flock(LOCK_EX)` on it (waiting for exclusive requests ahead of it), and
-//!   holds it while it waits for the lock; it lets go once it has the lock, or gives up. A shared
-//!   request that must give way waits for `flock(LOCK_SH)` on the turnstile and lets go at once
-//!   (it passes through), then tries the lock again.
+//!   holds it while it waits for the lock and then while it holds the lock; it lets go when it
+//!   releases the lock, or gives up. A shared request that must give way waits for
+//!   `flock(LOCK_SH)` on the turnstile and lets go at once (it passes through), then tries the
+//!   lock again.
 //! - **The mark**: the sticky bit (`S_ISVTX`, meaningless on a regular file) of the lock file's
 //!   mode. The exclusive request sets it once it holds the turnstile and clears it before it
 //!   lets go of the turnstile. A shared request looks at the mode in the `fstat` it makes anyway
 //!   after locking (for the link count), so an unmarked lock costs it nothing. A marked one
 //!   makes it try `flock(LOCK_EX | LOCK_NB)` on the turnstile: if that fails, an exclusive
 //!   request waits: the shared lock is released and the request gives way. If it succeeds, the
-//!   mark was left by a process that died while waiting: nobody can be waiting behind it (a mark
-//!   is set and cleared only by the turnstile's holder), so the shared request clears it and
-//!   keeps its lock.
+//!   mark was left by a process that died while it waited or held the lock: nobody can be
+//!   waiting behind it (a mark is set and cleared only by the turnstile's holder), so the shared
+//!   request clears it and keeps its lock.
 //!
 //! A shared request that took its lock before the mark was set keeps it: those are the holders
 //! the exclusive request waits for. Marking costs the exclusive request a `fchmod(2)`, which
@@ -75,13 +76,40 @@ fn take(path: &LockPath, stop: &Stop<'_>) -> io::Result<Option<File>> {
     }
 }
 
+/// What an exclusive request that waited holds besides its lock: the turnstile, and whether it
+/// marked the lock file. It keeps both while it holds the lock (shared requests could not join
+/// then anyway, and the grant is reported without more system calls), and gives them back at
+/// the release, before the lock file is closed: the mark cleared, then the turnstile closed.
+#[derive(Debug)]
+pub(super) struct Held {
+    turnstile: File,
+    marked: bool,
+}
+
+impl Held {
+    /// Clears the mark on `lock` (when this request set it) and lets go of the turnstile.
+    pub(super) fn give_back(self, lock: &File) {
+        if self.marked {
+            unmark(lock);
+        }
+        drop(self.turnstile);
+    }
+}
+
+/// How an exclusive wait ended.
+pub(super) enum Waited {
+    /// The lock is ours; with the turnstile and the mark, unless they could not be used.
+    Granted(Option<Held>),
+    /// Stopped first (deadline, cancellation): the turnstile and the mark are given back.
+    Stopped,
+}
+
 /// Waits for the exclusive lock on `lock` (the lock file at `path`, found busy) while holding
 /// the turnstile and the mark, so that shared requests that come after us wait behind us.
-/// True when granted, false when stopped first.
-pub(super) fn wait_exclusive(path: &LockPath, lock: &File, stop: &Stop<'_>) -> io::Result<bool> {
+pub(super) fn wait_exclusive(path: &LockPath, lock: &File, stop: &Stop<'_>) -> io::Result<Waited> {
     let turnstile = match take(path, stop) {
         Ok(Some(t)) => Some(t),
-        Ok(None) => return Ok(false),
+        Ok(None) => return Ok(Waited::Stopped),
         Err(e) => {
             tracing::debug!(
                 path = %path.turnstile().path().display(),
@@ -91,13 +119,19 @@ pub(super) fn wait_exclusive(path: &LockPath, lock: &File, stop: &Stop<'_>) -> i
             None
         }
     };
-    let mark = turnstile.as_ref().and_then(|_| Mark::set(lock));
-    let granted = wait::flock(lock, libc::LOCK_EX, stop);
-    // The mark goes before the turnstile: the next exclusive request sets it again once it
-    // holds the turnstile.
-    drop(mark);
-    drop(turnstile);
-    granted
+    let held = turnstile.map(|turnstile| Held {
+        turnstile,
+        marked: mark(lock),
+    });
+    match wait::flock(lock, libc::LOCK_EX, stop) {
+        Ok(true) => Ok(Waited::Granted(held)),
+        stopped_or_failed => {
+            if let Some(h) = held {
+                h.give_back(lock);
+            }
+            stopped_or_failed.map(|_| Waited::Stopped)
+        }
+    }
 }
 
 /// For a shared request holding `lock` (the lock file at `path`) that found it marked: true
@@ -128,7 +162,7 @@ pub(super) fn exclusive_waits(path: &LockPath, lock: &File) -> bool {
             Ok(_) => {}
             Err(_) => return false,
         }
-        // We hold the turnstile: the request that marked the lock is gone.
+        // We hold the turnstile (and the lock, shared): the request that marked it is gone.
         tracing::debug!("clearing the mark of an exclusive request that is gone");
         unmark(lock);
         return false;
@@ -146,29 +180,22 @@ pub(super) fn pass(path: &LockPath, stop: &Stop<'_>) -> bool {
     })
 }
 
-/// The mark set on a lock file, cleared when dropped.
-struct Mark<'a>(&'a File);
-
-impl<'a> Mark<'a> {
-    /// Marks `lock`; `None` when its mode cannot be changed (we are not its owner).
-    fn set(lock: &'a File) -> Option<Self> {
-        let st = fstat(lock).ok()?;
-        if !is_marked(&st) {
-            if let Err(e) = fchmod(lock, (st.st_mode & 0o7777) | MARK) {
-                tracing::debug!(
-                    error = %e,
-                    "cannot mark the lock file (only its owner can): shared requests may overtake"
-                );
-                return None;
-            }
-        }
-        Some(Self(lock))
+/// Marks `lock`; false when its mode cannot be changed (we are not its owner). A mark already
+/// there (left by a request that died) is ours from now on.
+fn mark(lock: &File) -> bool {
+    let Ok(st) = fstat(lock) else { return false };
+    if is_marked(&st) {
+        return true;
     }
-}
-
-impl Drop for Mark<'_> {
-    fn drop(&mut self) {
-        unmark(self.0);
+    match fchmod(lock, (st.st_mode & 0o7777) | MARK) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(
+                error = %e,
+                "cannot mark the lock file (only its owner can): shared requests may overtake"
+            );
+            false
+        }
     }
 }
 
