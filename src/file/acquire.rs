@@ -85,9 +85,10 @@ impl FileLocker {
             path: path.path(),
             source,
         };
-        let mut turnstile = None;
+        // What an exclusive wait holds besides the lock (the turnstile, the mark).
+        let mut held = None;
         loop {
-            drop(turnstile.take());
+            drop(held.take());
             let file = match std::mem::replace(&mut step, Step::Try) {
                 Step::Try => {
                     let file = self.open(path)?;
@@ -113,8 +114,8 @@ impl FileLocker {
                     };
                     match waited.map_err(lock_error)? {
                         Waited::Stopped => return Ok(None),
-                        Waited::Granted(held) => {
-                            turnstile = held;
+                        Waited::Granted(turnstile) => {
+                            held = turnstile;
                             file
                         }
                     }
@@ -126,11 +127,11 @@ impl FileLocker {
                     continue;
                 }
             };
-            // What an exclusive wait held besides the lock goes with the lease (or, for a file
-            // collected meanwhile, is closed here: nobody sees that file's mark).
+            // What the wait holds besides the lock goes with the lease (or, for a file collected
+            // meanwhile, is closed at the top of the loop: nobody sees that file's mark).
             match self.locked(name, file, path, mode)? {
                 Locked::Lease(mut lease) => {
-                    lease.turnstile = turnstile.take();
+                    lease.turnstile = held.take();
                     return Ok(Some(lease));
                 }
                 Locked::Unlinked => step = Step::Try,
