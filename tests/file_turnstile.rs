@@ -1,6 +1,7 @@
 //! What a waiting exclusive request leaves behind when it gives up or dies (nothing that blocks
 //! anybody), and the collection of turnstiles. Real flock(2) on real files, real processes.
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use lockgate::{AcquireError, FileLocker, Locker};
@@ -9,7 +10,10 @@ mod support;
 use support::{wait_until, PATIENCE};
 #[path = "support/fair.rs"]
 mod fair;
-use fair::{child, ex, lock_path, locker, marked, my_waits, sh, turnstile_free, turnstile_path};
+use fair::{
+    child, child_as_nobody, ex, lock_path, locker, marked, my_waits, sh, turnstile_free,
+    turnstile_path,
+};
 
 #[test]
 fn child_entry() {
@@ -170,4 +174,51 @@ fn gc_collects_turnstiles_only_when_free() {
     let report = fl.gc(Duration::ZERO).unwrap();
     assert_eq!((report.removed, report.turnstiles), (1, 1), "{report:?}");
     assert!(!turnstile.exists() && !path.exists() && stranger.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Without permission
+
+/// Only a lock file's owner may mark it. An exclusive request of another user waits without the
+/// mark, as flock(2) alone would have it: shared requests still join, nothing blocks, and it
+/// gets the lock once they leave. A stale mark that a shared request may not clear costs it a
+/// look at the turnstile, never a wait. (Needs root, to act as `nobody`.)
+#[test]
+fn without_permission_to_mark_requests_fall_back_to_plain_flock() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a child as nobody");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let l = locker(dir.path());
+    let held = l.acquire_blocking("perm", sh()).unwrap(); // root's lock file, mode 0644
+    let mut waiter = child_as_nobody("wait-exclusive", dir.path(), &[("NAME", "perm".into())]);
+    let path = lock_path(dir.path(), "perm");
+    let pid = i64::from(waiter.id());
+    wait_until("nobody's exclusive request waiting", PATIENCE, || {
+        support::proc_locks_of(&path).contains(&(true, pid))
+    });
+    assert!(
+        !marked(dir.path(), "perm"),
+        "nobody may not mark root's file"
+    );
+    let joined = l
+        .acquire_blocking("perm", sh().non_blocking())
+        .expect("without the mark, a shared request joins as flock(2) has it");
+    drop((held, joined));
+    waiter.expect("granted");
+    assert!(waiter.wait().success());
+    // A stale mark nobody may clear.
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode | 0o1000)).unwrap();
+    let mut reader = child_as_nobody("share-now", dir.path(), &[("NAME", "perm".into())]);
+    reader.expect("joined");
+    assert!(reader.wait().success());
+    assert!(
+        marked(dir.path(), "perm"),
+        "nobody cannot clear root's mark"
+    );
+    assert!(turnstile_free(dir.path(), "perm"));
 }

@@ -76,7 +76,24 @@ pub fn holders(path: &Path) -> usize {
 
 /// Spawns this test binary as a child playing `role` on the locks in `dir`.
 pub fn child(role: &str, dir: &Path, extra: &[(&str, String)]) -> Proc {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    spawn_child(
+        Command::new(std::env::current_exe().unwrap()),
+        role,
+        dir,
+        extra,
+    )
+}
+
+/// [`child`], run as the user `nobody` (with `setpriv`): a user that owns none of the lock files
+/// root made.
+pub fn child_as_nobody(role: &str, dir: &Path, extra: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap());
+    spawn_child(cmd, role, dir, extra)
+}
+
+fn spawn_child(mut cmd: Command, role: &str, dir: &Path, extra: &[(&str, String)]) -> Proc {
     cmd.args([
         "--exact",
         "child_entry",
@@ -160,6 +177,15 @@ pub fn child_entry() {
             let g = locker.acquire_blocking(&env("NAME"), ex()).unwrap();
             writeln!(stdout, "granted").unwrap();
             drop(g);
+        }
+        // Try NAME shared without waiting; say "joined" or "busy".
+        "share-now" => {
+            let said = match locker.acquire_blocking(&env("NAME"), sh().non_blocking()) {
+                Ok(_) => "joined",
+                Err(e) if e.is_contention() => "busy",
+                Err(e) => panic!("{e}"),
+            };
+            writeln!(stdout, "{said}").unwrap();
         }
         other => panic!("unknown child role {other}"),
     }
