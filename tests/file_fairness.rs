@@ -224,6 +224,9 @@ fn shared_requests_wait_behind_a_waiting_exclusive_request() {
         *order.lock().unwrap(),
         ["exclusive", "exclusive released", "shared"]
     );
-    assert!(!marked(dir.path(), "order"), "the mark outlived the wait");
+    assert!(
+        !marked(dir.path(), "order"),
+        "the shared request that came after the exclusive one cleared the mark"
+    );
     assert!(turnstile_free(dir.path(), "order"));
 }

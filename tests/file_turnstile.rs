@@ -92,6 +92,13 @@ async fn an_exclusive_request_that_gives_up_leaves_nothing_behind() {
     assert!(matches!(e, AcquireError::TimedOut { .. }), "{e:?}");
     drop(held);
     writer.await.unwrap().unwrap();
+    // An exclusive request that got the lock leaves the mark: the next shared request joins
+    // and clears it.
+    assert!(marked(dir.path(), "gives-up"));
+    drop(
+        l.acquire_blocking("gives-up", sh().non_blocking())
+            .expect("a shared request joins after the exclusive one"),
+    );
     check("after the exclusive request got through");
 }
 

@@ -6,7 +6,6 @@ use std::fs::File;
 use std::sync::Arc;
 
 use super::lockfile::{is_regular, Locked};
-use super::turnstile::Waited;
 use super::wait::{self, Outcome, Stop, Waiter};
 use super::{op, status, turnstile, FileLease, FileLocker, LockPath};
 use crate::acquire::Attempt;
@@ -85,10 +84,7 @@ impl FileLocker {
             path: path.path(),
             source,
         };
-        // What an exclusive wait holds besides the lock (the turnstile, the mark).
-        let mut held = None;
         loop {
-            drop(held.take());
             let file = match std::mem::replace(&mut step, Step::Try) {
                 Step::Try => {
                     let file = self.open(path)?;
@@ -102,23 +98,14 @@ impl FileLocker {
                     file
                 }
                 Step::Wait(file) => {
-                    let waited = match mode {
-                        Mode::Shared => wait::flock(&file, op(mode), stop).map(|granted| {
-                            if granted {
-                                Waited::Granted(None)
-                            } else {
-                                Waited::Stopped
-                            }
-                        }),
+                    let granted = match mode {
+                        Mode::Shared => wait::flock(&file, op(mode), stop),
                         Mode::Exclusive => turnstile::wait_exclusive(path, &file, stop),
                     };
-                    match waited.map_err(lock_error)? {
-                        Waited::Stopped => return Ok(None),
-                        Waited::Granted(turnstile) => {
-                            held = turnstile;
-                            file
-                        }
+                    if !granted.map_err(lock_error)? {
+                        return Ok(None);
                     }
+                    file
                 }
                 Step::GiveWay => {
                     if !turnstile::pass(path, stop) {
@@ -127,13 +114,8 @@ impl FileLocker {
                     continue;
                 }
             };
-            // What the wait holds besides the lock goes with the lease (or, for a file collected
-            // meanwhile, is closed at the top of the loop: nobody sees that file's mark).
             match self.locked(name, file, path, mode)? {
-                Locked::Lease(mut lease) => {
-                    lease.turnstile = held.take();
-                    return Ok(Some(lease));
-                }
+                Locked::Lease(lease) => return Ok(Some(lease)),
                 Locked::Unlinked => step = Step::Try,
                 Locked::GiveWay => step = Step::GiveWay,
             }

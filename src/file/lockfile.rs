@@ -161,10 +161,7 @@ impl FileLocker {
             Self::refresh_age(&file, &held);
         }
         tracing::trace!(lock = name.as_str(), "file lock acquired");
-        Ok(Locked::Lease(FileLease {
-            file,
-            turnstile: None,
-        }))
+        Ok(Locked::Lease(FileLease { file }))
     }
 
     /// Keeps a lock file's modification time within [`AGE_REFRESH`] of its last acquisition, so

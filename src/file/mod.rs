@@ -276,9 +276,6 @@ impl LockPath {
 #[derive(Debug)]
 struct FileLease {
     file: File,
-    /// The turnstile and the mark of an exclusive request that waited: given back before the
-    /// lock file is closed (see `turnstile.rs`).
-    turnstile: Option<turnstile::Held>,
 }
 
 impl FileLease {
@@ -286,16 +283,8 @@ impl FileLease {
     /// duplicated), so no other copy keeps the lock. A child that was deliberately given the
     /// descriptor (as `lockgate exec` does) co-owns the lock until it closes it too.
     fn unlock(self) -> Result<(), Error> {
-        drop(self);
+        drop(self.file);
         Ok(())
-    }
-}
-
-impl Drop for FileLease {
-    fn drop(&mut self) {
-        if let Some(held) = self.turnstile.take() {
-            held.give_back(&self.file);
-        }
     }
 }
 

@@ -2,32 +2,36 @@
 //!
 //! flock(2) grants a shared lock whenever no exclusive lock is *held*, even while an exclusive
 //! request waits, so a stream of overlapping shared holders can keep an exclusive waiter out
-//! forever. lockgate's requests therefore agree on two more things per lock, both kept in the
-//! kernel so that nothing outlives a process:
+//! forever. lockgate's requests therefore agree on two more things per lock, both kept so that
+//! nothing outlives a process or can block anybody:
 //!
 //! - **The turnstile**: the file `<lock file>.turnstile`. An exclusive request that finds the
 //!   lock busy takes `flock(LOCK_EX)` on it (waiting for exclusive requests ahead of it), and
-//!   holds it while it waits for the lock and then while it holds the lock; it lets go when it
-//!   releases the lock, or gives up. A shared request that must give way waits for
-//!   `flock(LOCK_SH)` on the turnstile and lets go at once (it passes through), then tries the
-//!   lock again.
+//!   holds it while it waits for the lock; it lets go as soon as it has the lock (the next
+//!   exclusive request then waits for the lock itself), or when it gives up. A shared request
+//!   that must give way waits for `flock(LOCK_SH)` on the turnstile and lets go at once (it
+//!   passes through), then tries the lock again.
 //! - **The mark**: the sticky bit (`S_ISVTX`, meaningless on a regular file) of the lock file's
-//!   mode. The exclusive request sets it once it holds the turnstile and clears it before it
-//!   lets go of the turnstile. A shared request looks at the mode in the `fstat` it makes anyway
-//!   after locking (for the link count), so an unmarked lock costs it nothing. A marked one
-//!   makes it try `flock(LOCK_EX | LOCK_NB)` on the turnstile: if that fails, an exclusive
-//!   request waits: the shared lock is released and the request gives way. If it succeeds, the
-//!   mark was left by a process that died while it waited or held the lock: nobody can be
-//!   waiting behind it (a mark is set and cleared only by the turnstile's holder), so the shared
-//!   request clears it and keeps its lock.
+//!   mode: "an exclusive request may be waiting: look at the turnstile". The exclusive request
+//!   sets it once it holds the turnstile. Only someone holding the turnstile clears it: an
+//!   exclusive request that gives up, or a shared request that finds nobody at the turnstile.
+//!   An exclusive request that got the lock leaves it (clearing it would cost the handoff two
+//!   system calls), so the next shared request clears it.
 //!
-//! A shared request that took its lock before the mark was set keeps it: those are the holders
-//! the exclusive request waits for. Marking costs the exclusive request a `fchmod(2)`, which
-//! only the file's owner (or root) may make; where it cannot mark, the exclusive request waits
-//! as flock(2) alone would have it. Nothing here can block anybody for longer than a process
-//! lives: the turnstile is a flock, and a stale mark only costs shared requests a look at the
-//! turnstile until one of them clears it. Every failure to use the turnstile falls back to
-//! plain flock(2) waiting.
+//! A shared request looks at the mode in the `fstat` it makes anyway after locking (for the
+//! link count), so an unmarked lock costs it nothing. A marked one makes it try
+//! `flock(LOCK_SH | LOCK_NB)` on the turnstile: if that fails, an exclusive request holds it
+//! and waits: the shared lock is released and the request gives way. If it succeeds, no
+//! exclusive request waits, and none can mark the lock while we hold the turnstile shared: the
+//! shared request clears the mark and keeps its lock.
+//!
+//! While an exclusive request waits, the lock stays marked: it set the mark while holding the
+//! turnstile, and nobody else can clear it before it lets go. A shared request that took its
+//! lock before the mark was set keeps it: those are the holders the exclusive request waits
+//! for. Marking costs the exclusive request a `fchmod(2)`, which only the file's owner (or root)
+//! may make; where it cannot mark, the exclusive request waits as flock(2) alone would have it.
+//! The turnstile is a flock, and a mark only ever costs shared requests a look at the
+//! turnstile; every failure to use the turnstile falls back to plain flock(2) waiting.
 
 use std::fs::File;
 use std::io;
@@ -76,40 +80,14 @@ fn take(path: &LockPath, stop: &Stop<'_>) -> io::Result<Option<File>> {
     }
 }
 
-/// What an exclusive request that waited holds besides its lock: the turnstile, and whether it
-/// marked the lock file. It keeps both while it holds the lock (shared requests could not join
-/// then anyway, and the grant is reported without more system calls), and gives them back at
-/// the release, before the lock file is closed: the mark cleared, then the turnstile closed.
-#[derive(Debug)]
-pub(super) struct Held {
-    turnstile: File,
-    marked: bool,
-}
-
-impl Held {
-    /// Clears the mark on `lock` (when this request set it) and lets go of the turnstile.
-    pub(super) fn give_back(self, lock: &File) {
-        if self.marked {
-            unmark(lock);
-        }
-        drop(self.turnstile);
-    }
-}
-
-/// How an exclusive wait ended.
-pub(super) enum Waited {
-    /// The lock is ours; with the turnstile and the mark, unless they could not be used.
-    Granted(Option<Held>),
-    /// Stopped first (deadline, cancellation): the turnstile and the mark are given back.
-    Stopped,
-}
-
 /// Waits for the exclusive lock on `lock` (the lock file at `path`, found busy) while holding
-/// the turnstile and the mark, so that shared requests that come after us wait behind us.
-pub(super) fn wait_exclusive(path: &LockPath, lock: &File, stop: &Stop<'_>) -> io::Result<Waited> {
+/// the turnstile, with the lock marked, so that shared requests that come after us wait behind
+/// us. True when granted (the turnstile let go, the mark left), false when stopped first (the
+/// mark cleared, the turnstile let go).
+pub(super) fn wait_exclusive(path: &LockPath, lock: &File, stop: &Stop<'_>) -> io::Result<bool> {
     let turnstile = match take(path, stop) {
         Ok(Some(t)) => Some(t),
-        Ok(None) => return Ok(Waited::Stopped),
+        Ok(None) => return Ok(false),
         Err(e) => {
             tracing::debug!(
                 path = %path.turnstile().path().display(),
@@ -119,24 +97,18 @@ pub(super) fn wait_exclusive(path: &LockPath, lock: &File, stop: &Stop<'_>) -> i
             None
         }
     };
-    let held = turnstile.map(|turnstile| Held {
-        turnstile,
-        marked: mark(lock),
-    });
-    match wait::flock(lock, libc::LOCK_EX, stop) {
-        Ok(true) => Ok(Waited::Granted(held)),
-        stopped_or_failed => {
-            if let Some(h) = held {
-                h.give_back(lock);
-            }
-            stopped_or_failed.map(|_| Waited::Stopped)
-        }
+    let marked = turnstile.is_some() && mark(lock);
+    let granted = wait::flock(lock, libc::LOCK_EX, stop);
+    if marked && !matches!(granted, Ok(true)) {
+        unmark(lock);
     }
+    drop(turnstile);
+    granted
 }
 
 /// For a shared request holding `lock` (the lock file at `path`) that found it marked: true
-/// when an exclusive request waits at the turnstile, so that this one must give way. A mark
-/// nobody stands behind is cleared. Failures count as "nobody waits": fairness falls back to
+/// when an exclusive request waits at the turnstile, so that this one must give way. Otherwise
+/// the mark is cleared (best effort). Failures count as "nobody waits": fairness falls back to
 /// flock(2)'s own, but never blocks.
 pub(super) fn exclusive_waits(path: &LockPath, lock: &File) -> bool {
     // A turnstile unlinked by `gc` before we locked it is no turnstile: look at the one now at
@@ -149,7 +121,7 @@ pub(super) fn exclusive_waits(path: &LockPath, lock: &File) -> bool {
                 return false;
             }
         };
-        match try_flock(&turnstile, libc::LOCK_EX) {
+        match try_flock(&turnstile, libc::LOCK_SH) {
             Ok(true) => {}
             Ok(false) => return true,
             Err(e) => {
@@ -162,8 +134,7 @@ pub(super) fn exclusive_waits(path: &LockPath, lock: &File) -> bool {
             Ok(_) => {}
             Err(_) => return false,
         }
-        // We hold the turnstile (and the lock, shared): the request that marked it is gone.
-        tracing::debug!("clearing the mark of an exclusive request that is gone");
+        // Nobody waits, and nobody can mark the lock while we hold the turnstile.
         unmark(lock);
         return false;
     }
@@ -181,7 +152,7 @@ pub(super) fn pass(path: &LockPath, stop: &Stop<'_>) -> bool {
 }
 
 /// Marks `lock`; false when its mode cannot be changed (we are not its owner). A mark already
-/// there (left by a request that died) is ours from now on.
+/// there (left by a request that got the lock, or died) is ours from now on.
 fn mark(lock: &File) -> bool {
     let Ok(st) = fstat(lock) else { return false };
     if is_marked(&st) {
