@@ -221,6 +221,8 @@ impl FileLocker {
     /// set the file's times). A file is deleted only while this process holds it exclusively,
     /// and every acquisition checks after locking that its file is still linked, so collection
     /// never breaks a lock taken by lockgate (Rust, or Go lockgate from v0.2), whatever the age.
+    /// The turnstiles beside lock files (see the type's "Fairness") are collected by the same
+    /// rules, never while an exclusive request waits at one, and counted apart in the report.
     ///
     /// # Errors
     ///
