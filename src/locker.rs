@@ -19,9 +19,10 @@ use crate::options::{AcquireOptions, Mode};
 ///
 /// # Fairness
 ///
-/// The order in which waiters get a freed lock is the backend's: for file locks it is the
-/// kernel's (Linux wakes all waiters of a freed flock lock and the first to run wins; a stream of
-/// shared holders can keep an exclusive waiter waiting).
+/// The order in which waiters get a freed lock is the backend's. For file locks it is the
+/// kernel's (Linux wakes all waiters of a freed flock lock and the first to run wins), except
+/// that a waiting exclusive request is not overtaken by new shared requests of lockgate (see
+/// `FileLocker`'s "Fairness").
 ///
 /// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {

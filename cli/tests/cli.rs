@@ -983,8 +983,11 @@ fn a_long_wait_is_told_again_on_a_terminal_only() {
     let mut logged = Proc::spawn(lockgate(dir.path()).args(["exec", "slow", "--", "true"]));
     logged.expect_err("lockgate: waiting for exclusive lock \"slow\"");
     let mut quiet = Proc::spawn(lockgate(dir.path()).args(["exec", "-q", "slow", "--", "true"]));
+    // The second exclusive waiter waits at the lock's turnstile, behind the first (PROTOCOL.md,
+    // "Fairness").
+    let turnstile = PathBuf::from(format!("{}.turnstile", path.display()));
     wait_until("both waiters wait", PATIENCE, || {
-        support::flock_waiters(&path) == 2
+        support::flock_waiters(&path) + support::flock_waiters(&turnstile) == 2
     });
 
     let script = format!(

@@ -4,30 +4,38 @@
 //! `DIR/<lowercase hex SHA-256 of NAME>` (or, with [`Naming::LegacyMurmur3`], the hex murmur3
 //! hash werf uses for its host locks), locked with `flock(LOCK_SH)` or `flock(LOCK_EX)`. A Go
 //! process and a Rust process locking the same name in the same directory exclude each other.
+//!
+//! The module's parts: `lockfile` (opening a lock file and checking it after locking),
+//! `acquire` (the acquisition: the attempt without waiting, then the wait), `turnstile` (how an
+//! exclusive waiter keeps new shared requests out), `wait` (blocking in flock(2) with timeouts
+//! and cancellation), `status` and `gc`.
 
+mod acquire;
+mod gc;
+mod lockfile;
 mod path;
 mod status;
+mod turnstile;
 mod wait;
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::acquire::Attempt;
-use crate::backend::{Backend, BoxFuture, Lease, LostSignal};
-use crate::error::{AcquireError, Error};
+use crate::backend::{BoxFuture, Lease, LostSignal};
+use crate::error::Error;
 use crate::name::LockName;
-use crate::options::{AcquireOptions, Mode};
+use crate::options::Mode;
 
+pub use gc::GcReport;
 pub use path::PathLocker;
-pub use status::{GcReport, LockState, LockStatus};
-use wait::Waiter;
+pub use status::{LockState, LockStatus};
 
 /// How lock names map to file names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,8 +96,20 @@ impl Naming {
 ///
 /// # Fairness
 ///
-/// The kernel's: when a lock is freed, every blocked waiter is woken and the first to run takes
-/// it. Shared holders can overlap indefinitely and so keep an exclusive waiter waiting.
+/// An exclusive request that has to wait is not overtaken by shared requests of lockgate
+/// (processes or threads, blocking or async): from the moment it waits, new shared requests
+/// wait behind it, and it gets the lock once the shared holders it found have left. Shared
+/// requests that come while no exclusive request waits join the holders at once. Among
+/// exclusive requests, and between shared requests, the order is the kernel's: when a lock is
+/// freed, every blocked waiter is woken and the first to run takes it. flock(1), Go lockgate and
+/// other programs that lock the same files exclude and are excluded as always, but take no part
+/// in this: their shared holders can still keep an exclusive waiter waiting (and lockgate's
+/// shared requests then wait with it). The mechanism, a turnstile file beside the lock file and
+/// a mark on the lock file, is in PROTOCOL.md.
+///
+/// A shared request made while the same thread (or anything it waits for) already holds that
+/// lock shared waits behind a waiting exclusive request, which waits for the shared hold: they
+/// wait for each other until one times out. Take the lock once and pass the guard around.
 #[derive(Debug, Clone)]
 pub struct FileLocker {
     dir: PathBuf,
@@ -188,199 +208,6 @@ impl FileLocker {
         LockPath(CString::new(bytes).map_err(|e| e.into_vec()))
     }
 
-    /// Opens (creating when missing) the lock file. Read-only suffices for flock, and keeps the
-    /// common path as cheap as the raw system calls.
-    fn open(&self, path: &LockPath) -> Result<File, Error> {
-        let Ok(c) = &path.0 else {
-            return Err(Error::LockFile {
-                op: "open",
-                path: path.path(),
-                source: io::Error::from(io::ErrorKind::InvalidInput),
-            });
-        };
-        // O_NONBLOCK keeps a FIFO planted at the path from blocking the open; it has no effect
-        // on flock.
-        let flags = libc::O_RDONLY
-            | libc::O_CREAT
-            | libc::O_CLOEXEC
-            | libc::O_NOFOLLOW
-            | libc::O_NOCTTY
-            | libc::O_NONBLOCK;
-        // SAFETY: open with a valid C string.
-        let fd = unsafe { libc::open(c.as_ptr(), flags, 0o644 as libc::c_uint) };
-        if fd < 0 {
-            let source = io::Error::last_os_error();
-            return Err(match source.raw_os_error() {
-                Some(libc::ELOOP) => Error::SymlinkAtLockPath { path: path.path() },
-                Some(libc::ENOENT) | Some(libc::ENOTDIR) if !self.dir.is_dir() => {
-                    dir_error(&self.dir, source)
-                }
-                // The lock file does not exist and cannot be created: the directory does not
-                // take new files (`/proc/1`, a read-only mount, no write permission, full).
-                Some(
-                    libc::ENOENT
-                    | libc::EACCES
-                    | libc::EPERM
-                    | libc::EROFS
-                    | libc::ENOSPC
-                    | libc::EDQUOT,
-                ) if std::fs::symlink_metadata(path.path()).is_err() => {
-                    dir_error(&self.dir, source)
-                }
-                Some(libc::EISDIR) => Error::NotARegularFile { path: path.path() },
-                _ => Error::LockFile {
-                    op: "open",
-                    path: path.path(),
-                    source,
-                },
-            });
-        }
-        // SAFETY: fd is a freshly opened descriptor that nothing else owns.
-        Ok(unsafe { File::from_raw_fd(fd) })
-    }
-
-    fn stat(file: &File, path: &LockPath) -> Result<libc::stat, Error> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
-        // SAFETY: fstat on an open descriptor with a buffer of the right type.
-        if unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-            return Err(Error::LockFile {
-                op: "stat",
-                path: path.path(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: fstat succeeded, so it filled `st`.
-        Ok(unsafe { st.assume_init() })
-    }
-
-    fn is_regular(st: &libc::stat) -> bool {
-        st.st_mode & libc::S_IFMT == libc::S_IFREG
-    }
-
-    /// After locking `file`: the lease, or `None` when the file has been unlinked and the
-    /// acquisition must start over.
-    ///
-    /// [`gc`](Self::gc) unlinks a lock file while holding it exclusively; an acquisition that
-    /// opened the file before that and locked it after holds a lock nobody else can see. Such a
-    /// file has a link count of 0. Replacing the file by `rename(2)` also drops the old file's
-    /// count to 0, so the count alone tells whether the path still names the locked file
-    /// (nothing creates other hard links to lock files), and costs no path lookup.
-    fn locked(
-        &self,
-        name: &LockName,
-        file: File,
-        path: &LockPath,
-    ) -> Result<Option<Box<dyn Lease>>, Error> {
-        let held = Self::stat(&file, path)?;
-        if !Self::is_regular(&held) {
-            return Err(Error::NotARegularFile { path: path.path() });
-        }
-        if held.st_nlink == 0 {
-            return Ok(None);
-        }
-        if held.st_size == 0 {
-            Self::record_name(path, name);
-        } else {
-            Self::refresh_age(&file, &held);
-        }
-        tracing::trace!(lock = name.as_str(), "file lock acquired");
-        Ok(Some(Box::new(FileLease { file })))
-    }
-
-    /// Keeps a lock file's modification time within [`AGE_REFRESH`] of its last acquisition, so
-    /// that [`gc`](Self::gc)'s age is the time since the lock was last used. flock(2) never
-    /// changes a file's times; writing them on every acquisition would cost a system call each,
-    /// so they are written only once they are an hour off (the `fstat` that the link-count check
-    /// makes anyway tells). Best effort: only the file's owner (or a writer) may set its times.
-    fn refresh_age(file: &File, held: &libc::stat) {
-        // SAFETY: time(NULL) cannot fail.
-        let now = unsafe { libc::time(std::ptr::null_mut()) };
-        if now.abs_diff(held.st_mtime) <= AGE_REFRESH {
-            return;
-        }
-        // SAFETY: futimens on an open descriptor; NULL sets both times to now.
-        if unsafe { libc::futimens(file.as_raw_fd(), std::ptr::null()) } != 0 {
-            tracing::debug!(error = %io::Error::last_os_error(), "cannot refresh a lock file's age");
-        }
-    }
-
-    /// Records the lock name in a new (empty) lock file, so that `status` can show names. Best
-    /// effort: without write permission the name is only missing from status output.
-    fn record_name(path: &LockPath, name: &LockName) {
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path.path())
-            .and_then(|f| f.write_at(name.as_str().as_bytes(), 0));
-        if let Err(e) = written {
-            tracing::debug!(lock = name.as_str(), error = %e, "cannot record the lock name");
-        }
-    }
-
-    /// Tries to lock `file` without blocking; false when busy.
-    fn try_flock(file: &File, mode: Mode) -> io::Result<bool> {
-        // SAFETY: flock on an open descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), op(mode) | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            Ok(false)
-        } else {
-            Err(e)
-        }
-    }
-
-    /// Tries to take the lock without waiting, starting over while the file was collected under
-    /// us. `Ok(Err(file))`: busy, and the acquisition may wait on `file`.
-    fn try_acquire(
-        &self,
-        path: &LockPath,
-        attempt: &mut Attempt<'_>,
-    ) -> Result<Result<Box<dyn Lease>, File>, AcquireError> {
-        loop {
-            let file = self.open(path)?;
-            let locked =
-                Self::try_flock(&file, attempt.mode()).map_err(|source| Error::LockFile {
-                    op: "lock",
-                    path: path.path(),
-                    source,
-                })?;
-            if locked {
-                match self.locked(attempt.name, file, path)? {
-                    Some(lease) => return Ok(Ok(lease)),
-                    None => continue,
-                }
-            }
-            if !attempt.may_wait() {
-                return Err(attempt.busy());
-            }
-            // Never wait on something that is not a lock file (a FIFO, a device).
-            if !Self::is_regular(&Self::stat(&file, path)?) {
-                return Err(Error::NotARegularFile { path: path.path() }.into());
-            }
-            attempt.waiting(|| status::holders_of(&path.path()).unwrap_or_default());
-            return Ok(Err(file));
-        }
-    }
-
-    fn wait_error(
-        attempt: &Attempt<'_>,
-        path: &LockPath,
-        r: io::Result<Option<File>>,
-    ) -> Result<File, AcquireError> {
-        match r {
-            Ok(Some(file)) => Ok(file),
-            Ok(None) => Err(attempt.busy()),
-            Err(source) => Err(Error::LockFile {
-                op: "lock",
-                path: path.path(),
-                source,
-            }
-            .into()),
-        }
-    }
-
     /// The state of every lock file in the directory.
     ///
     /// # Errors
@@ -396,13 +223,15 @@ impl FileLocker {
     /// set the file's times). A file is deleted only while this process holds it exclusively,
     /// and every acquisition checks after locking that its file is still linked, so collection
     /// never breaks a lock taken by lockgate (Rust, or Go lockgate from v0.2), whatever the age.
+    /// The turnstiles beside lock files (see the type's "Fairness") are collected by the same
+    /// rules, never while an exclusive request waits at one, and counted apart in the report.
     ///
     /// # Errors
     ///
     /// [`Error::LockDir`] when the directory cannot be read. Files that cannot be examined are
     /// counted in the report, not reported as errors.
     pub fn gc(&self, older_than: std::time::Duration) -> Result<GcReport, Error> {
-        status::gc(self, older_than)
+        gc::gc(self, older_than)
     }
 }
 
@@ -423,73 +252,27 @@ fn op(mode: Mode) -> libc::c_int {
     }
 }
 
-impl Backend for FileLocker {
-    fn acquire<'a>(
-        &'a self,
-        name: &'a LockName,
-        opts: &'a AcquireOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>> {
-        Box::pin(async move {
-            let mut attempt = Attempt::new(name, opts);
-            let path = self.c_path(name);
-            loop {
-                let file = match self.try_acquire(&path, &mut attempt)? {
-                    Ok(lease) => return Ok(lease),
-                    Err(file) => file,
-                };
-                let waited = Waiter::start(file, op(opts.mode))?
-                    .wait(attempt.deadline())
-                    .await;
-                let file = Self::wait_error(&attempt, &path, waited)?;
-                if let Some(lease) = self.locked(name, file, &path)? {
-                    return Ok(lease);
-                }
-            }
-        })
-    }
-
-    fn acquire_blocking(
-        &self,
-        name: &LockName,
-        opts: &AcquireOptions,
-    ) -> Result<Box<dyn Lease>, AcquireError> {
-        let mut attempt = Attempt::new(name, opts);
-        let deadline = attempt.deadline();
-        let path = self.c_path(name);
-        loop {
-            let file = match self.try_acquire(&path, &mut attempt)? {
-                Ok(lease) => return Ok(lease),
-                Err(file) => file,
-            };
-            // Block right here (no hop through another thread at the grant): without a deadline
-            // nothing interrupts the wait; with one, a timer for this thread does.
-            let waited = match deadline {
-                None => wait::flock_blocking(file, op(opts.mode)),
-                Some(d) => match wait::flock_until(file, op(opts.mode), d) {
-                    Ok(waited) => waited,
-                    // No timer available: wait through a thread of its own.
-                    Err(file) => Waiter::start(file, op(opts.mode))?.wait_blocking(deadline),
-                },
-            };
-            let file = Self::wait_error(&attempt, &path, waited)?;
-            if let Some(lease) = self.locked(name, file, &path)? {
-                return Ok(lease);
-            }
-        }
-    }
-}
-
 /// A lock file path, as the C string the system calls take.
 #[derive(Debug)]
 struct LockPath(Result<CString, Vec<u8>>);
 
 impl LockPath {
     fn path(&self) -> PathBuf {
-        let bytes = match &self.0 {
+        PathBuf::from(std::ffi::OsStr::from_bytes(self.bytes()))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.0 {
             Ok(c) => c.as_bytes(),
             Err(v) => v.as_slice(),
-        };
-        PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+        }
+    }
+
+    /// The path of the lock's turnstile: the lock file's path with [`turnstile::SUFFIX`].
+    fn turnstile(&self) -> LockPath {
+        let mut bytes = self.bytes().to_vec();
+        bytes.extend_from_slice(turnstile::SUFFIX.as_bytes());
+        LockPath(CString::new(bytes).map_err(|e| e.into_vec()))
     }
 }
 

@@ -6,7 +6,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
-use super::wait::{self, Waiter};
+use super::wait::{self, Stop, Waiter};
+use super::FileLease;
 use crate::acquire::Attempt;
 use crate::backend::{Backend, BoxFuture, Lease, LostSignal};
 use crate::error::{AcquireError, Error};
@@ -120,13 +121,21 @@ fn lock_error(path: &Path, source: io::Error) -> Error {
 
 fn waited(
     attempt: &Attempt<'_>,
-    path: &Path,
     outcome: wait::Outcome,
 ) -> Result<Box<dyn Lease>, AcquireError> {
     match outcome {
-        Ok(Some(file)) => Ok(Box::new(PathLease { file })),
+        Ok(Some(lease)) => Ok(Box::new(PathLease { file: lease.file })),
         Ok(None) => Err(attempt.busy()),
-        Err(e) => Err(lock_error(path, e).into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits in flock(2) on `file` until granted or `stop` says to give up.
+fn wait_on(file: File, mode: Mode, path: &Path, stop: &Stop<'_>) -> wait::Outcome {
+    match wait::flock(&file, op(mode), stop) {
+        Ok(true) => Ok(Some(FileLease { file })),
+        Ok(false) => Ok(None),
+        Err(e) => Err(lock_error(path, e)),
     }
 }
 
@@ -143,10 +152,11 @@ impl Backend for PathLocker {
                 Ok(lease) => return Ok(lease),
                 Err(file) => file,
             };
-            let outcome = Waiter::start(file, op(opts.mode))?
+            let (mode, p) = (opts.mode, path.clone());
+            let outcome = Waiter::start(move |stop| wait_on(file, mode, &p, stop))?
                 .wait(attempt.deadline())
                 .await;
-            waited(&attempt, &path, outcome)
+            waited(&attempt, outcome)
         })
     }
 
@@ -162,13 +172,18 @@ impl Backend for PathLocker {
             Err(file) => file,
         };
         let outcome = match attempt.deadline() {
-            None => wait::flock_blocking(file, op(opts.mode)),
-            Some(d) => match wait::flock_until(file, op(opts.mode), d) {
-                Ok(outcome) => outcome,
-                Err(file) => Waiter::start(file, op(opts.mode))?.wait_blocking(Some(d)),
+            None => wait_on(file, opts.mode, &path, &Stop::Never),
+            Some(d) => match wait::timer(d) {
+                // The timer interrupts this thread's flock at the deadline.
+                Some(_timer) => wait_on(file, opts.mode, &path, &Stop::At(d)),
+                None => {
+                    let (mode, p) = (opts.mode, path.clone());
+                    Waiter::start(move |stop| wait_on(file, mode, &p, stop))?
+                        .wait_blocking(Some(d))
+                }
             },
         };
-        waited(&attempt, &path, outcome)
+        waited(&attempt, outcome)
     }
 }
 

@@ -1,10 +1,9 @@
-//! Who holds which lock file (from `/proc/locks`), and collection of stale lock files.
+//! Who holds which lock file, and who waits for it (from `/proc/locks`).
 
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use super::{dir_error, FileLocker};
 use crate::error::Error;
@@ -35,22 +34,10 @@ pub struct LockStatus {
     pub state: LockState,
     /// The holders, by process id.
     pub holders: Vec<Holder>,
-    /// How many processes wait for it.
+    /// How many requests wait for it: in flock(2) on the lock file, and at its turnstile
+    /// (lockgate's shared requests giving way to an exclusive one, and exclusive requests
+    /// behind another).
     pub waiters: usize,
-}
-
-/// What [`FileLocker::gc`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct GcReport {
-    /// Lock files deleted.
-    pub removed: usize,
-    /// Lock files kept because they are in use.
-    pub in_use: usize,
-    /// Lock files kept because they are newer than the age limit.
-    pub too_new: usize,
-    /// Files that could not be examined or deleted.
-    pub failed: usize,
 }
 
 #[derive(Debug, Default)]
@@ -318,6 +305,7 @@ pub(crate) fn holders_of(path: &Path) -> io::Result<Vec<Holder>> {
 /// The lock name recorded in a lock file, if it hashes to the file's name.
 fn recorded_name(locker: &FileLocker, path: &Path, file_name: &str) -> Option<String> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut buf = Vec::new();
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -331,36 +319,61 @@ fn recorded_name(locker: &FileLocker, path: &Path, file_name: &str) -> Option<St
     (locker.naming.file_name(&name) == file_name).then_some(name)
 }
 
-use std::os::unix::fs::OpenOptionsExt;
+/// The lock files of a directory, and the turnstiles beside them.
+pub(super) struct Listing {
+    /// Lock files: (path, file name), sorted.
+    pub locks: Vec<(PathBuf, String)>,
+    /// Turnstiles: path by the file name of their lock file (which may not exist).
+    pub turnstiles: std::collections::BTreeMap<String, PathBuf>,
+}
 
-/// Lock files of the directory: (path, file name), sorted.
-fn lock_files(locker: &FileLocker) -> Result<Vec<(PathBuf, String)>, Error> {
+/// Lists the lock files of the directory (names of the locker's naming) and their turnstiles
+/// (such a name and [`SUFFIX`](super::turnstile::SUFFIX)). Nothing else is ever touched.
+pub(super) fn list(locker: &FileLocker) -> Result<Listing, Error> {
     let entries = std::fs::read_dir(&locker.dir).map_err(|e| dir_error(&locker.dir, e))?;
-    let mut files = Vec::new();
+    let mut listing = Listing {
+        locks: Vec::new(),
+        turnstiles: Default::default(),
+    };
     for entry in entries {
         let entry = entry.map_err(|e| dir_error(&locker.dir, e))?;
         let Ok(file_name) = entry.file_name().into_string() else {
             continue;
         };
         if locker.naming.matches(&file_name) {
-            files.push((entry.path(), file_name));
+            listing.locks.push((entry.path(), file_name));
+        } else if let Some(lock) = file_name.strip_suffix(super::turnstile::SUFFIX) {
+            if locker.naming.matches(lock) {
+                listing.turnstiles.insert(lock.to_owned(), entry.path());
+            }
         }
     }
-    files.sort();
-    Ok(files)
+    listing.locks.sort();
+    Ok(listing)
+}
+
+/// Device and inode of a regular file, not following symbolic links.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    meta.file_type().is_file().then(|| (meta.dev(), meta.ino()))
 }
 
 pub(super) fn status(locker: &FileLocker) -> Result<Vec<LockStatus>, Error> {
+    let listing = list(locker)?;
     let mut files = Vec::new();
-    for (path, file_name) in lock_files(locker)? {
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue; // collected meanwhile
+    for (path, file_name) in listing.locks {
+        let Some(id) = file_id(&path) else {
+            continue; // collected meanwhile, or not a lock file
         };
-        if meta.file_type().is_file() {
-            files.push((path, file_name, (meta.dev(), meta.ino())));
-        }
+        // Requests that wait at the turnstile (shared ones giving way, exclusive ones behind
+        // another) wait for this lock too.
+        let turnstile = listing.turnstiles.get(&file_name).and_then(|t| file_id(t));
+        files.push((path, file_name, id, turnstile));
     }
-    let ids: std::collections::HashSet<(u64, u64)> = files.iter().map(|f| f.2).collect();
+    let ids: std::collections::HashSet<(u64, u64)> = files
+        .iter()
+        .flat_map(|f| std::iter::once(f.2).chain(f.3))
+        .collect();
     let mut locks = if ids.is_empty() {
         HashMap::new()
     } else {
@@ -370,8 +383,11 @@ pub(super) fn status(locker: &FileLocker) -> Result<Vec<LockStatus>, Error> {
         })?
     };
     let mut out = Vec::with_capacity(files.len());
-    for (path, file_name, id) in files {
+    for (path, file_name, id, turnstile) in files {
         let l = locks.remove(&id).unwrap_or_default();
+        let at_turnstile = turnstile
+            .and_then(|t| locks.get(&t))
+            .map_or(0, |t| t.waiters);
         let state = match l.holders.first().map(|h| h.mode) {
             None => LockState::Free,
             Some(Mode::Shared) => LockState::Shared,
@@ -382,94 +398,10 @@ pub(super) fn status(locker: &FileLocker) -> Result<Vec<LockStatus>, Error> {
             path,
             state,
             holders: l.holders,
-            waiters: l.waiters,
+            waiters: l.waiters + at_turnstile,
         });
     }
     Ok(out)
-}
-
-pub(super) fn gc(locker: &FileLocker, older_than: Duration) -> Result<GcReport, Error> {
-    let mut report = GcReport::default();
-    let now = SystemTime::now();
-    for (path, _) in lock_files(locker)? {
-        let file = match locker.open_existing(&path) {
-            Ok(Some(f)) => f,
-            Ok(None) => continue, // gone already
-            Err(_) => {
-                report.failed += 1;
-                continue;
-            }
-        };
-        let modified = file.metadata().and_then(|m| m.modified());
-        let age = modified
-            .ok()
-            .and_then(|m| now.duration_since(m).ok())
-            .unwrap_or_default();
-        if age < older_than {
-            report.too_new += 1;
-            continue;
-        }
-        match FileLocker::try_flock(&file, Mode::Exclusive) {
-            Ok(true) => {}
-            Ok(false) => {
-                report.in_use += 1;
-                continue;
-            }
-            Err(_) => {
-                report.failed += 1;
-                continue;
-            }
-        }
-        // Holding it exclusively, and it is still the file at the path: unlink it. Anyone who
-        // opened it before will find it unlinked after locking it, and retry.
-        match same_file(&file, &path) {
-            Ok(true) => match std::fs::remove_file(&path) {
-                Ok(()) => report.removed += 1,
-                Err(_) => report.failed += 1,
-            },
-            Ok(false) => {}
-            Err(_) => report.failed += 1,
-        }
-    }
-    Ok(report)
-}
-
-/// True when `file` is still linked at `path`.
-fn same_file(file: &std::fs::File, path: &Path) -> io::Result<bool> {
-    let held = file.metadata()?;
-    if held.nlink() == 0 {
-        return Ok(false);
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-impl FileLocker {
-    /// Opens an existing lock file without creating it; `None` if it is gone.
-    fn open_existing(&self, path: &Path) -> Result<Option<std::fs::File>, Error> {
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-        {
-            Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => Ok(Some(f)),
-            Ok(_) => Err(Error::NotARegularFile {
-                path: path.to_owned(),
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(Error::SymlinkAtLockPath {
-                path: path.to_owned(),
-            }),
-            Err(source) => Err(Error::LockFile {
-                op: "open",
-                path: path.to_owned(),
-                source,
-            }),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,28 +1,31 @@
-//! Waiting for a flock(2) lock without polling, with timeouts and cancellation.
+//! Waiting in flock(2) without polling, with timeouts and cancellation.
 //!
 //! A blocking `flock` is the only way to be woken by the kernel the moment a lock is freed, and
 //! it cannot be given a timeout or cancelled from outside, except by a signal (which is how
-//! flock(1) implements `-w`). Three ways to wait:
+//! flock(1) implements `-w`). A wait (which may take several blocking `flock` calls: the
+//! turnstile, then the lock; see `turnstile.rs`) runs in one of three ways:
 //!
-//! - no deadline, blocking API: `flock` on the calling thread ([`flock_blocking`]);
-//! - a deadline, blocking API: `flock` on the calling thread, interrupted by a timer that
-//!   signals that thread ([`flock_until`]);
+//! - no deadline, blocking API: on the calling thread, never interrupted ([`Stop::Never`]);
+//! - a deadline, blocking API: on the calling thread, interrupted by a timer that signals that
+//!   thread ([`timer`], [`Stop::At`]);
 //! - the async API (which must not block the executor, and can be cancelled at any moment): a
-//!   [`Waiter`] runs the blocking `flock` on a thread of its own, and the owner interrupts it
-//!   with a signal:
+//!   [`Waiter`] runs the wait on a thread of its own, and the owner interrupts it with a signal
+//!   ([`Stop::Flag`]):
 //!
-//! 1. The waiter thread unblocks the wake signal, then loops: if cancelled, stop; else call the
-//!    blocking `flock`; on `EINTR` loop again.
+//! 1. The waiter thread unblocks the wake signal, then runs the wait: before each blocking
+//!    `flock` it checks the cancel flag; on `EINTR` it checks again.
 //! 2. To cancel, the owner sets the cancel flag, then sends the wake signal to the thread until
 //!    the thread reports that it has stopped (a signal sent just before the thread enters
 //!    `flock` is lost, hence the repetition with a short back-off).
 //! 3. The owner then joins the thread and takes its result: a lock that was granted at the
-//!    moment of cancellation is either used (a timeout that raced a grant) or closed — never
-//!    left held by a stray thread.
+//!    moment of cancellation is either used (a timeout that raced a grant) or released — never
+//!    left held by a stray thread. Whatever the wait held on the way (the turnstile) it gives
+//!    back before it reports.
 //!
 //! The wake signal is a real-time signal that nobody handles when first needed (the highest
 //! free one, searching down from `SIGRTMAX`); its handler does nothing and is installed without
-//! `SA_RESTART`, so `flock` returns `EINTR`. The signal is only ever sent to waiter threads.
+//! `SA_RESTART`, so `flock` returns `EINTR`. The signal is only ever sent to threads that wait
+//! for a lock.
 
 use std::fs::File;
 use std::io;
@@ -35,10 +38,50 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::FileLease;
 use crate::error::Error;
 
-/// The result of a wait: the locked file, or `None` when the wait was cancelled first.
-pub(crate) type Outcome = io::Result<Option<File>>;
+/// What a wait ends with: the lease, `None` when it was stopped (deadline or cancellation)
+/// before the lock was granted, or an error.
+pub(super) type Outcome = Result<Option<FileLease>, Error>;
+
+/// What stops a wait early. Checked before every blocking call and after every `EINTR`.
+pub(super) enum Stop<'a> {
+    /// Nothing: the wait ends with the lock (or an error).
+    Never,
+    /// The deadline; a [`timer`] interrupts the thread's blocking calls.
+    At(Instant),
+    /// The cancel flag of a [`Waiter`], whose owner interrupts the thread.
+    Flag(&'a AtomicBool),
+}
+
+impl Stop<'_> {
+    pub(super) fn stopped(&self) -> bool {
+        match self {
+            Stop::Never => false,
+            Stop::At(deadline) => Instant::now() >= *deadline,
+            Stop::Flag(cancelled) => cancelled.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// Blocks in `flock(file, operation)` until it is granted (`true`) or `stop` says to give up
+/// (`false`).
+pub(super) fn flock(file: &File, operation: libc::c_int, stop: &Stop<'_>) -> io::Result<bool> {
+    loop {
+        if stop.stopped() {
+            return Ok(false);
+        }
+        // SAFETY: flock on a descriptor we own for the duration of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
 
 struct Shared {
     cancelled: AtomicBool,
@@ -47,8 +90,8 @@ struct Shared {
     notify: Notify,
 }
 
-/// A blocking `flock` running on its own thread.
-pub(crate) struct Waiter {
+/// A wait running on its own thread.
+pub(super) struct Waiter {
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
 }
@@ -91,9 +134,24 @@ fn wake_signal() -> Result<libc::c_int, Error> {
         })
 }
 
+/// Unblocks `sig` on the calling thread; returns the previous mask.
+fn unblock(sig: libc::c_int) -> libc::sigset_t {
+    // SAFETY: sigset operations on local, initialised sets.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old);
+        old
+    }
+}
+
 impl Waiter {
-    /// Starts waiting for `operation` (`LOCK_SH` or `LOCK_EX`) on `file`.
-    pub(crate) fn start(file: File, operation: libc::c_int) -> Result<Self, Error> {
+    /// Starts `wait` on a thread of its own; it must stop soon after its [`Stop`] says so.
+    pub(super) fn start(
+        wait: impl FnOnce(&Stop<'_>) -> Outcome + Send + 'static,
+    ) -> Result<Self, Error> {
         let sig = wake_signal()?;
         let shared = Arc::new(Shared {
             cancelled: AtomicBool::new(false),
@@ -104,10 +162,11 @@ impl Waiter {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("lockgate-flock".into())
-            .stack_size(64 * 1024)
+            .stack_size(256 * 1024)
             .spawn(move || {
-                let outcome = run(&file, operation, sig, &thread_shared.cancelled)
-                    .map(|locked| locked.then_some(file));
+                // Threads inherit their creator's signal mask; the wake signal must get through.
+                unblock(sig);
+                let outcome = wait(&Stop::Flag(&thread_shared.cancelled));
                 *thread_shared
                     .result
                     .lock()
@@ -142,7 +201,7 @@ impl Waiter {
 
     /// Waits for the lock until `deadline`, blocking the calling thread. On timeout the wait is
     /// cancelled: the result is then whatever the waiter had when it stopped.
-    pub(crate) fn wait_blocking(mut self, deadline: Option<Instant>) -> Outcome {
+    pub(super) fn wait_blocking(mut self, deadline: Option<Instant>) -> Outcome {
         {
             let mut result = self
                 .shared
@@ -183,7 +242,7 @@ impl Waiter {
     ///
     /// Cancel safe: dropping the future drops the waiter, which cancels the wait and releases a
     /// lock granted in the meantime.
-    pub(crate) async fn wait(mut self, deadline: Option<Instant>) -> Outcome {
+    pub(super) async fn wait(mut self, deadline: Option<Instant>) -> Outcome {
         loop {
             if let Some(r) = self.take_result() {
                 return r;
@@ -237,81 +296,40 @@ impl Drop for Waiter {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.cancel();
-            if let Some(Ok(Some(file))) = self.take_result() {
+            if let Some(Ok(Some(lease))) = self.take_result() {
                 // Closing the file frees the lock the kernel granted as the wait was cancelled.
-                drop(file);
+                drop(lease);
                 tracing::debug!("closed a lock granted at the moment of cancellation");
             }
         }
     }
 }
 
-/// Waits for the lock on the calling thread, for waits that nothing can interrupt (no deadline,
-/// no cancellation): the kernel wakes this very thread, with no hop through another.
-pub(crate) fn flock_blocking(file: File, operation: libc::c_int) -> Outcome {
-    loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            return Ok(Some(file));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Waits for the lock on the calling thread until `deadline` (blocking waits with a deadline:
-/// `acquire_blocking` with a timeout). A timer signals this very thread at the deadline, and
-/// every millisecond after it: a signal that lands just before the thread enters `flock` is
-/// lost, the next one is not. Waiting here rather than on a thread of its own spares the hop
-/// from the waiter thread to the caller at the moment of the grant. `Err(file)` when the timer
-/// cannot be set up: the caller then waits through a [`Waiter`].
-pub(crate) fn flock_until(
-    file: File,
-    operation: libc::c_int,
-    deadline: Instant,
-) -> Result<Outcome, File> {
-    let Some(timer) = wake_signal()
+/// A timer that interrupts the calling thread's blocking calls at `deadline`, for waits on the
+/// calling thread with a deadline (`acquire_blocking` with a timeout): it signals this very
+/// thread at the deadline, and every millisecond after it, until dropped: a signal that lands
+/// just before the thread enters `flock` is lost, the next one is not. Waiting here rather than
+/// on a thread of its own spares the hop from the waiter thread to the caller at the moment of
+/// the grant. `None` when no timer can be set up (the caller then waits through a [`Waiter`]).
+pub(super) fn timer(deadline: Instant) -> Option<ThreadTimer> {
+    wake_signal()
         .ok()
         .and_then(|sig| ThreadTimer::start(sig, deadline))
-    else {
-        return Err(file);
-    };
-    let outcome = loop {
-        if Instant::now() >= deadline {
-            break Ok(None);
-        }
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            break Ok(Some(file));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            break Err(e);
-        }
-    };
-    drop(timer);
-    Ok(outcome)
 }
 
 /// A POSIX timer that sends the wake signal to the calling thread, with the signal unblocked on
 /// that thread while the timer lives.
-struct ThreadTimer {
+pub(super) struct ThreadTimer {
     id: libc::timer_t,
     old_mask: libc::sigset_t,
 }
 
 impl ThreadTimer {
     fn start(sig: libc::c_int, deadline: Instant) -> Option<Self> {
+        let old_mask = unblock(sig);
         // SAFETY: plain system calls with initialised arguments; the timer is deleted and the
         // mask restored in Drop.
         unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old_mask: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old_mask);
             let mut ev: libc::sigevent = std::mem::zeroed();
             ev.sigev_notify = libc::SIGEV_THREAD_ID;
             ev.sigev_signo = sig;
@@ -347,35 +365,5 @@ fn timespec(d: Duration) -> libc::timespec {
     libc::timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,
-    }
-}
-
-/// The waiter thread's body: true when locked, false when cancelled.
-fn run(
-    file: &File,
-    operation: libc::c_int,
-    sig: libc::c_int,
-    cancelled: &AtomicBool,
-) -> io::Result<bool> {
-    // Threads inherit their creator's signal mask; the wake signal must get through.
-    // SAFETY: sigset operations on a local, initialised set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-    }
-    loop {
-        if cancelled.load(Ordering::SeqCst) {
-            return Ok(false);
-        }
-        // SAFETY: flock on an fd we own for the duration of the call.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
     }
 }
