@@ -253,7 +253,15 @@ fn a_pinned_self_signed_certificate_is_trusted() {
 #[test]
 fn go_listen_form_and_status_json_of_a_lock_server() {
     let port = closed_port();
-    let mut p = Proc::spawn(bin().args(["serve", "--grace", "0", "--listen", &format!(":{port}")]));
+    // Every address without a token needs saying so (the server refuses it otherwise).
+    let mut p = Proc::spawn(bin().args([
+        "serve",
+        "--grace",
+        "0",
+        "--allow-no-token",
+        "--listen",
+        &format!(":{port}"),
+    ]));
     let line = p.expect("serving on ");
     assert_eq!(line, format!("serving on 0.0.0.0:{port}"));
     let url = format!("http://127.0.0.1:{port}");
