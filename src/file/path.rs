@@ -119,10 +119,7 @@ fn lock_error(path: &Path, source: io::Error) -> Error {
     }
 }
 
-fn waited(
-    attempt: &Attempt<'_>,
-    outcome: wait::Outcome,
-) -> Result<Box<dyn Lease>, AcquireError> {
+fn waited(attempt: &Attempt<'_>, outcome: wait::Outcome) -> Result<Box<dyn Lease>, AcquireError> {
     match outcome {
         Ok(Some(lease)) => Ok(Box::new(PathLease { file: lease.file })),
         Ok(None) => Err(attempt.busy()),
@@ -178,8 +175,7 @@ impl Backend for PathLocker {
                 Some(_timer) => wait_on(file, opts.mode, &path, &Stop::At(d)),
                 None => {
                     let (mode, p) = (opts.mode, path.clone());
-                    Waiter::start(move |stop| wait_on(file, mode, &p, stop))?
-                        .wait_blocking(Some(d))
+                    Waiter::start(move |stop| wait_on(file, mode, &p, stop))?.wait_blocking(Some(d))
                 }
             },
         };

@@ -163,8 +163,11 @@ pub struct ApiServer {
 
 impl ApiServer {
     pub fn new() -> Self {
+        // What came before the server's start is forgotten, as etcd compacts: a watch from
+        // such an old resourceVersion gets 410 Gone.
         Self {
             revision: 100,
+            compacted: 100,
             ..Default::default()
         }
     }

@@ -239,7 +239,12 @@ impl Journal {
                 .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok());
             let (now_uuid, count) = rec
                 .as_ref()
-                .map(|r| (r["uuid"].as_str().unwrap_or("").to_owned(), r["SharedHoldersCount"].as_i64().unwrap_or(0)))
+                .map(|r| {
+                    (
+                        r["uuid"].as_str().unwrap_or("").to_owned(),
+                        r["SharedHoldersCount"].as_i64().unwrap_or(0),
+                    )
+                })
                 .unwrap_or_default();
             if now_uuid != uuid {
                 found.push(format!(

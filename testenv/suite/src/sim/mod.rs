@@ -77,6 +77,9 @@ pub struct Config {
     pub shared: f64,
     /// The longest a client holds a lock.
     pub max_hold: Duration,
+    /// The longest a client pauses between two acquisitions (long pauses leave records
+    /// standing still, where writes that land late land on the value they test).
+    pub think: Duration,
     /// A planted bug of configuration: the first host's lockers use a 4 s TTL while everyone
     /// else uses `lease`'s.
     pub short_ttl_host: bool,
@@ -100,7 +103,7 @@ impl Config {
                 ttl: Duration::from_secs(30),
                 renew_period: Duration::from_secs(10),
                 renew_deadline: Duration::from_secs(25),
-                request_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(1),
             },
         };
         let n = *rng.pick(&[1, 1, 2, 3]);
@@ -110,14 +113,18 @@ impl Config {
             names: (0..n).map(|i| format!("lock-{i}")).collect(),
             duration: Duration::from_secs(rng.range(20, 90)),
             lease,
-            // From a calm network to one where a write in five meets a fault.
-            net: NetFaults::scaled(*rng.pick(&[0.0, 0.5, 1.0, 3.0, 10.0, 20.0])),
+            net: NetFaults::random(rng),
             host_faults: rng.chance(0.7),
             server_faults: rng.chance(0.5),
             go_peers: 0,
             short_ttl_host: false,
             shared: *rng.pick(&[0.2, 0.5, 0.8]),
             max_hold: Duration::from_millis(rng.range(500, 20_000)),
+            think: *rng.pick(&[
+                Duration::from_millis(400),
+                Duration::from_secs(5),
+                Duration::from_secs(15),
+            ]),
         }
     }
 }
@@ -279,6 +286,7 @@ fn start_clients(
             },
             max_hold: config.max_hold,
             shared: config.shared,
+            think: config.think,
         })
         .collect();
     let journal = journal.clone();

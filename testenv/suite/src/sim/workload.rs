@@ -29,6 +29,8 @@ pub struct Client {
     pub max_hold: Duration,
     /// How often it asks for a shared lock.
     pub shared: f64,
+    /// The longest pause between two acquisitions.
+    pub think: Duration,
 }
 
 fn now() -> Duration {
@@ -40,7 +42,7 @@ impl Client {
     pub async fn run(mut self) {
         while !self.stop.load(Ordering::SeqCst) {
             self.once().await;
-            let think = self.rng.millis(0, 400);
+            let think = self.rng.millis(0, self.think.as_millis() as u64);
             tokio::time::sleep(think).await;
         }
         self.running.fetch_sub(1, Ordering::SeqCst);

@@ -228,8 +228,8 @@ impl tower::Service<http::Request<kube::client::Body>> for SimService {
 pub struct Plan {
     /// Latency to the server.
     pub there: Duration,
-    /// Held back until the sending host's next request has been handled (or `hold_max`),
-    /// then handled: a write that lands after the client's next read.
+    /// Held back until the sending host's next read has been handled (or `hold_max`), then
+    /// handled: a write that lands after the client's next read.
     pub hold: bool,
     pub before: Before,
     pub after: After,
@@ -314,6 +314,22 @@ impl NetFaults {
 
     pub fn some() -> Self {
         Self::scaled(1.0)
+    }
+
+    /// Each kind of fault at a probability of its own, from none to a write in three: some
+    /// schedules have one kind of fault in plenty and no other (a held write that lands after
+    /// a clean re-read, say), others a mix.
+    pub fn random(rng: &mut Rng) -> Self {
+        let mut p = || *rng.pick(&[0.0, 0.0, 0.0, 0.005, 0.02, 0.1, 0.3]);
+        Self {
+            drop: p(),
+            lose_reply: p(),
+            hold: p(),
+            refuse: p(),
+            error_after: p(),
+            reset: p(),
+            slow: p(),
+        }
     }
 
     /// [`some`](Self::some)'s probabilities times `k` (at most 1).
@@ -823,8 +839,13 @@ impl World {
         }
         let host = msg.host;
         let seq = msg.seq;
+        let read = msg.req.method == http::Method::GET && !msg.req.is_watch();
         self.serve(msg, plan);
-        // Requests of this host held back before this one land now, after it.
+        // Writes of this host held back before this read land now, after it: a write that
+        // lands after its client's next read (a stalled commit, a webhook, a proxy).
+        if !read {
+            return;
+        }
         let (now, mut later) = (self.now, Vec::new());
         let mut i = 0;
         while i < self.held.len() {
