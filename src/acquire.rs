@@ -62,7 +62,7 @@ impl<'a> Attempt<'a> {
     }
 
     /// When the acquisition gives up, on the library's clock (Tokio's); `None`: never.
-    #[cfg_attr(not(any(feature = "kubernetes", feature = "http")), allow(dead_code))]
+    #[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
     pub fn deadline_at(&self) -> Option<Instant> {
         self.deadline
     }

@@ -78,6 +78,7 @@ pub(crate) fn boot() -> Boot {
 }
 
 /// The wall clock.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) fn wall() -> SystemTime {
     #[cfg(feature = "simulation")]
     if let Some(w) = sim::source().and_then(|s| s.wall()) {
@@ -87,6 +88,7 @@ pub(crate) fn wall() -> SystemTime {
 }
 
 /// 128 random bits.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) fn random() -> u128 {
     #[cfg(feature = "simulation")]
     if let Some(r) = sim::source().and_then(|s| s.random()) {
@@ -96,11 +98,13 @@ pub(crate) fn random() -> u128 {
 }
 
 /// A random (version 4) uuid.
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) fn uuid() -> uuid::Uuid {
     uuid::Builder::from_random_bytes(random().to_le_bytes()).into_uuid()
 }
 
 /// Seconds since the epoch by the wall clock (negative before 1970).
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))]
 pub(crate) fn wall_unix() -> i64 {
     match wall().duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
