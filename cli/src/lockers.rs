@@ -133,7 +133,19 @@ impl Locator {
     pub(crate) async fn locker(&self, patience: Option<Duration>) -> Result<Locker, Failure> {
         match self {
             Locator::File { .. } => Ok(Locker::new(self.file_locker(true)?)),
-            Locator::Kubernetes { .. } => Ok(Locker::new(self.kubernetes_locker().await?)),
+            Locator::Kubernetes { .. } => {
+                let mut locker = self.kubernetes_locker().await?;
+                if let Some(patience) = patience {
+                    locker = locker.patience(patience).on_unreachable(move |e| {
+                        eprintln!(
+                            "lockgate: {}; retrying for up to {} (--patience, $LOCKGATE_PATIENCE)",
+                            error_chain(e),
+                            humantime::format_duration(patience)
+                        );
+                    });
+                }
+                Ok(Locker::new(locker))
+            }
             Locator::Http { .. } => Ok(Locker::new(self.http_locker(patience).await?)),
         }
     }

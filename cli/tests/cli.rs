@@ -807,6 +807,32 @@ fn an_unreachable_api_server_exits_69() {
     }
 }
 
+/// A waiting exec (no `-w`) on an unreachable API server says so at once, retries for the
+/// patience, then exits 69. Before, it waited on, silent.
+#[test]
+fn an_unreachable_api_server_is_said_at_once_and_retried_for_the_patience() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = unreachable_kubeconfig(dir.path());
+    let start = Instant::now();
+    let out = run(bin()
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["--locker", "kubernetes://default/configmaps/locks"])
+        .args(["exec", "--patience", "2s", "x", "--", "echo", "ran"]));
+    let took = start.elapsed();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(out.stdout.is_empty(), "the command ran");
+    assert!(err.contains("retrying for up to 2s"), "{err}");
+    assert_eq!(
+        err.matches("retrying for up to").count(),
+        1,
+        "once an outage: {err}"
+    );
+    assert!(err.contains("gave up after 2s"), "{err}");
+    assert!(took >= Duration::from_secs(2), "gave up early: {took:?}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
 fn exec_with_missing_kubeconfig() -> Output {
     run(bin()
         .env("KUBECONFIG", "/nonexistent/kubeconfig")

@@ -73,6 +73,8 @@ pub(super) struct Acquisition<'a> {
     /// new uuid instead of a reserved record's holder mark).
     pub(super) compact: bool,
     pub(super) outages: u32,
+    /// When the current outage of the API server began (its first failed request).
+    pub(super) outage_began: Option<Instant>,
 }
 
 pub(crate) async fn acquire(
@@ -149,6 +151,7 @@ impl<'a> Acquisition<'a> {
             armed: false,
             conflicts: 0,
             outages: 0,
+            outage_began: None,
             made_room: false,
             compact: false,
         }
@@ -371,16 +374,52 @@ impl Acquisition<'_> {
 
     /// The API server is unreachable, overloaded or failing: a waiting acquisition keeps trying
     /// until its deadline, backing off up to 1.6 s.
+    ///
+    /// With a patience (`KubernetesLocker::patience`), it gives up when the outage has lasted
+    /// that long; the on-unreachable hook hears of each outage once, at its start.
     async fn outage(&mut self, e: Error) -> Result<(), AcquireError> {
-        let pause = Duration::from_millis(100 << self.outages.min(4));
+        let mut pause = Duration::from_millis(100 << self.outages.min(4));
         if !self.attempt.fits(pause) {
             return Err(e.into());
+        }
+        let policy = self
+            .object
+            .outages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let began = *self.outage_began.get_or_insert_with(|| {
+            if let Some(hook) = &policy.on_unreachable {
+                hook(&e);
+            }
+            clock::now()
+        });
+        if let Some(patience) = policy.patience {
+            // The last try comes when the patience ends.
+            match patience.checked_sub(began.elapsed()) {
+                Some(left) if !left.is_zero() => pause = pause.min(left),
+                _ => {
+                    // The last failure's own cause: the resource is said once.
+                    let last = match &e {
+                        Error::Unreachable { source, .. } => crate::error::chain(source.as_ref()),
+                        other => crate::error::chain(other),
+                    };
+                    return Err(Error::Unreachable {
+                        resource: self.object.store.describe.clone(),
+                        source: format!("gave up after {patience:?} of failures, the last: {last}")
+                            .into(),
+                    }
+                    .into());
+                }
+            }
         }
         self.outages += 1;
         tracing::warn!(lock = self.attempt.name.as_str(), error = %crate::error::chain(&e), ?pause, "Kubernetes API server unavailable; retrying");
         tokio::time::sleep(pause).await;
         if let Ok(fresh) = self.object.store.get().await {
             self.current = fresh;
+            // An answer: the outage is over.
+            self.outage_began = None;
         }
         Ok(())
     }

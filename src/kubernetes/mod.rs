@@ -93,7 +93,19 @@ pub(crate) struct Object {
     feed: Mutex<Option<watch::Feed>>,
     /// What this locker saw of each lock's record, kept across acquisitions.
     seen: Mutex<HashMap<String, decide::Seen>>,
+    /// How long a waiting acquisition rides out an unreachable API server, and whom it tells.
+    outages: Mutex<OutagePolicy>,
 }
+
+/// What a waiting acquisition does when the API server cannot be reached.
+#[derive(Clone, Default)]
+pub(crate) struct OutagePolicy {
+    pub patience: Option<std::time::Duration>,
+    pub on_unreachable: Option<Arc<UnreachableHook>>,
+}
+
+/// What `KubernetesLocker::on_unreachable` calls.
+type UnreachableHook = dyn Fn(&Error) + Send + Sync;
 
 impl Object {
     fn new(store: Store, config: LeaseConfig) -> Self {
@@ -102,6 +114,7 @@ impl Object {
             config,
             feed: Mutex::default(),
             seen: Mutex::default(),
+            outages: Mutex::default(),
         }
     }
 
@@ -226,6 +239,32 @@ impl KubernetesLocker {
         store
             .create_missing
             .store(create && configmaps, Ordering::Relaxed);
+        self
+    }
+
+    /// How long a waiting acquisition keeps trying an API server it cannot reach (no answer, a
+    /// refused or reset connection, `5xx`, `429`) before it fails with
+    /// [`Error::Unreachable`]; counted from the first failure of an outage, started afresh by
+    /// every answer. Without it, only the acquisition's own deadline ends the retries. The
+    /// setting belongs to the locker and every clone of it.
+    pub fn patience(self, patience: std::time::Duration) -> Self {
+        self.inner()
+            .outages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .patience = Some(patience);
+        self
+    }
+
+    /// Calls `hook` when a waiting acquisition finds the API server unreachable and starts
+    /// retrying: once per outage, with the error that started it (a command line tool says at
+    /// once what is wrong, rather than only when the [`patience`](Self::patience) runs out).
+    pub fn on_unreachable(self, hook: impl Fn(&Error) + Send + Sync + 'static) -> Self {
+        self.inner()
+            .outages
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .on_unreachable = Some(Arc::new(hook));
         self
     }
 
