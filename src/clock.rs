@@ -159,7 +159,7 @@ pub(crate) fn planted(bug: Bug) -> bool {
 }
 
 /// The simulator's hook (feature `simulation`): lockgate's deterministic simulator installs a
-/// [`Source`] that answers per simulated host. Not for applications.
+/// [`Source`](sim::Source) that answers per simulated host. Not for applications.
 #[cfg(feature = "simulation")]
 #[doc(hidden)]
 pub mod sim {

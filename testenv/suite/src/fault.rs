@@ -70,8 +70,10 @@ pub enum Moment {
     /// After its first register write, or its counter update when it has no token: in the
     /// sleep of its hold.
     InHold,
-    /// In the sleep of a hold granted less than 300 ms ago: most of the hold still to come (a
-    /// fault that must outlast the renewal deadline inside the hold).
+    /// In the sleep of a hold that reached it less than a second ago: most of the hold still to
+    /// come (a fault that must outlast the renewal deadline inside the hold). Counted from the
+    /// client's own event, not from the grant: on a loaded machine the first write of a hold
+    /// can come long after its grant, and such a hold is still fresh.
     Fresh,
 }
 
@@ -134,6 +136,28 @@ pub struct Plan {
     pub stop_within: Duration,
     /// The clients faults may strike (empty: any).
     pub victims: Vec<String>,
+}
+
+impl Plan {
+    /// How long a fault waits for its victim: every client through one longest hold, a
+    /// takeover, and a margin for a loaded machine (10 s at least). A fault that finds none in
+    /// that time is reported with what the nemesis saw meanwhile, and fails the run.
+    pub fn victim_within(&self) -> Duration {
+        let longest_hold_ms = self
+            .clients
+            .iter()
+            .filter_map(|c| {
+                let i = c.args.iter().position(|a| a == "--hold")?;
+                let (_, max) = c.args.get(i + 1)?.split_once(':')?;
+                max.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(1000);
+        let clients = u32::try_from(self.clients.len()).unwrap_or(u32::MAX);
+        let cycle = Duration::from_millis(longest_hold_ms)
+            + self.params.takeover_bound.unwrap_or(Duration::from_secs(5));
+        (cycle * clients + Duration::from_secs(5)).max(Duration::from_secs(10))
+    }
 }
 
 /// What a run did and what the checker found.
@@ -221,7 +245,8 @@ struct Holding {
     /// The hold's last event.
     op: Op,
     phase: Phase,
-    granted: u64,
+    /// When it entered the sleep of its hold (CLOCK_MONOTONIC ns; 0: not yet).
+    in_hold_at: u64,
 }
 
 /// What the nemesis knows of a client from its history so far.
@@ -236,6 +261,14 @@ struct Watcher {
     offsets: HashMap<PathBuf, usize>,
     clients: HashMap<String, Seen>,
     supervisors: Vec<u32>,
+    /// Exclusive grants seen so far (to say why a fault found no victim).
+    exclusive_grants: u32,
+}
+
+/// After its first register write, or its counter update when it has no token: in the sleep of
+/// its hold.
+fn in_hold(op: Op, phase: Phase) -> bool {
+    (op == Op::Register && phase != Phase::Invoke) || (op == Op::Counter && phase == Phase::Ok)
 }
 
 impl Watcher {
@@ -273,8 +306,11 @@ impl Watcher {
                             exclusive: ev.mode.as_deref() != Some("s"),
                             op: ev.op,
                             phase: ev.phase,
-                            granted: ev.mono,
+                            in_hold_at: 0,
                         });
+                        if ev.mode.as_deref() != Some("s") {
+                            self.exclusive_grants += 1;
+                        }
                     }
                     (Op::Release, Phase::Invoke) | (Op::Lost, _) | (Op::End, _) => {
                         seen.holding = None
@@ -283,6 +319,9 @@ impl Watcher {
                         if let Some(hold) = seen.holding.as_mut() {
                             hold.op = op;
                             hold.phase = phase;
+                            if hold.in_hold_at == 0 && in_hold(op, phase) {
+                                hold.in_hold_at = ev.mono;
+                            }
                         }
                     }
                 }
@@ -300,16 +339,14 @@ impl Watcher {
                 exclusive: excl,
                 op,
                 phase,
-                granted,
+                in_hold_at,
             } = s.holding.clone()?;
-            let in_hold = (op == Op::Register && phase != Phase::Invoke)
-                || (op == Op::Counter && phase == Phase::Ok);
             let at = match moment {
                 Moment::Holding => true,
                 Moment::MidWrite => op == Op::Counter && phase == Phase::Invoke,
-                Moment::InHold => in_hold,
+                Moment::InHold => in_hold_at != 0,
                 Moment::Fresh => {
-                    in_hold && history::mono_ns().saturating_sub(granted) < 300_000_000
+                    in_hold_at != 0 && history::mono_ns().saturating_sub(in_hold_at) < 1_000_000_000
                 }
             };
             (excl && at && among.contains(c)).then(|| (c.clone(), pid, sup))
@@ -356,6 +393,7 @@ impl Plan {
                 offsets: HashMap::new(),
                 clients: HashMap::new(),
                 supervisors: Vec::new(),
+                exclusive_grants: 0,
             },
             server: None,
             missed: Vec::new(),
@@ -519,20 +557,30 @@ impl Running {
             .collect()
     }
 
-    /// Waits (10 s at most) for an exclusive holder at `moment` among `among`.
+    /// Waits (the plan's [`Plan::victim_within`] at most) for an exclusive holder at `moment`
+    /// among `among`; none in time is recorded as a missed fault, with what was seen meanwhile.
     async fn victim(
         &mut self,
+        plan: &Plan,
+        fault: &Fault,
         moment: Moment,
         among: &[String],
     ) -> Option<(String, u32, Option<u32>)> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        let within = plan.victim_within();
+        let start = Instant::now();
+        let grants_before = self.watcher.exclusive_grants;
+        while start.elapsed() < within {
             self.watcher.poll();
             if let Some(v) = self.watcher.victim(moment, among) {
                 return Some(v);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        self.missed.push(format!(
+            "{fault:?}: no exclusive holder {moment:?} among {among:?} within {within:?} \
+             ({} exclusive grants seen meanwhile)",
+            self.watcher.exclusive_grants - grants_before
+        ));
         None
     }
 
@@ -548,8 +596,8 @@ impl Running {
         match fault {
             Fault::Wait(d) => tokio::time::sleep(*d).await,
             Fault::Kill(moment) => {
-                let Some((client, pid, sup)) = self.victim(*moment, &alive).await else {
-                    self.missed.push(format!("{fault:?}"));
+                let Some((client, pid, sup)) = self.victim(plan, fault, *moment, &alive).await
+                else {
                     return;
                 };
                 let spec = self.specs[base_id(&client)].clone();
@@ -582,8 +630,8 @@ impl Running {
                 }
             }
             Fault::Pause(moment, d) => {
-                let Some((client, pid, sup)) = self.victim(*moment, &alive).await else {
-                    self.missed.push(format!("{fault:?}"));
+                let Some((client, pid, sup)) = self.victim(plan, fault, *moment, &alive).await
+                else {
                     return;
                 };
                 let spec = &self.specs[base_id(&client)];
@@ -609,8 +657,9 @@ impl Running {
                     .filter(|c| self.proxies.contains_key(base_id(c)))
                     .cloned()
                     .collect();
-                let Some((client, pid, _)) = self.victim(Moment::Fresh, &proxied).await else {
-                    self.missed.push(format!("{fault:?}"));
+                let Some((client, pid, _)) =
+                    self.victim(plan, fault, Moment::Fresh, &proxied).await
+                else {
                     return;
                 };
                 let proxy = Arc::clone(&self.proxies[base_id(&client)]);
@@ -644,9 +693,8 @@ impl Running {
             }
             Fault::Restart(what) => {
                 // Strike while somebody holds the lock: its renewals must fail over the restart.
-                if self.victim(Moment::Fresh, &alive).await.is_none() {
-                    self.missed.push(format!("{fault:?}"));
-                }
+                // (None: recorded as missed; the fault strikes all the same.)
+                let _ = self.victim(plan, fault, Moment::Fresh, &alive).await;
                 self.nemesis.log(
                     &Event::now("nemesis", Op::Fault, Phase::Invoke)
                         .detail(format!("restart {what}")),
@@ -675,9 +723,8 @@ impl Running {
             Fault::RestartServer => {
                 let ttl = plan.server.as_ref().expect("an HTTP run").ttl.clone();
                 // Strike while somebody holds a lease: its holder must learn it lost it.
-                if self.victim(Moment::Fresh, &alive).await.is_none() {
-                    self.missed.push(format!("{fault:?}"));
-                }
+                // (None: recorded as missed; the fault strikes all the same.)
+                let _ = self.victim(plan, fault, Moment::Fresh, &alive).await;
                 let (port, mut old) = self.server.take().expect("a server");
                 self.nemesis
                     .log(&Event::now("nemesis", Op::Fault, Phase::Invoke).detail("server kill -9"));
