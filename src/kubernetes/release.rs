@@ -13,10 +13,6 @@ use crate::backend::{BoxFuture, Lease, LostReason, LostSignal};
 use crate::clock::{self, Boot};
 use crate::error::Error;
 
-/// How long a record released with nobody waiting stays reserved for Rust acquirers (who may
-/// take it under its uuid) before it looks expired to Go v0.2 (which polls every 2 s).
-const RESERVE_SECS: i64 = 2;
-
 /// How far ahead of the API server's clock (as we estimate it from `Date` headers, to the
 /// second) a holder mark must expire for a Rust grant to keep a free record's uuid: Go v0.2
 /// compares with its own clock, and must not see the mark expired meanwhile.
@@ -325,10 +321,11 @@ impl Object {
     /// - a Rust waiter, first by Go's order too: reserved for it — `ExpireAtTimestamp` a TTL
     ///   ahead and the holder mark, so that Go v0.2 waits and the Rust waiter takes it under the
     ///   same uuid;
-    /// - nobody: reserved for [`RESERVE_SECS`] (anyone on the Rust side may take it under the
-    ///   same uuid meanwhile), then expired for Go, which takes it at its next poll;
-    /// - a Go waiter: expired (`ExpireAtTimestamp` in the past), as Go v0.2 releases to its
-    ///   queue: the Go waiter takes it over.
+    /// - anybody else (a Go waiter, or nobody in the queue): expired (`ExpireAtTimestamp` in
+    ///   the past), as Go v0.2 releases: a Go waiter, queued or polling without an acquirer id,
+    ///   takes it over at its next read. (It was once reserved for 2 s when nobody was queued,
+    ///   so that a Rust acquirer coming next could keep the uuid; that cost every Go waiter
+    ///   outside the queue 3 to 5 s per handoff. See PROTOCOL.md, "Go v0.2 peers".)
     pub(super) fn released(&self, rec: &Record, holder: &str) -> Record {
         let now = self.store.server_now();
         let mut left = rec.clone();
@@ -346,18 +343,14 @@ impl Object {
             .values()
             .filter(|m| m.alive_for_go(now))
             .min_by(|a, b| a.order().cmp(&b.order()));
-        let reserve = match head {
-            Some(head) if first_for_go(head, &left.queue, now) => Some(self.expire_at()),
-            Some(_) => None,
-            None => Some(now.saturating_add(RESERVE_SECS + MARK_MARGIN_SECS)),
-        };
-        match reserve {
-            Some(until) => {
+        match head {
+            Some(head) if first_for_go(head, &left.queue, now) => {
+                let until = self.expire_at();
                 left.expire_at = until;
                 left.queue
                     .insert(HOLDER_MARK.to_owned(), Member::mark(until));
             }
-            None => left.expire_at = now.saturating_sub(1),
+            _ => left.expire_at = now.saturating_sub(1),
         }
         left
     }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run -p lockgate-testenv --bin faults -- [--minutes N] [--planted] [PLAN...]
+//! cargo run -p lockgate-testenv --bin faults -- --list     # the plans' names
 //! ```
 //!
 //! Needs the test environment (`testenv/kube up`, `source target/testenv/env.sh`) and a built
@@ -30,6 +31,10 @@ async fn main() {
                     .unwrap_or_else(|| panic!("--minutes needs a number"))
             }
             "--planted" => planted = true,
+            "--list" => {
+                NAMES.iter().for_each(|n| println!("{n}"));
+                return;
+            }
             _ => names.push(a),
         }
     }
