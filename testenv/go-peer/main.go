@@ -11,6 +11,7 @@
 //	lockgate-go serve --listen ADDR [--store memory|kubernetes://NAMESPACE/RESOURCE/NAME]
 //	lockgate-go bench --locker LOCKER [-s] [--iterations N] [--name NAME] [--ready]
 //	lockgate-go bench-wait --locker LOCKER [-s] [--name NAME]
+//	lockgate-go bench-hold --locker LOCKER [-s] [--name NAME]
 //
 // LOCKER is file:DIR, kubernetes://NAMESPACE/RESOURCE/NAME (with KUBECONFIG; an empty
 // NAMESPACE means cluster-scoped) or http://HOST:PORT. Kubernetes clients run without
@@ -76,7 +77,7 @@ func errNeedsV02(feature string) error {
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(exitUsage, "usage: lockgate-go version|exec|loop|gc|serve|bench|bench-wait ...")
+		fail(exitUsage, "usage: lockgate-go version|exec|loop|gc|serve|bench|bench-wait|bench-hold ...")
 	}
 	switch os.Args[1] {
 	case "version":
@@ -93,6 +94,8 @@ func main() {
 		benchCmd(os.Args[2:])
 	case "bench-wait":
 		benchWaitCmd(os.Args[2:])
+	case "bench-hold":
+		benchHoldCmd(os.Args[2:])
 	default:
 		fail(exitUsage, "unknown command %q", os.Args[1])
 	}
@@ -650,5 +653,39 @@ func benchWaitCmd(args []string) {
 		if err := locker.Release(handle); err != nil {
 			fail(exitUnavailable, "release: %s", err)
 		}
+	}
+}
+
+// benchHoldCmd is the holder of a handoff benchmark: on a line on stdin it acquires the lock
+// (blocking) and prints "held"; on the next line it prints "releasing <CLOCK_MONOTONIC ns>",
+// releases, and prints "released".
+func benchHoldCmd(args []string) {
+	fs := flag.NewFlagSet("bench-hold", flag.ContinueOnError)
+	var f lockFlags
+	f.register(fs)
+	name := fs.String("name", "bench", "lock name")
+	if err := fs.Parse(args); err != nil {
+		os.Exit(exitUsage)
+	}
+	opts := f.options()
+	locker, err := newLocker(f.locker)
+	if err != nil {
+		fail(exitUsage, "%s", err)
+	}
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		acquired, handle, err := locker.Acquire(*name, opts)
+		if err != nil || !acquired {
+			fail(exitUnavailable, "acquire: acquired=%v err=%v", acquired, err)
+		}
+		fmt.Println("held")
+		if !in.Scan() {
+			return
+		}
+		fmt.Printf("releasing %d\n", monoNs())
+		if err := locker.Release(handle); err != nil {
+			fail(exitUnavailable, "release: %s", err)
+		}
+		fmt.Println("released")
 	}
 }

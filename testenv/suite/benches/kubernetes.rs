@@ -408,8 +408,10 @@ async fn handoff(plan: &Plan, go: &str) {
         "Time from the holder's release call to the waiter's grant. The holder releases at a \
          random moment, uniform in 0–2 s (Go's poll period) after the waiter's on-wait hook ran \
          (it found the lock busy and is waiting). Rust waiter: another locker with its own \
-         client and watch; Go waiter: a `lockgate-go bench-wait` process (grant time on \
-         CLOCK_MONOTONIC). A grant before the release fails the run."
+         client and watch; Go waiter: a `lockgate-go bench-wait` process of either version werf \
+         pins, without an acquirer id (grant time on CLOCK_MONOTONIC), after a Rust holder and \
+         after a `lockgate-go bench-hold` holder of its own version (release time taken just \
+         before its Release call). A grant before the release fails the run."
     );
     println!();
     let mut rng = Rng::new();
@@ -454,33 +456,108 @@ async fn handoff(plan: &Plan, go: &str) {
     }
     handoff_row("lockgate (Rust)", &mut samples);
 
-    let mut child = go_cmd(&["bench-wait", "--locker", &url(&cm), "--name", "go-handoff"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut read_line = move || {
-        tokio::task::block_in_place(|| {
-            let mut line = String::new();
-            stdout.read_line(&mut line).unwrap();
-            line.trim().to_owned()
-        })
+    // Go waiters (both versions werf pins, neither in the queue: no acquirer id), after a
+    // Rust holder and after a Go holder of their own version, side by side.
+    for (version, peer) in [
+        ("v0.2.0", lockgate_testenv::go_peer()),
+        ("v0.1.1", lockgate_testenv::go_peer_v01()),
+    ] {
+        for rust_holder in [true, false] {
+            let name = format!(
+                "go-handoff-{version}-{}",
+                if rust_holder { "rust" } else { "go" }
+            );
+            let mut samples = go_handoffs(
+                plan,
+                &cm,
+                &peer,
+                rust_holder.then_some(&holder),
+                &name,
+                &mut rng,
+            )
+            .await;
+            let who = if rust_holder {
+                format!("Go lockgate {version}, after a Rust holder")
+            } else {
+                format!("Go lockgate {version}, after a Go {version} holder")
+            };
+            handoff_row(&who, &mut samples);
+        }
+    }
+    let _ = go;
+    println!();
+}
+
+/// A line of a child's stdout.
+fn line_of(out: &mut impl BufRead) -> String {
+    tokio::task::block_in_place(|| {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    })
+}
+
+/// `plan.go_handoffs` handoffs to a `bench-wait` process of `peer`, from `rust` (a Rust
+/// locker) or from a `bench-hold` process of the same peer.
+async fn go_handoffs(
+    plan: &Plan,
+    cm: &str,
+    peer: &std::path::Path,
+    rust: Option<&Locker>,
+    name: &str,
+    rng: &mut Rng,
+) -> Vec<Duration> {
+    let spawn = |what: &str| {
+        let mut c = Command::new(peer)
+            .args([what, "--locker", &url(cm), "--name", name])
+            .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = c.stdin.take().unwrap();
+        let stdout = BufReader::new(c.stdout.take().unwrap());
+        (c, stdin, stdout)
     };
+    let (mut waiter, mut w_in, mut w_out) = spawn("bench-wait");
+    let mut go_holder = rust.is_none().then(|| spawn("bench-hold"));
     let mut samples = Vec::new();
     for _ in 0..plan.go_handoffs {
-        let g = holder
-            .acquire("go-handoff", AcquireOptions::exclusive())
-            .await
-            .unwrap();
-        writeln!(stdin, "go").unwrap();
-        stdin.flush().unwrap();
-        assert_eq!(read_line(), "waiting");
+        let rust_guard = match (rust, go_holder.as_mut()) {
+            (Some(l), _) => Some(l.acquire(name, AcquireOptions::exclusive()).await.unwrap()),
+            (None, Some((_, h_in, h_out))) => {
+                writeln!(h_in, "hold").unwrap();
+                h_in.flush().unwrap();
+                assert_eq!(line_of(h_out), "held");
+                None
+            }
+            (None, None) => unreachable!(),
+        };
+        writeln!(w_in, "go").unwrap();
+        w_in.flush().unwrap();
+        assert_eq!(line_of(&mut w_out), "waiting");
         tokio::time::sleep(rng.below(Duration::from_secs(2))).await;
-        let released = mono_ns();
-        g.release().await.unwrap();
-        let line = read_line();
+        let released = match (rust_guard, go_holder.as_mut()) {
+            (Some(g), _) => {
+                let at = mono_ns();
+                g.release().await.unwrap();
+                at
+            }
+            (None, Some((_, h_in, h_out))) => {
+                writeln!(h_in, "release").unwrap();
+                h_in.flush().unwrap();
+                let line = line_of(h_out);
+                let at: u64 = line
+                    .strip_prefix("releasing ")
+                    .unwrap_or_else(|| panic!("bench-hold: {line}"))
+                    .parse()
+                    .unwrap();
+                assert_eq!(line_of(h_out), "released");
+                at
+            }
+            (None, None) => unreachable!(),
+        };
+        let line = line_of(&mut w_out);
         let granted: u64 = line
             .strip_prefix("granted ")
             .unwrap_or_else(|| panic!("bench-wait: {line}"))
@@ -488,10 +565,13 @@ async fn handoff(plan: &Plan, go: &str) {
             .unwrap();
         samples.push(ns_between("Go handoff", released, granted));
     }
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
-    handoff_row(go, &mut samples);
-    println!();
+    drop(w_in);
+    assert!(waiter.wait().unwrap().success());
+    if let Some((mut h, h_in, _)) = go_holder {
+        drop(h_in);
+        assert!(h.wait().unwrap().success());
+    }
+    samples
 }
 
 // ---------------------------------------------------------------------------------------------

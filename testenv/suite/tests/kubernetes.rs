@@ -4,6 +4,7 @@
 //! Every test has a time limit (`time_limit`); every "the waiter is waiting" is its queue entry
 //! in the record, never a sleep; time differences fail on reversed order (`elapsed_between`).
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -838,6 +839,72 @@ async fn a_fresh_shared_request_does_not_join_a_go_takeover() {
             "a fresh shared request joined Go's exclusive holder: {rec}"
         );
         release(go);
+    })
+    .await
+    .unwrap();
+}
+
+/// Go waiters outside the queue (no acquirer id: all of v0.1.1, werf's v0.2.0) get a lock as
+/// soon after a Rust holder's release as after a Go holder's: through the commands, on the real
+/// API server, the holder's command ending half a second after the waiter's first look, so
+/// that both directions meet the same phase of Go's 2 s poll. Before, a Rust release reserved
+/// the record for 4 s and a Go waiter got it 3.5-5.5 s later instead of about 1.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_waiters_get_a_lock_as_soon_after_a_rust_release_as_after_a_go_one() {
+    time_limit(Duration::from_secs(300));
+    let cm = configmap("default").await;
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    tokio::task::spawn_blocking(move || {
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        for (version, peer) in [
+            ("v0.2.0", go_peer()),
+            ("v0.1.1", lockgate_testenv::go_peer_v01()),
+        ] {
+            let handoffs = |holder: &std::path::Path, tag: &str| -> Vec<Duration> {
+                let name = format!("handoff-{version}-{tag}");
+                let mut waiter = Proc::spawn(
+                    Command::new(&peer)
+                        .args(["bench-wait", "--locker", &url, "--name", &name])
+                        .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG"))
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped()),
+                );
+                let mut samples = Vec::new();
+                for _ in 0..3 {
+                    let holding = lockgate_testenv::hold(holder, &url, &[], &name);
+                    let stdin = waiter.stdin.as_mut().unwrap();
+                    writeln!(stdin, "go").unwrap();
+                    stdin.flush().unwrap();
+                    expect_line(&mut waiter, "waiting");
+                    // Not a synchronisation: the moment of the release, the same for both.
+                    std::thread::sleep(Duration::from_millis(500));
+                    let released = lockgate_testenv::history::mono_ns();
+                    release(holding);
+                    let line = expect_line(&mut waiter, "granted ");
+                    let granted: u64 = line["granted ".len()..].trim().parse().unwrap();
+                    let took =
+                        Duration::from_nanos(granted.checked_sub(released).unwrap_or_else(|| {
+                            panic!("{name}: granted before the release: an overlap")
+                        }));
+                    samples.push(took);
+                }
+                drop(waiter.stdin.take());
+                assert!(waiter.wait_within(Duration::from_secs(30)).success());
+                samples
+            };
+            let after_go = handoffs(&peer, "go");
+            let after_rust = handoffs(&rust_cli(), "rust");
+            eprintln!("Go {version} waiter: after Go {after_go:?}, after Rust {after_rust:?}");
+            let (go, rust) = (median(after_go), median(after_rust));
+            assert!(
+                rust <= go.mul_f64(1.5) + Duration::from_millis(300),
+                "Go {version} waiters get a lock {rust:?} (median) after a Rust release, {go:?} \
+                 after a Go one"
+            );
+        }
     })
     .await
     .unwrap();
