@@ -45,13 +45,20 @@ use crate::watchdog::Watchdog;
 pub(crate) const KILL_AFTER: Duration = Duration::from_secs(2);
 
 /// The time between SIGTERM and SIGKILL after a lost lease: half the lease's grace before
-/// anyone may take the lock over (none when it was taken over already), at most
-/// [`KILL_AFTER`].
+/// anyone may take the lock over, at most [`KILL_AFTER`]. When the lock was taken over
+/// already (no grace), no kill can come before the takeover: the command gets
+/// [`KILL_AFTER_TAKEOVER`] to hear SIGTERM (a shell's trap runs once its foreground command
+/// ends), and a fenced resource refuses its writes meanwhile.
 fn kill_after(signal: &lockgate::LostSignal) -> Duration {
-    signal
-        .takeover_grace()
-        .map_or(KILL_AFTER, |grace| (grace / 2).min(KILL_AFTER))
+    match signal.takeover_grace() {
+        None => KILL_AFTER,
+        Some(grace) if grace.is_zero() => KILL_AFTER_TAKEOVER,
+        Some(grace) => (grace / 2).min(KILL_AFTER),
+    }
 }
+
+/// See [`kill_after`].
+const KILL_AFTER_TAKEOVER: Duration = Duration::from_millis(500);
 
 /// The command `exec` runs: COMMAND, or for `-c STRING` `$SHELL -c STRING` (else `/bin/sh`), as
 /// flock(1) runs it.

@@ -6,6 +6,8 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -700,7 +702,7 @@ fn a_default_directory_owned_by_another_user_is_refused() {
     let _ = std::fs::remove_dir(&dir);
     std::fs::create_dir(&dir).unwrap();
     std::os::unix::fs::chown(&dir, Some(intruder), Some(intruder)).unwrap();
-    let out = run(bin()
+    let out = run(common::bin_for_anyone()
         .uid(uid)
         .gid(uid)
         .current_dir("/")

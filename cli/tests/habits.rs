@@ -100,7 +100,11 @@ fn cron_units_sudo_and_sessions_share_one_default_directory() {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         use std::os::unix::process::CommandExt;
-        let mut nobody = in_context(&cron);
+        let mut nobody = Command::new(common::lockgate_path_for_anyone());
+        nobody.env_clear().env("PATH", "/usr/bin:/bin");
+        for (k, v) in cron {
+            nobody.env(k, v);
+        }
         nobody.uid(65534).gid(65534).current_dir("/");
         let theirs = where_locks_are(&mut nobody);
         assert!(theirs.ends_with("/lockgate-65534"), "{theirs}");

@@ -13,9 +13,36 @@ pub fn lockgate_path() -> String {
     std::env::var("LOCKGATE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lockgate").into())
 }
 
+/// A copy of the `lockgate` under test that every user may run (for tests that run it as
+/// another user: the build itself may be in a home directory only its owner can enter).
+pub fn lockgate_path_for_anyone() -> String {
+    use std::os::unix::fs::PermissionsExt;
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a directory for a copy of lockgate");
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(dir.path(), open.clone()).unwrap();
+        let exe = dir.path().join("lockgate");
+        std::fs::copy(lockgate_path(), &exe).expect("copy lockgate");
+        std::fs::set_permissions(&exe, open).unwrap();
+        let path = exe.to_str().unwrap().to_owned();
+        (dir, path)
+    })
+    .1
+    .clone()
+}
+
+/// [`bin`] on [`lockgate_path_for_anyone`]'s copy.
+pub fn bin_for_anyone() -> Command {
+    without_locker_env(Command::new(lockgate_path_for_anyone()))
+}
+
 /// `lockgate` with none of the environment that chooses a locker.
 pub fn bin() -> Command {
-    let mut c = Command::new(lockgate_path());
+    without_locker_env(Command::new(lockgate_path()))
+}
+
+fn without_locker_env(mut c: Command) -> Command {
     for k in [
         "LOCKGATE_LOCKER",
         "LOCKGATE_DIR",
