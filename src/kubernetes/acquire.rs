@@ -33,15 +33,20 @@ pub(crate) struct Granted {
     pub(super) sent: Boot,
     pub(super) token: Option<u64>,
     pub(super) fresh: bool,
+    /// The record it wrote over named its holder already (see `Step::Grant`).
+    pub(super) known: bool,
 }
 
 impl Granted {
     /// True when `rec` shows this grant (or join) landed and still standing: the very record it
     /// wrote, or — renewed or joined by others since — a record of its lease that names its
-    /// holder.
+    /// holder. When the holder was named before the write, only the very record counts: the
+    /// name proves nothing of this write, and a lease counted from its send time would outlive
+    /// the one that put the name there.
     pub(super) fn landed_in(&self, rec: &Record) -> bool {
         self.record.same_write(rec)
-            || (rec.uuid == self.record.uuid
+            || (!self.known
+                && rec.uuid == self.record.uuid
                 && rec.shared_holders > 0
                 && rec.holders.contains_key(&self.holder))
     }
@@ -183,6 +188,7 @@ impl Acquisition<'_> {
                     change,
                     record,
                     fresh,
+                    known,
                 } => {
                     let sent = clock::boot();
                     let granted = Granted {
@@ -192,6 +198,7 @@ impl Acquisition<'_> {
                         sent,
                         token: None,
                         fresh,
+                        known,
                     };
                     match self.write(change, Some(granted.clone())).await {
                         Ok(after) => {

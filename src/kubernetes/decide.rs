@@ -60,6 +60,9 @@ pub(super) enum Step {
         change: Change,
         record: Record,
         fresh: bool,
+        /// The record written over already named our holder id: a share of ours that was
+        /// given back too late to use and could not be removed (see [`Granted::landed_in`]).
+        known: bool,
     },
     /// One of our grants whose answer was lost turned out to have landed.
     Landed(Granted),
@@ -86,6 +89,7 @@ impl Acquisition<'_> {
                 change: self.change(None, &record),
                 record,
                 fresh: true,
+                known: false,
             });
         };
         let rec = Record::parse(&value).map_err(|e| object.corrupt(&self.key, e))?;
@@ -188,11 +192,17 @@ impl Acquisition<'_> {
                 change: self.change(Some(value), &record),
                 record,
                 fresh: true,
+                known: rec.holders.contains_key(&self.id),
             });
         }
         if !expired && mode == Mode::Shared && joinable && allowed {
             let mut joined = rec.renewed(object.expire_at());
-            joined.shared_holders = joined.shared_holders.saturating_add(1);
+            // A share of ours left in the record (a grant that came too late to use, whose
+            // removal failed) is counted already: take it up again rather than count it twice.
+            let known = rec.holders.contains_key(&self.id);
+            if !known {
+                joined.shared_holders = joined.shared_holders.saturating_add(1);
+            }
             joined.queue.remove(&self.id);
             if !self.compact {
                 joined.holders.insert(self.id.clone(), self.holder_entry());
@@ -202,6 +212,7 @@ impl Acquisition<'_> {
                 change: self.change(Some(value), &record),
                 record,
                 fresh: false,
+                known,
             });
         }
         let refresh_due = self

@@ -8,7 +8,13 @@ use std::time::{Duration, Instant};
 use lockgate_testenv::sim::{self, rng::Rng, Config};
 
 /// Seeds that once broke a rule, kept: each must replay clean. (Each entry: seed, with Go.)
-const KEPT: &[(u64, bool)] = &[];
+///
+/// - 7000221 with Go peers (found by a 45-minute search, the 222nd schedule): a shared grant
+///   that came too late was given back, but its removal failed, leaving our holder id in the
+///   record; a later join's answer was lost, and the record naming our holder was taken as
+///   that join landed, its lease counted from the join's send time. The lease had long
+///   expired: a Go v0.2 peer took it over while we believed we held it shared.
+const KEPT: &[(u64, bool)] = &[(7_000_221, true)];
 
 fn config(seed: u64, go: bool) -> Config {
     let mut rng = Rng::new(seed);
