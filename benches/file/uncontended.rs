@@ -136,12 +136,11 @@ fn go_round<'a>(go: &'a Path, locker_url: String, shared: bool) -> Round<'a> {
     Box::new(move |n| {
         let (wall, cpu) = go_bench(go, &locker_url, shared, n);
         let (_, start_up) = go_bench(go, &locker_url, shared, 1);
-        assert!(
-            cpu > start_up,
-            "the Go peer used less CPU for {n} cycles ({cpu:?}) than for one ({start_up:?})"
-        );
+        // A Go process's start-up varies by a millisecond or so, which is more than a few
+        // hundred cycles cost (the warm-up round; quick mode's rounds come close): such a
+        // round counts as free rather than failing the run.
         Cost {
-            cpu: (cpu - start_up) / (n as u32 - 1),
+            cpu: cpu.saturating_sub(start_up) / (n.max(2) as u32 - 1),
             wall,
         }
     })
