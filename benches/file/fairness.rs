@@ -23,6 +23,9 @@ struct Contender {
     reader: &'static str,
     writer: Writer,
     program: PathBuf,
+    /// The writer's exit status when it crashes by a known defect of its own, counted apart
+    /// rather than failing the run.
+    crash: Option<i32>,
 }
 
 /// The looping readers of one row, each shell in a process group of its own; killed with
@@ -91,9 +94,18 @@ fn until_held(path: &Path, n: usize) {
     }
 }
 
-/// The writer's time from start to exit, and whether it got the lock (exit 0) or timed out
-/// (exit 1).
-fn run_writer(mut cmd: Command) -> (Duration, bool) {
+/// How a writer ended.
+#[derive(PartialEq)]
+enum Ended {
+    Got,
+    TimedOut,
+    /// By its known crash (see `Contender::crash`).
+    Crashed,
+}
+
+/// The writer's time from start to exit, and how it ended: got the lock (exit 0), timed out
+/// (exit 1), or its known crash.
+fn run_writer(mut cmd: Command, crash: Option<i32>) -> (Duration, Ended) {
     let started = Instant::now();
     let status = cmd
         .stdin(Stdio::null())
@@ -103,8 +115,9 @@ fn run_writer(mut cmd: Command) -> (Duration, bool) {
         .unwrap();
     let took = started.elapsed();
     match status.code() {
-        Some(0) => (took, true),
-        Some(1) => (took, false),
+        Some(0) => (took, Ended::Got),
+        Some(1) => (took, Ended::TimedOut),
+        code if code.is_some() && code == crash => (took, Ended::Crashed),
         _ => panic!("the writer failed: {status}"),
     }
 }
@@ -152,6 +165,7 @@ pub(crate) fn fairness(
                 })
             },
             program: cli,
+            crash: None,
         }),
         None => println!(
             "| `lockgate exec` | (not built: cargo build --release -p lockgate-cli) | | | | |"
@@ -166,6 +180,7 @@ pub(crate) fn fairness(
             c
         }),
         program: "flock".into(),
+        crash: None,
     });
     if let Some(go) = go {
         let locker = format!("file:{}", dir.display());
@@ -182,6 +197,11 @@ pub(crate) fn fairness(
                 })
             },
             program: go.to_owned(),
+            // Go lockgate's timed file-lock wait deadlocks when its poll gets the lock just as
+            // its timer fires (both send on unbuffered channels to a partner that no longer
+            // listens): with no other goroutine alive, Go's runtime ends the process with
+            // "all goroutines are asleep - deadlock!" and exit status 2.
+            crash: Some(2),
         });
     }
     for &n in counts {
@@ -189,7 +209,7 @@ pub(crate) fn fairness(
             // A lock of its own per row: stragglers of the previous row cannot interfere.
             let name = format!("fair-{n}-{k}");
             let file = dir.join(Naming::Sha256.file_name(&name));
-            let alone = run_writer((c.writer)(&name, &file, cap)).0;
+            let alone = run_writer((c.writer)(&name, &file, cap), None).0;
             let readers = Readers(
                 (0..n)
                     .map(|_| {
@@ -210,13 +230,15 @@ pub(crate) fn fairness(
                     .collect(),
             );
             let mut waits = Vec::new();
-            let mut timed_out = 0;
+            let (mut timed_out, mut crashed) = (0, 0);
             for _ in 0..samples {
                 until_held(&file, n);
-                let (took, got) = run_writer((c.writer)(&name, &file, cap));
+                let (took, ended) = run_writer((c.writer)(&name, &file, cap), c.crash);
                 waits.push(took);
-                if !got {
-                    timed_out += 1;
+                match ended {
+                    Ended::Got => {}
+                    Ended::TimedOut => timed_out += 1,
+                    Ended::Crashed => crashed += 1,
                 }
             }
             drop(readers);
@@ -228,8 +250,13 @@ pub(crate) fn fairness(
                     fmt(d)
                 }
             };
+            let crashed = if crashed > 0 {
+                format!(", and {crashed} crashed at the deadline (Go's deadlock, exit 2)")
+            } else {
+                String::new()
+            };
             println!(
-                "| {} | {n} | {} | {} | {} | {timed_out} of {samples} |",
+                "| {} | {n} | {} | {} | {} | {timed_out} of {samples}{crashed} |",
                 c.label,
                 fmt(alone),
                 show(waits[waits.len() / 2]),
