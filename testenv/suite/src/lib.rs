@@ -37,6 +37,14 @@ pub fn required_env(key: &str) -> String {
     })
 }
 
+/// An error Go lockgate v0.2 reports when a record's uuid changed between its two reads, or the
+/// record vanished: "lock already leased", "no existing lock lease found". Go's own race on a
+/// busy object, also set off by a Rust take-over of an expired record (PROTOCOL.md, "Go v0.2
+/// peers"): an error Go's callers retry, never an overlap. Tests count these apart.
+pub fn is_go_v02_race(error: &str) -> bool {
+    error.ends_with(": lock already leased") || error.ends_with(": no existing lock lease found")
+}
+
 /// The Go lockgate peer binary built with lockgate v0.2.0 (what werf v2 requires).
 pub fn go_peer() -> PathBuf {
     peer("LOCKGATE_TEST_GO_PEER")

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lockgate_testenv::{go_peer, go_peer_v01, required_env};
+use lockgate_testenv::{go_peer, go_peer_v01, is_go_v02_race, required_env};
 
 /// The Rust twin of `lockgate-go loop`, built with this test suite.
 fn rust_loop() -> PathBuf {
@@ -158,12 +158,6 @@ fn run_fleet(locker: &str, name: &str, workers: Vec<Worker>, limit: Duration) {
         workers.len(),
         start.elapsed()
     );
-}
-
-/// An error Go lockgate v0.2 reports when the record's uuid changed between its two reads, or
-/// the record vanished: "lock already leased", "no existing lock lease found".
-fn is_go_v02_race(error: &str) -> bool {
-    error.ends_with(": lock already leased") || error.ends_with(": no existing lock lease found")
 }
 
 fn take_output(child: &mut Child) -> (String, String) {
