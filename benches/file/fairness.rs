@@ -95,7 +95,6 @@ fn until_held(path: &Path, n: usize) {
 }
 
 /// How a writer ended.
-#[derive(PartialEq)]
 enum Ended {
     Got,
     TimedOut,
@@ -117,7 +116,7 @@ fn run_writer(mut cmd: Command, crash: Option<i32>) -> (Duration, Ended) {
     match status.code() {
         Some(0) => (took, Ended::Got),
         Some(1) => (took, Ended::TimedOut),
-        code if code.is_some() && code == crash => (took, Ended::Crashed),
+        Some(code) if crash == Some(code) => (took, Ended::Crashed),
         _ => panic!("the writer failed: {status}"),
     }
 }
