@@ -15,6 +15,8 @@ proptest! {
         Just("é".repeat(MAX_NAME_LEN / 2 + 1)),
     ]) {
         let control = s.char_indices().find(|(_, c)| c.is_control());
+        // What acquisitions use (no allocation for a short name) decides alike.
+        prop_assert_eq!(LockName::try_from(s.as_str()), LockName::new(s.clone()));
         match LockName::new(s.clone()) {
             Ok(n) => {
                 prop_assert!(!s.is_empty() && s.len() <= MAX_NAME_LEN && control.is_none());

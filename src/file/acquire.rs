@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use super::lockfile::{is_regular, Locked};
+use super::lockfile::Locked;
 use super::wait::{self, Outcome, Stop, Waiter};
 use super::{op, status, turnstile, FileLease, FileLocker, LockPath};
 use crate::acquire::Attempt;
@@ -47,7 +47,7 @@ impl FileLocker {
                 return Err(attempt.busy());
             }
             // Never wait on something that is not a lock file (a FIFO, a device).
-            if !is_regular(&Self::stat(&file, path)?) {
+            if !Self::stat(&file, path)?.is_regular() {
                 return Err(Error::NotARegularFile { path: path.path() }.into());
             }
             return Self::must_wait(attempt, path, Step::Wait(file));
@@ -89,7 +89,7 @@ impl FileLocker {
                 Step::Try => {
                     let file = self.open(path)?;
                     if !Self::try_lock(&file, mode, path)? {
-                        if !is_regular(&Self::stat(&file, path)?) {
+                        if !Self::stat(&file, path)?.is_regular() {
                             return Err(Error::NotARegularFile { path: path.path() });
                         }
                         step = Step::Wait(file);
@@ -136,46 +136,52 @@ impl FileLocker {
 }
 
 /// The end of a wait, as the acquisition reports it.
-fn granted(attempt: &Attempt<'_>, outcome: Outcome) -> Result<Box<dyn Lease>, AcquireError> {
+fn granted(attempt: &Attempt<'_>, outcome: Outcome) -> Result<FileLease, AcquireError> {
     match outcome {
-        Ok(Some(lease)) => Ok(Box::new(lease)),
+        Ok(Some(lease)) => Ok(lease),
         Ok(None) => Err(attempt.busy()),
         Err(e) => Err(e.into()),
     }
 }
 
-impl Backend for FileLocker {
-    fn acquire<'a>(
-        &'a self,
-        name: &'a LockName,
-        opts: &'a AcquireOptions,
-    ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>> {
-        Box::pin(async move {
-            let mut attempt = Attempt::new(name, opts);
-            let path = self.c_path(name);
-            let step = match self.try_acquire(&path, &mut attempt)? {
-                Ok(lease) => return Ok(Box::new(lease) as Box<dyn Lease>),
-                Err(step) => step,
-            };
-            let outcome = self
-                .waiter(path, name, opts.mode, step)?
-                .wait(attempt.deadline())
-                .await;
-            granted(&attempt, outcome)
-        })
-    }
-
-    fn acquire_blocking(
+impl FileLocker {
+    /// [`Backend::acquire`] without the boxes: what [`Locker`](crate::Locker) calls for a file
+    /// locker.
+    pub(crate) async fn acquire_lease(
         &self,
         name: &LockName,
         opts: &AcquireOptions,
-    ) -> Result<Box<dyn Lease>, AcquireError> {
+    ) -> Result<FileLease, AcquireError> {
         let mut attempt = Attempt::new(name, opts);
-        let path = self.c_path(name);
-        let step = match self.try_acquire(&path, &mut attempt)? {
-            Ok(lease) => return Ok(Box::new(lease)),
+        let tried = self.with_path(name, |path| self.try_acquire(path, &mut attempt));
+        let step = match tried? {
+            Ok(lease) => return Ok(lease),
             Err(step) => step,
         };
+        // Busy: the wait has a path of its own (a waiter thread may need it).
+        let path = self.c_path(name);
+        let outcome = self
+            .waiter(path, name, opts.mode, step)?
+            .wait(attempt.deadline())
+            .await;
+        granted(&attempt, outcome)
+    }
+
+    /// [`Backend::acquire_blocking`] without the box: what [`Locker`](crate::Locker) calls for
+    /// a file locker.
+    pub(crate) fn acquire_lease_blocking(
+        &self,
+        name: &LockName,
+        opts: &AcquireOptions,
+    ) -> Result<FileLease, AcquireError> {
+        let mut attempt = Attempt::new(name, opts);
+        let tried = self.with_path(name, |path| self.try_acquire(path, &mut attempt));
+        let step = match tried? {
+            Ok(lease) => return Ok(lease),
+            Err(step) => step,
+        };
+        // Busy: the wait has a path of its own (a waiter thread may need it).
+        let path = self.c_path(name);
         // Wait right here (no hop through another thread at the grant): without a deadline
         // nothing interrupts the wait; with one, a timer for this thread does.
         let outcome = match attempt.deadline() {
@@ -193,5 +199,26 @@ impl Backend for FileLocker {
             },
         };
         granted(&attempt, outcome)
+    }
+}
+
+impl Backend for FileLocker {
+    fn acquire<'a>(
+        &'a self,
+        name: &'a LockName,
+        opts: &'a AcquireOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Lease>, AcquireError>> {
+        Box::pin(async move {
+            let lease = self.acquire_lease(name, opts).await?;
+            Ok(Box::new(lease) as Box<dyn Lease>)
+        })
+    }
+
+    fn acquire_blocking(
+        &self,
+        name: &LockName,
+        opts: &AcquireOptions,
+    ) -> Result<Box<dyn Lease>, AcquireError> {
+        Ok(Box::new(self.acquire_lease_blocking(name, opts)?))
     }
 }

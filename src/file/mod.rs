@@ -14,6 +14,7 @@ mod acquire;
 mod gc;
 mod lockfile;
 mod path;
+mod paths;
 mod status;
 mod turnstile;
 mod wait;
@@ -116,16 +117,11 @@ pub struct FileLocker {
     naming: Naming,
     /// Lock file paths by lock name: hashing a name and building its path is a good part of
     /// the user-space cost of an uncontended acquisition.
-    paths: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<LockPath>>>,
-    >,
+    paths: std::sync::Arc<paths::LockPaths>,
 }
 
 /// How far (seconds) a lock file's modification time may lag behind its last acquisition.
 const AGE_REFRESH: u64 = 3600;
-
-/// How many lock file paths a locker remembers before it starts afresh.
-const PATH_CACHE: usize = 4096;
 
 impl FileLocker {
     /// A locker over `dir`, which is created (mode 0755, with its parents) when missing.
@@ -180,19 +176,12 @@ impl FileLocker {
     }
 
     fn c_path(&self, name: &LockName) -> std::sync::Arc<LockPath> {
-        let mut paths = self
-            .paths
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(p) = paths.get(name.as_str()) {
-            return std::sync::Arc::clone(p);
-        }
-        if paths.len() >= PATH_CACHE {
-            paths.clear();
-        }
-        let p = std::sync::Arc::new(self.build_path(name));
-        paths.insert(name.as_str().to_owned(), std::sync::Arc::clone(&p));
-        p
+        self.paths.get(name, || self.build_path(name))
+    }
+
+    /// `f` of the path of `name`, lent rather than shared (see `paths.rs`).
+    fn with_path<R>(&self, name: &LockName, f: impl FnOnce(&LockPath) -> R) -> R {
+        self.paths.with(name, || self.build_path(name), f)
     }
 
     fn build_path(&self, name: &LockName) -> LockPath {
@@ -278,7 +267,7 @@ impl LockPath {
 
 /// A held file lock: the open lock file. Closing it releases the lock.
 #[derive(Debug)]
-struct FileLease {
+pub(crate) struct FileLease {
     file: File,
 }
 
@@ -286,7 +275,7 @@ impl FileLease {
     /// Closing the lock file releases the lock: the descriptor is ours alone (`O_CLOEXEC`, never
     /// duplicated), so no other copy keeps the lock. A child that was deliberately given the
     /// descriptor (as `lockgate exec` does) co-owns the lock until it closes it too.
-    fn unlock(self) -> Result<(), Error> {
+    pub(crate) fn unlock(self) -> Result<(), Error> {
         drop(self.file);
         Ok(())
     }

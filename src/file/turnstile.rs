@@ -37,7 +37,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use super::lockfile::{fstat, is_regular, open_c, try_flock};
+use super::lockfile::{fstat, open_c, try_flock, Stat};
 use super::wait::{self, Stop};
 use super::LockPath;
 
@@ -48,8 +48,8 @@ pub(super) const SUFFIX: &str = ".turnstile";
 const MARK: libc::mode_t = libc::S_ISVTX;
 
 /// Whether a lock file's mode carries the mark.
-pub(super) fn is_marked(st: &libc::stat) -> bool {
-    st.st_mode & MARK != 0
+pub(super) fn is_marked(st: &Stat) -> bool {
+    st.mode & MARK != 0
 }
 
 /// Opens (creating) the turnstile of the lock at `path`.
@@ -59,7 +59,7 @@ fn open(path: &LockPath) -> io::Result<File> {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     };
     let file = open_c(c)?;
-    if !is_regular(&fstat(&file)?) {
+    if !fstat(&file)?.is_regular() {
         return Err(io::Error::other("the turnstile is not a regular file"));
     }
     Ok(file)
@@ -74,7 +74,7 @@ fn take(path: &LockPath, stop: &Stop<'_>) -> io::Result<Option<File>> {
         if !wait::flock(&turnstile, libc::LOCK_EX, stop)? {
             return Ok(None);
         }
-        if fstat(&turnstile)?.st_nlink > 0 {
+        if fstat(&turnstile)?.nlink > 0 {
             return Ok(Some(turnstile));
         }
     }
@@ -130,7 +130,7 @@ pub(super) fn exclusive_waits(path: &LockPath, lock: &File) -> bool {
             }
         }
         match fstat(&turnstile) {
-            Ok(st) if st.st_nlink == 0 => continue,
+            Ok(st) if st.nlink == 0 => continue,
             Ok(_) => {}
             Err(_) => return false,
         }
@@ -158,7 +158,7 @@ fn mark(lock: &File) -> bool {
     if is_marked(&st) {
         return true;
     }
-    match fchmod(lock, (st.st_mode & 0o7777) | MARK) {
+    match fchmod(lock, (st.mode & 0o7777) | MARK) {
         Ok(()) => true,
         Err(e) => {
             tracing::debug!(
@@ -174,7 +174,7 @@ fn mark(lock: &File) -> bool {
 fn unmark(lock: &File) {
     let Ok(st) = fstat(lock) else { return };
     if is_marked(&st) {
-        if let Err(e) = fchmod(lock, st.st_mode & 0o7777 & !MARK) {
+        if let Err(e) = fchmod(lock, st.mode & 0o7777 & !MARK) {
             tracing::debug!(error = %e, "cannot clear the mark of a lock file");
         }
     }
