@@ -489,10 +489,6 @@ impl Acquisition<'_> {
             ids: [g.holder.clone()].into(),
         };
         let member = session.join(&self.key, held, g.sent, g.fresh, notifier)?;
-        // Watch the object while holding (one watch per locker, kept): the release then starts
-        // from the record with the waiters that queued meanwhile, and hands the lock on in one
-        // write.
-        self.object.watch();
         tracing::debug!(lock = name, object = %self.object.store.describe, token = ?g.token, "kubernetes lock acquired");
         Ok(Box::new(KubeLease::new(
             Arc::clone(session),

@@ -81,21 +81,10 @@ impl Member {
 /// for clocks) than every Go member of `queue` alive by Go's rule and than any Go process that
 /// would queue now: then no Go v0.2 process counts itself first in line.
 pub(crate) fn first_for_go(head: &Member, queue: &BTreeMap<String, Member>, now: i64) -> bool {
-    // A Go process that is not queued yet adds itself with its clock's now as it takes over:
-    // the head must be older than that too (Go breaks ties at random).
-    head.arrived < now && older_than_go_members(head, queue, now)
-}
-
-/// True when the Rust member `head` is older than every Go member of `queue` alive by Go's rule
-/// (in whole seconds, with a margin for clocks): Go v0.2 processes already queued do not count
-/// themselves first in line. (Enough for a record handed to `head`: it is held, and a Go
-/// process arriving now waits for it.)
-pub(crate) fn older_than_go_members(
-    head: &Member,
-    queue: &BTreeMap<String, Member>,
-    now: i64,
-) -> bool {
     head.is_rust()
+        // A Go process that is not queued yet adds itself with its clock's now as it takes over:
+        // the head must be older than that too (Go breaks ties at random).
+        && head.arrived < now
         && queue
             .values()
             // Alive for Go by its own clock, which may be a second or two ahead of our estimate

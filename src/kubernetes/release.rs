@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::acquire::Granted;
 use super::decide::handed_to;
-use super::queue::{first_for_go, older_than_go_members, Member, HOLDER_MARK};
+use super::queue::{first_for_go, Member, HOLDER_MARK};
 use super::record::Record;
 use super::store::{transient, Change, WriteError};
 use super::{KubeSession, Object};
@@ -223,14 +223,7 @@ impl Object {
                     }
                 })
         };
-        // Start from the record as the watch last saw it when that is still our lease: waiters
-        // queue while we hold, and a release built on our own last write would fail its `test`
-        // and cost a read and a second write. (A watch that lags costs just that, as before.)
-        let mut value = self
-            .watched()
-            .and_then(|s| s.get(key).map(str::to_owned))
-            .filter(|v| Record::parse(v).is_ok_and(|r| held.is_ours(&r)))
-            .unwrap_or_else(|| held.value.clone());
+        let mut value = held.value.clone();
         let mut pause = Duration::from_millis(100);
         // The object's annotations are full: leave the record free in its smallest form.
         let mut compact = false;
@@ -329,8 +322,8 @@ impl Object {
     /// same uuid); it never removes it: Go v0.2 reads a record twice before it queues or takes
     /// over, and fails with "no existing lock lease found" if it vanished in between, or "lock
     /// already leased" if its uuid changed. What it writes depends on who is first in line:
-    /// - a Rust waiter older than every Go member, whose entry is fresh and tagged (and
-    ///   `handoff` allowed): **handed to it** in this one write — its grant (and that of the shared waiters
+    /// - a Rust waiter, first by Go's order too, whose entry is fresh and tagged (and `handoff`
+    ///   allowed): **handed to it** in this one write — its grant (and that of the shared waiters
     ///   right behind a shared head), with their holder entries naming the tags of the queue
     ///   entries it saw, under the same uuid, with the holder mark ([`Object::handoff`]);
     /// - any other Rust waiter first by Go's order too: reserved for it — `ExpireAtTimestamp` a
@@ -359,15 +352,14 @@ impl Object {
             .filter(|m| m.alive_for_go(now))
             .collect();
         line.sort_by(|a, b| a.order().cmp(&b.order()));
-        let group = match line.first() {
-            Some(head) if handoff && older_than_go_members(head, &left.queue, now) => {
-                self.handoff(&line, now)
-            }
-            _ => Vec::new(),
-        };
         match line.first() {
-            Some(head) if !group.is_empty() || first_for_go(head, &left.queue, now) => {
+            Some(head) if first_for_go(head, &left.queue, now) => {
                 let until = self.expire_at();
+                let group = if handoff {
+                    self.handoff(&line, now)
+                } else {
+                    Vec::new()
+                };
                 if !group.is_empty() {
                     left.shared_holders = i64::try_from(group.len()).unwrap_or(i64::MAX);
                     left.is_shared = group[0].shared;
@@ -390,7 +382,7 @@ impl Object {
     }
 
     /// Whom a release hands the lock to, from `line` (the queue alive by Go's rule, in order,
-    /// its head older than every Go member): the head, if it is a Rust waiter whose entry is tagged
+    /// its head first by Go's order too): the head, if it is a Rust waiter whose entry is tagged
     /// and fresh (written within about a renewal period: its waiter is alive), and, behind a
     /// shared head, the shared waiters that follow it and are so too. Empty: nobody (the head
     /// then takes the record itself).
