@@ -12,7 +12,6 @@ use crate::clock::{self, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::HolderEntry;
 use crate::options::Mode;
 
 /// One waiter in a record's queue: Go's `QueueMember`, plus `Shared` (Go drops it when it
@@ -29,21 +28,8 @@ pub(crate) struct Member {
     pub expire_at: i64,
     #[serde(rename = "Shared", default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
-    /// A random tag, new with every write of the entry (our field; Go drops it when it rewrites
-    /// the record). A release that hands the lock to this waiter names the tag of the entry it
-    /// saw, and the waiter counts its lease from when it sent that write (see
-    /// [`Handoff`](super::release)). Without it nobody hands the lock to the member.
-    #[serde(rename = "Tag", default, skip_serializing_if = "is_zero")]
-    pub tag: u64,
-    /// Who waits, for the holder entry a handoff writes (our field, like `Tag`).
-    #[serde(rename = "Holder", default, skip_serializing_if = "Option::is_none")]
-    pub holder: Option<HolderEntry>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl Member {
@@ -111,8 +97,6 @@ impl Member {
             arrived: 1,
             expire_at,
             shared: false,
-            tag: 0,
-            holder: None,
             other: Default::default(),
         }
     }
@@ -215,8 +199,6 @@ mod tests {
             arrived,
             expire_at: 100,
             shared,
-            tag: 0,
-            holder: None,
             other: Default::default(),
         }
     }
