@@ -142,6 +142,9 @@ pub(crate) enum Bug {
     JoinGoTakeover = 4,
     /// The renewer ignores its deadline: leases are lost only when a renewal says so.
     IgnoreDeadline = 8,
+    /// A waiter handed the lock by a release counts its lease from the moment it saw the grant
+    /// instead of from when it sent the queue entry the grant was made on.
+    HandoffSeenAt = 16,
 }
 
 /// True when `bug` is planted (simulation only).
@@ -183,7 +186,7 @@ pub mod sim {
     pub(crate) static PLANTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
     /// Plants the bugs named in `bugs` (replacing any planted before): `double-decrement`,
-    /// `release-rebuilt`, `join-go-takeover`, `ignore-deadline`. Returns false for a name it
+    /// `release-rebuilt`, `join-go-takeover`, `ignore-deadline`, `handoff-seen-at`. Returns false for a name it
     /// does not know (nothing planted then).
     pub fn plant(bugs: &[&str]) -> bool {
         use super::Bug;
@@ -194,6 +197,7 @@ pub mod sim {
                 "release-rebuilt" => Bug::ReleaseRebuilt as u32,
                 "join-go-takeover" => Bug::JoinGoTakeover as u32,
                 "ignore-deadline" => Bug::IgnoreDeadline as u32,
+                "handoff-seen-at" => Bug::HandoffSeenAt as u32,
                 _ => return false,
             };
         }

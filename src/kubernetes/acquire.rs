@@ -180,6 +180,20 @@ impl Acquisition<'_> {
                         ..g
                     })
                 }
+                Step::Handed { granted, usable } => {
+                    if usable {
+                        return Ok(granted);
+                    }
+                    // Handed on an entry whose send time we no longer know: its lease cannot
+                    // be bounded. Give it back and queue again.
+                    tracing::debug!(
+                        lock = self.attempt.name.as_str(),
+                        "handed the lock on a queue entry too old to count from; giving it back"
+                    );
+                    self.give_back(granted).await;
+                    self.reread().await?;
+                    continue;
+                }
                 Step::Wait(rec, wake) => {
                     self.wait(&rec, wake).await?;
                     continue;
@@ -217,11 +231,14 @@ impl Acquisition<'_> {
                         Err(e) => e,
                     }
                 }
-                Step::Enqueue(change) => {
+                Step::Enqueue(change, tag) => {
                     // Armed before writing: a cancellation while the write is in flight must
                     // still take our place back.
                     self.armed = true;
                     let sent = clock::now();
+                    if tag != 0 {
+                        self.object.note_queued(&self.id, tag);
+                    }
                     match self.write(change, None).await {
                         Ok(after) => {
                             self.refreshed = Some(sent);
@@ -472,6 +489,10 @@ impl Acquisition<'_> {
             ids: [g.holder.clone()].into(),
         };
         let member = session.join(&self.key, held, g.sent, g.fresh, notifier)?;
+        // Watch the object while holding (one watch per locker, kept): the release then starts
+        // from the record with the waiters that queued meanwhile, and hands the lock on in one
+        // write.
+        self.object.watch();
         tracing::debug!(lock = name, object = %self.object.store.describe, token = ?g.token, "kubernetes lock acquired");
         Ok(Box::new(KubeLease::new(
             Arc::clone(session),
@@ -486,6 +507,9 @@ impl Acquisition<'_> {
 
 impl Drop for Acquisition<'_> {
     fn drop(&mut self) {
+        if !self.keep_place {
+            self.object.forget_queued(&self.id);
+        }
         // Cancelled (the future was dropped) with a place in the queue or a grant in doubt.
         if self.armed && !(self.keep_place && self.maybe.is_empty()) {
             let object = Arc::clone(self.object);

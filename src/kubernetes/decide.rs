@@ -52,6 +52,13 @@ fn joinable(rec: &Record) -> bool {
     rec.is_shared && rec.shared_holders > 0 && (rec.renewals > 0 || planted(Bug::JoinGoTakeover))
 }
 
+/// The tag of the queue entry on which a release handed `id` the lock in `rec`, if it did: the
+/// record is held, names `id` as a holder handed the lock, and no longer queues it.
+pub(super) fn handed_to(rec: &Record, id: &str) -> Option<u64> {
+    let tag = rec.holders.get(id)?.handoff?;
+    (rec.shared_holders > 0 && !rec.queue.contains_key(id)).then_some(tag)
+}
+
 /// What to do about the record we see.
 pub(super) enum Step {
     /// Write this change; on success we hold the lock with `record`. `fresh`: a new lease
@@ -66,8 +73,12 @@ pub(super) enum Step {
     },
     /// One of our grants whose answer was lost turned out to have landed.
     Landed(Granted),
-    /// Write this change to join (or refresh our place in) the queue.
-    Enqueue(Change),
+    /// A release handed us the lock (see [`Object::handed`](super::Object)): we hold it
+    /// without writing. `usable`: we know when we sent the queue entry it was handed on (else it
+    /// is given back: its lease cannot be bounded).
+    Handed { granted: Granted, usable: bool },
+    /// Write this change to join (or refresh our place in) the queue; `tag` is the entry's.
+    Enqueue(Change, u64),
     /// Somebody holds it, or is ahead of us: wait until this instant at the latest (for a
     /// record or a queue member to go stale, or to refresh our place).
     Wait(Record, Option<Instant>),
@@ -93,6 +104,26 @@ impl Acquisition<'_> {
             });
         };
         let rec = Record::parse(&value).map_err(|e| object.corrupt(&self.key, e))?;
+        if let Some(tag) = handed_to(&rec, &self.id) {
+            let sent = if crate::clock::planted(crate::clock::Bug::HandoffSeenAt) {
+                Some(crate::clock::boot())
+            } else {
+                object.queued_sent(&self.id, tag)
+            };
+            tracing::debug!(lock = name, "a release handed us the lock");
+            return Ok(Step::Handed {
+                usable: sent.is_some(),
+                granted: Granted {
+                    record: rec,
+                    value,
+                    holder: self.id.clone(),
+                    sent: sent.unwrap_or_else(crate::clock::boot),
+                    token: self.current.rv,
+                    fresh: false,
+                    known: false,
+                },
+            });
+        }
         if let Some(g) = self.maybe.iter().find(|g| g.landed_in(&rec)) {
             tracing::debug!(lock = name, "a grant whose answer was lost had landed");
             return Ok(Step::Landed(Granted {
@@ -220,19 +251,31 @@ impl Acquisition<'_> {
             .is_none_or(|t| t.elapsed() >= config.renew_period);
         if (self.attempt.may_wait() || self.keep_place) && (mine.is_none() || refresh_due) {
             let mut queued = rec.clone();
+            // The HTTP server's acquirers come and go between polls: a lock handed to one
+            // while no poll runs would wait unused for its TTL. They take it themselves.
+            let tag = if self.keep_place {
+                0
+            } else {
+                (crate::clock::random() as u64) | 1
+            };
             let member = Member {
                 id: self.id.clone(),
                 arrived: mine.map_or(server_now, |m| m.arrived),
                 expire_at: object.expire_at(),
                 shared: mode == Mode::Shared,
+                tag,
+                holder: (!self.compact).then(|| self.holder_entry()),
                 other: mine.map(|m| m.other.clone()).unwrap_or_default(),
             };
             queued.queue.insert(self.id.clone(), member);
-            return Ok(Step::Enqueue(Change {
-                key: self.key.clone(),
-                expected: Some(value),
-                new: Some(queued.to_value()),
-            }));
+            return Ok(Step::Enqueue(
+                Change {
+                    key: self.key.clone(),
+                    expected: Some(value),
+                    new: Some(queued.to_value()),
+                },
+                tag,
+            ));
         }
         // Wake for what may change by itself: the lease going stale, our place due for a
         // refresh, a member ahead dying. A moment already past is no reason to wake (an expired

@@ -95,6 +95,9 @@ pub(crate) struct Object {
     seen: Mutex<HashMap<String, decide::Seen>>,
     /// How long a waiting acquisition rides out an unreachable API server, and whom it tells.
     outages: Mutex<OutagePolicy>,
+    /// When each queue entry of this locker's waiters was sent, by queue id: (tag, boot clock).
+    /// A waiter handed the lock by a release counts its lease from its entry's send time.
+    queued: Mutex<HashMap<String, Vec<(u64, crate::clock::Boot)>>>,
 }
 
 /// What a waiting acquisition does when the API server cannot be reached.
@@ -115,7 +118,43 @@ impl Object {
             feed: Mutex::default(),
             seen: Mutex::default(),
             outages: Mutex::default(),
+            queued: Mutex::default(),
         }
+    }
+
+    /// Notes that the queue entry `tag` of waiter `id` is sent now. Entries sent more than a
+    /// renewal deadline ago are forgotten: a lease counted from them would be over already.
+    fn note_queued(&self, id: &str, tag: u64) {
+        let deadline = self.config.renew_deadline;
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        for sent in queued.values_mut() {
+            sent.retain(|(_, at)| !(*at + deadline).passed());
+        }
+        queued.retain(|_, sent| !sent.is_empty());
+        queued
+            .entry(id.to_owned())
+            .or_default()
+            .push((tag, crate::clock::boot()));
+    }
+
+    /// When waiter `id` sent its queue entry `tag` (the earliest, should a tag repeat), if this
+    /// locker still knows.
+    fn queued_sent(&self, id: &str, tag: u64) -> Option<crate::clock::Boot> {
+        let queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        queued
+            .get(id)?
+            .iter()
+            .filter(|(t, _)| *t == tag)
+            .map(|(_, at)| *at)
+            .min()
+    }
+
+    /// Forgets waiter `id`'s entries (its acquisition ended).
+    fn forget_queued(&self, id: &str) {
+        self.queued
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
     }
 
     fn corrupt(&self, key: &str, e: serde_json::Error) -> Error {

@@ -153,6 +153,8 @@ fn members(q: &[(i64, bool, u32, bool)]) -> BTreeMap<String, Member> {
                 arrived,
                 expire_at: i64::MAX,
                 shared,
+                tag: 0,
+                holder: None,
                 other: Default::default(),
             };
             (id, m)

@@ -12,6 +12,7 @@ use crate::clock::{self, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::record::HolderEntry;
 use crate::options::Mode;
 
 /// One waiter in a record's queue: Go's `QueueMember`, plus `Shared` (Go drops it when it
@@ -28,8 +29,21 @@ pub(crate) struct Member {
     pub expire_at: i64,
     #[serde(rename = "Shared", default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
+    /// A random tag, new with every write of the entry (our field; Go drops it when it rewrites
+    /// the record). A release that hands the lock to this waiter names the tag of the entry it
+    /// saw, and the waiter counts its lease from when it sent that write (see
+    /// [`Handoff`](super::release)). Without it nobody hands the lock to the member.
+    #[serde(rename = "Tag", default, skip_serializing_if = "is_zero")]
+    pub tag: u64,
+    /// Who waits, for the holder entry a handoff writes (our field, like `Tag`).
+    #[serde(rename = "Holder", default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<HolderEntry>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Member {
@@ -67,10 +81,21 @@ impl Member {
 /// for clocks) than every Go member of `queue` alive by Go's rule and than any Go process that
 /// would queue now: then no Go v0.2 process counts itself first in line.
 pub(crate) fn first_for_go(head: &Member, queue: &BTreeMap<String, Member>, now: i64) -> bool {
+    // A Go process that is not queued yet adds itself with its clock's now as it takes over:
+    // the head must be older than that too (Go breaks ties at random).
+    head.arrived < now && older_than_go_members(head, queue, now)
+}
+
+/// True when the Rust member `head` is older than every Go member of `queue` alive by Go's rule
+/// (in whole seconds, with a margin for clocks): Go v0.2 processes already queued do not count
+/// themselves first in line. (Enough for a record handed to `head`: it is held, and a Go
+/// process arriving now waits for it.)
+pub(crate) fn older_than_go_members(
+    head: &Member,
+    queue: &BTreeMap<String, Member>,
+    now: i64,
+) -> bool {
     head.is_rust()
-        // A Go process that is not queued yet adds itself with its clock's now as it takes over:
-        // the head must be older than that too (Go breaks ties at random).
-        && head.arrived < now
         && queue
             .values()
             // Alive for Go by its own clock, which may be a second or two ahead of our estimate
@@ -97,6 +122,8 @@ impl Member {
             arrived: 1,
             expire_at,
             shared: false,
+            tag: 0,
+            holder: None,
             other: Default::default(),
         }
     }
@@ -199,6 +226,8 @@ mod tests {
             arrived,
             expire_at: 100,
             shared,
+            tag: 0,
+            holder: None,
             other: Default::default(),
         }
     }

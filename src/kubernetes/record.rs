@@ -85,6 +85,11 @@ pub(crate) struct HolderEntry {
         skip_serializing_if = "Option::is_none"
     )]
     pub description: Option<String>,
+    /// Set by a release that handed the lock to this holder: the `Tag` of the holder's queue
+    /// entry the release saw. The holder counts its lease from when it sent that entry (it did
+    /// not send the granting write). Absent for a holder that wrote its own grant.
+    #[serde(rename = "Handoff", default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<u64>,
 }
 
 impl HolderEntry {
@@ -96,6 +101,7 @@ impl HolderEntry {
             user: Some(crate::host::current_user()),
             since: Some(since),
             description,
+            handoff: None,
         }
     }
 

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::acquire::Granted;
-use super::queue::{first_for_go, Member, HOLDER_MARK};
+use super::decide::handed_to;
+use super::queue::{first_for_go, older_than_go_members, Member, HOLDER_MARK};
 use super::record::Record;
 use super::store::{transient, Change, WriteError};
 use super::{KubeSession, Object};
@@ -205,12 +206,13 @@ impl Object {
             name: name.to_owned(),
             reason: LostReason::Taken,
         };
-        // What stays of the lease in this process after our share left, if the record still
-        // has holders once `written` is there.
-        let left = |written: &str| {
-            Record::parse(written)
+        // What stays of the lease in this process after our share left `tested` and `written`
+        // is there: the lease, if others held it with us (the last holder's release leaves the
+        // record free or hands it to somebody else).
+        let left = |tested: &str, written: &str| {
+            Record::parse(tested)
                 .ok()
-                .filter(|r| r.shared_holders > 0)
+                .filter(|r| r.shared_holders > 1)
                 .map(|_| {
                     let mut ids = held.ids.clone();
                     ids.remove(holder);
@@ -221,7 +223,14 @@ impl Object {
                     }
                 })
         };
-        let mut value = held.value.clone();
+        // Start from the record as the watch last saw it when that is still our lease: waiters
+        // queue while we hold, and a release built on our own last write would fail its `test`
+        // and cost a read and a second write. (A watch that lags costs just that, as before.)
+        let mut value = self
+            .watched()
+            .and_then(|s| s.get(key).map(str::to_owned))
+            .filter(|v| Record::parse(v).is_ok_and(|r| held.is_ours(&r)))
+            .unwrap_or_else(|| held.value.clone());
         let mut pause = Duration::from_millis(100);
         // The object's annotations are full: leave the record free in its smallest form.
         let mut compact = false;
@@ -235,7 +244,7 @@ impl Object {
                     if !held.is_ours(&rec) {
                         return Err(lost());
                     }
-                    let mut freed = self.released(&rec, holder);
+                    let mut freed = self.released(&rec, holder, !compact);
                     if compact && freed.shared_holders <= 0 {
                         // Without the holder mark a free record is no larger than the held one
                         // was: expired, as when a Go waiter is first in line.
@@ -251,7 +260,7 @@ impl Object {
                 new: Some(new.clone()),
             };
             let failure = match self.store.write(std::slice::from_ref(&change), true).await {
-                Ok(_) => return Ok((left(&new), Some(new))),
+                Ok(_) => return Ok((left(&expected, &new), Some(new))),
                 Err(WriteError::Conflict) => {
                     if clock::planted(clock::Bug::ReleaseRebuilt) {
                         doubt = None;
@@ -294,7 +303,9 @@ impl Object {
             };
             match (&doubt, now) {
                 // Our write landed.
-                (Some((_, new)), Some(v)) if v == *new => return Ok((left(new), Some(v))),
+                (Some((expected, new)), Some(v)) if v == *new => {
+                    return Ok((left(expected, new), Some(v)))
+                }
                 // Unchanged: it has not landed (yet); the same write is safe to repeat, since
                 // it can apply at most once.
                 (Some((expected, _)), Some(v)) if v == *expected => {}
@@ -314,19 +325,23 @@ impl Object {
 
     /// The record after one holder of `rec` leaves (its count less one).
     ///
-    /// The last holder leaves the record free (count 0, not shared, the same uuid), never
-    /// removed: Go v0.2 reads a record twice before it queues or takes over, and fails with "no
-    /// existing lock lease found" if it vanished in between, or "lock already leased" if its
-    /// uuid changed. How it is left depends on who is first in line:
-    /// - a Rust waiter, first by Go's order too: reserved for it — `ExpireAtTimestamp` a TTL
-    ///   ahead and the holder mark, so that Go v0.2 waits and the Rust waiter takes it under the
-    ///   same uuid;
+    /// The last holder hands the lock on, or leaves the record free (count 0, not shared, the
+    /// same uuid); it never removes it: Go v0.2 reads a record twice before it queues or takes
+    /// over, and fails with "no existing lock lease found" if it vanished in between, or "lock
+    /// already leased" if its uuid changed. What it writes depends on who is first in line:
+    /// - a Rust waiter older than every Go member, whose entry is fresh and tagged (and
+    ///   `handoff` allowed): **handed to it** in this one write — its grant (and that of the shared waiters
+    ///   right behind a shared head), with their holder entries naming the tags of the queue
+    ///   entries it saw, under the same uuid, with the holder mark ([`Object::handoff`]);
+    /// - any other Rust waiter first by Go's order too: reserved for it — `ExpireAtTimestamp` a
+    ///   TTL ahead and the holder mark, so that Go v0.2 waits and the Rust waiter takes it under
+    ///   the same uuid;
     /// - anybody else (a Go waiter, or nobody in the queue): expired (`ExpireAtTimestamp` in
     ///   the past), as Go v0.2 releases: a Go waiter, queued or polling without an acquirer id,
     ///   takes it over at its next read. (It was once reserved for 2 s when nobody was queued,
     ///   so that a Rust acquirer coming next could keep the uuid; that cost every Go waiter
     ///   outside the queue 3 to 5 s per handoff. See PROTOCOL.md, "Go v0.2 peers".)
-    pub(super) fn released(&self, rec: &Record, holder: &str) -> Record {
+    pub(super) fn released(&self, rec: &Record, holder: &str, handoff: bool) -> Record {
         let now = self.store.server_now();
         let mut left = rec.clone();
         left.holders.remove(holder);
@@ -338,14 +353,33 @@ impl Object {
         left.shared_holders = 0;
         left.is_shared = false;
         left.holders.clear();
-        let head = left
+        let mut line: Vec<&Member> = left
             .queue
             .values()
             .filter(|m| m.alive_for_go(now))
-            .min_by(|a, b| a.order().cmp(&b.order()));
-        match head {
-            Some(head) if first_for_go(head, &left.queue, now) => {
+            .collect();
+        line.sort_by(|a, b| a.order().cmp(&b.order()));
+        let group = match line.first() {
+            Some(head) if handoff && older_than_go_members(head, &left.queue, now) => {
+                self.handoff(&line, now)
+            }
+            _ => Vec::new(),
+        };
+        match line.first() {
+            Some(head) if !group.is_empty() || first_for_go(head, &left.queue, now) => {
                 let until = self.expire_at();
+                if !group.is_empty() {
+                    left.shared_holders = i64::try_from(group.len()).unwrap_or(i64::MAX);
+                    left.is_shared = group[0].shared;
+                    for m in &group {
+                        left.queue.remove(&m.id);
+                        let mut entry = m.holder.clone().unwrap_or_default();
+                        entry.since = Some(now);
+                        entry.handoff = Some(m.tag);
+                        left.holders.insert(m.id.clone(), entry);
+                    }
+                    left = left.tagged();
+                }
                 left.expire_at = until;
                 left.queue
                     .insert(HOLDER_MARK.to_owned(), Member::mark(until));
@@ -353,6 +387,35 @@ impl Object {
             _ => left.expire_at = now.saturating_sub(1),
         }
         left
+    }
+
+    /// Whom a release hands the lock to, from `line` (the queue alive by Go's rule, in order,
+    /// its head older than every Go member): the head, if it is a Rust waiter whose entry is tagged
+    /// and fresh (written within about a renewal period: its waiter is alive), and, behind a
+    /// shared head, the shared waiters that follow it and are so too. Empty: nobody (the head
+    /// then takes the record itself).
+    ///
+    /// `Clone`d because the caller goes on to change the queue they are read from.
+    pub(super) fn handoff(&self, line: &[&Member], now: i64) -> Vec<Member> {
+        let cfg = &self.config;
+        // A live waiter refreshes its entry every renewal period to (its estimate of the API
+        // server's clock) + TTL + 1; estimates differ by a second or two.
+        let renew_secs = i64::try_from(cfg.renew_period.as_secs()).unwrap_or(i64::MAX);
+        let fresh_after = now
+            .saturating_add(cfg.ttl_secs())
+            .saturating_sub(renew_secs)
+            .saturating_sub(2);
+        let eligible = |m: &Member| m.is_rust() && m.tag != 0 && m.expire_at >= fresh_after;
+        let Some(head) = line.first().filter(|m| eligible(m)) else {
+            return Vec::new();
+        };
+        if !head.shared {
+            return vec![(*head).clone()];
+        }
+        line.iter()
+            .take_while(|m| m.shared && eligible(m))
+            .map(|m| (*m).clone())
+            .collect()
     }
 
     /// Undoes what an acquisition that ended without the lock may have left: its queue entry
@@ -403,13 +466,27 @@ impl Object {
                 maybe.clear();
                 continue;
             }
+            if let Some(me) = id.filter(|id| handed_to(&rec, id).is_some()) {
+                // A release handed us the lock as we left: give it back like a holder would.
+                let held = Held {
+                    uuid: rec.uuid.clone(),
+                    value: value.to_owned(),
+                    ids: [me.to_owned()].into(),
+                };
+                let until = clock::boot() + self.config.ttl;
+                if let Err(e) = self.release_record(name, key, me, held, until).await {
+                    tracing::debug!(key, error = %crate::error::chain(&e), "cannot give back a lock handed to us");
+                }
+                id = None;
+                continue;
+            }
             if let Some(me) = id.filter(|id| rec.queue.contains_key(*id)) {
                 let mut left = rec.clone();
                 left.queue.remove(me);
                 // A free record: give it to whoever is first now, as a release would.
                 if left.shared_holders <= 0 {
                     left.shared_holders = 1;
-                    left = self.released(&left, me);
+                    left = self.released(&left, me, true);
                 }
                 let new = Some(left.to_value());
                 let change = Change {

@@ -578,6 +578,8 @@ mod tests {
             arrived: 1,
             expire_at: 2,
             shared: false,
+            tag: 0,
+            holder: None,
             other: Default::default(),
         };
         assert!(m.is_rust(), "{}", m.id);

@@ -426,8 +426,47 @@ async fn handoff(plan: &Plan, go: &str) {
     let (holder, waiter) = (locker(&cm).await, locker(&cm).await);
     warm_up(&holder).await;
     warm_up(&waiter).await;
+    // The floor: one conditional JSON patch of an annotation (`test` + `add`, then `test` +
+    // `remove`), timed by a client of its own, interleaved with the handoffs.
+    let api: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let (pkey, pointer) = ("bench-patch", "/metadata/annotations/bench-patch");
+    let mut patches = Vec::new();
+    // And the floor of a handoff in one write: from sending such a patch until another client's
+    // watch of the object delivers it.
+    let mut seen = Vec::new();
+    let watcher: Api<ConfigMap> = Api::namespaced(client(false).await, "default");
+    let rv = watcher
+        .get(&cm)
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let wp = kube::api::WatchParams::default().fields(&format!("metadata.name={cm}"));
+    let mut events = futures::StreamExt::boxed(watcher.watch(&wp, &rv).await.unwrap());
     let mut samples = Vec::new();
     for _ in 0..plan.handoffs {
+        for add in [true, false] {
+            let patch = plain_patch(Writer::Json, pkey, pointer, "v", add);
+            let t = Instant::now();
+            api.patch(&cm, &PatchParams::default(), &patch)
+                .await
+                .unwrap();
+            patches.push(t.elapsed());
+            loop {
+                let ev = futures::TryStreamExt::try_next(&mut events)
+                    .await
+                    .unwrap()
+                    .expect("the watch goes on");
+                if let kube::api::WatchEvent::Modified(o) = ev {
+                    let has = o.metadata.annotations.is_some_and(|a| a.contains_key(pkey));
+                    if has == add {
+                        seen.push(t.elapsed());
+                        break;
+                    }
+                }
+            }
+        }
         let g = holder
             .acquire("handoff", AcquireOptions::exclusive())
             .await
@@ -460,6 +499,14 @@ async fn handoff(plan: &Plan, go: &str) {
         samples.push(d);
     }
     handoff_row("lockgate (Rust)", &mut samples);
+    handoff_row(
+        "one conditional PATCH of an annotation (its answer; same run)",
+        &mut patches,
+    );
+    handoff_row(
+        "one conditional PATCH, until another client's watch delivers it (same run)",
+        &mut seen,
+    );
 
     // Go waiters (both versions werf pins, neither in the queue: no acquirer id), after a
     // Rust holder and after a Go holder of their own version, side by side.

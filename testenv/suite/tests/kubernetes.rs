@@ -164,6 +164,85 @@ async fn a_blocked_waiter_gets_the_lock_when_it_is_released() {
     }
 }
 
+/// A release hands the lock to the waiter first in line in the same write: the record names the
+/// waiter as a holder handed the lock (`Handoff`), which the waiter's own grant never writes. A
+/// grantee stopped (SIGSTOP) before it sees the grant never uses it after its deadline: the next
+/// waiter takes the unrenewed grant over a TTL later, and the stopped one, continued, queues
+/// again and waits its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_lock_over_in_one_write_and_a_stopped_grantee_gives_it_up() {
+    time_limit(Duration::from_secs(150));
+    let cm = configmap("default").await;
+    let key = annotation_key("handed");
+    let record = |cm: String| {
+        let key = key.clone();
+        async move { serde_json::from_str::<serde_json::Value>(&annotations(&cm).await[&key]).unwrap() }
+    };
+    let (a, b) = (locker(&cm).await, locker(&cm).await);
+    let g = a.acquire("handed", ex()).await.unwrap();
+    let waiter = tokio::spawn(async move {
+        b.acquire("handed", ex().timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+    });
+    wait_for_queue(&cm, "handed", 1).await;
+    g.release().await.unwrap();
+    let gb = waiter.await.unwrap();
+    let rec = record(cm.clone()).await;
+    assert_eq!(rec["SharedHoldersCount"], 1, "{rec}");
+    let handed = |rec: &serde_json::Value| {
+        rec["Holders"]
+            .as_object()
+            .is_some_and(|h| h.len() == 1 && h.values().all(|e| e.get("Handoff").is_some()))
+    };
+    assert!(handed(&rec), "not handed over by the release: {rec}");
+
+    // W (another process) queues behind B, C behind W; W is stopped; B releases.
+    let url = format!("kubernetes://default/configmaps/{cm}");
+    let mut w = lockgate_testenv::process::Proc::spawn(
+        Command::new(rust_cli())
+            .args(["exec", "--locker", &url, "-w", "90", "handed", "--"])
+            .args(["sh", "-c", "echo locked"])
+            .env("KUBECONFIG", required_env("LOCKGATE_TEST_KUBECONFIG")),
+    );
+    wait_for_queue(&cm, "handed", 1).await;
+    let c = locker(&cm).await;
+    let cw = tokio::spawn(async move {
+        let g = c
+            .acquire("handed", ex().timeout(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        (Instant::now(), g)
+    });
+    wait_for_queue(&cm, "handed", 2).await;
+    w.signal(libc::SIGSTOP);
+    let released = Instant::now();
+    gb.release().await.unwrap();
+    let rec = record(cm.clone()).await;
+    assert!(handed(&rec), "not handed to the stopped waiter: {rec}");
+    let (granted, gc) = cw.await.unwrap();
+    let took = elapsed_between("takeover of a stopped grantee", released, granted);
+    eprintln!("C took over the stopped grantee's lock after {took:?}");
+    assert!(
+        took >= Duration::from_secs(9),
+        "C took the lock {took:?} after it was handed to W: before W's grant could have stood still for a TTL"
+    );
+    assert!(
+        took <= Duration::from_secs(25),
+        "took {took:?}, TTL is 10 s"
+    );
+    w.signal(libc::SIGCONT);
+    // W wakes after its deadline: it queues again rather than run while C holds.
+    wait_for_queue(&cm, "handed", 1).await;
+    assert!(
+        !w.has_line("locked"),
+        "W ran its command while C held the lock"
+    );
+    gc.release().await.unwrap();
+    w.line("locked", Duration::from_secs(30));
+    assert_eq!(w.wait(Duration::from_secs(30)), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_pending_acquire_leaves_nothing_behind() {
     time_limit(Duration::from_secs(120));

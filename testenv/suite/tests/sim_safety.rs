@@ -145,7 +145,7 @@ fn an_exclusive_release_in_doubt_does_not_free_the_next_holders_grant() {
         // A's release built on the record as it is (with B and C queued), not on A's own
         // older copy (which fails its `test` at once).
         let release = record_changes(v.req).iter().any(|c| {
-            c.counts() == (1, 0)
+            c.last_release()
                 && c.old
                     .as_ref()
                     .is_some_and(|o| o["QueueMembers"].as_object().is_some_and(|q| !q.is_empty()))

@@ -45,6 +45,25 @@ impl RecordChange {
         };
         (n(&self.old), n(&self.new))
     }
+
+    /// True when the change hands the lock to a waiter: the new record names a holder with a
+    /// `Handoff` tag who was queued in the old one.
+    pub fn hands_off(&self) -> bool {
+        let (Some(old), Some(new)) = (&self.old, &self.new) else {
+            return false;
+        };
+        new["Holders"].as_object().is_some_and(|h| {
+            h.iter().any(|(id, e)| {
+                e.get("Handoff").is_some() && old["QueueMembers"].get(id.as_str()).is_some()
+            })
+        })
+    }
+
+    /// True for the last holder's release: the record left free, or handed to waiters.
+    pub fn last_release(&self) -> bool {
+        let (old, new) = self.counts();
+        old == 1 && (new == 0 || self.hands_off())
+    }
 }
 
 /// The lock records a PATCH changes (empty for other requests).
