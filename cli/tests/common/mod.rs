@@ -25,11 +25,33 @@ pub fn lockgate_path_for_anyone() -> String {
         let exe = dir.path().join("lockgate");
         std::fs::copy(lockgate_path(), &exe).expect("copy lockgate");
         std::fs::set_permissions(&exe, open).unwrap();
+        wait_until_executable(&exe);
         let path = exe.to_str().unwrap().to_owned();
         (dir, path)
     })
     .1
     .clone()
+}
+
+/// Waits until `exe` can be run. A child forked by another test thread while the copy was open
+/// for writing holds that descriptor until it calls exec, and until then running the copy fails
+/// with "Text file busy" (ETXTBSY). Once one run starts, no writer is left: the copy is closed,
+/// and children forked later do not inherit it.
+fn wait_until_executable(exe: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Command::new(exe).arg("--version").output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{exe:?} stays busy: {e}"
+                );
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("cannot run the copy {exe:?}: {e}"),
+            Ok(_) => return,
+        }
+    }
 }
 
 /// [`bin`] on [`lockgate_path_for_anyone`]'s copy.

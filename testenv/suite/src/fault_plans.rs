@@ -428,7 +428,10 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
         }
         "planted-short-ttl" => {
             // Everyone renews every 3 s with a 10 s TTL, one client believes the TTL is 2.5 s:
-            // it takes over leases that stood still between two renewals.
+            // it takes over leases that stood still between two renewals. It only ever waits
+            // without a limit: a 2 s timed wait or a single try gives up before 2.5 s, and a
+            // run where it happened to draw those (or was handed each lock by a release before
+            // 2.5 s passed) took nothing over.
             let mut clients: Vec<ClientSpec> = (0..3)
                 .map(|i| kube_default(&format!("r{i}"), &["--hold", "3000:5000", "--shared", "0"]))
                 .collect();
@@ -442,6 +445,8 @@ pub async fn plan(name: &str, rounds: usize) -> Plan {
                     "100:300",
                     "--shared",
                     "0",
+                    "--waits",
+                    "block",
                 ],
             ));
             base(

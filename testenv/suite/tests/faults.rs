@@ -796,7 +796,10 @@ async fn a_release_whose_answer_is_lost_is_not_repeated() {
         renew_deadline: Duration::from_secs(25),
         request_timeout: Duration::from_secs(3),
     };
-    let a = proxied(&proxy, &cm, slow).await;
+    let a_client = proxy.client().await;
+    let a = Locker::new(
+        KubernetesLocker::new(a_client.clone(), Target::configmap("default", &cm), slow).unwrap(),
+    );
     let (b, c) = (
         locker_with(&cm, LeaseConfig::default()).await,
         locker_with(&cm, LeaseConfig::default()).await,
@@ -805,6 +808,14 @@ async fn a_release_whose_answer_is_lost_is_not_repeated() {
     let gb = b.acquire("shared", AcquireOptions::shared()).await.unwrap();
     let ga = a.acquire("shared", nb(Mode::Shared)).await.unwrap();
     assert_eq!(holders(&cm, "shared").await, Some(2));
+    // Under `lose_replies` only connections opened before it carry requests (a new one hangs in
+    // its TLS handshake), and a holder's watch keeps one of A's connections busy. Three
+    // requests at once leave A's client with idle connections for the release to use.
+    let api: Api<ConfigMap> = Api::namespaced(a_client, "default");
+    let (r1, r2, r3) = tokio::join!(api.get(&cm), api.get(&cm), api.get(&cm));
+    for r in [r1, r2, r3] {
+        r.expect("a GET through the proxy before the fault");
+    }
     proxy.lose_replies().await;
     let release = tokio::spawn(ga.release());
     // The decrement reaches the API server; its answer does not come back.

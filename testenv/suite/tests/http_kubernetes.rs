@@ -131,16 +131,21 @@ fn servers_and_kubernetes_lockers_on_one_object_lose_no_update() {
         // The Go Kubernetes locker's own re-read race (a take-over between its two reads: a
         // retried error, never an overlap) is allowed (the report above shows it); any other
         // error fails.
+        // The Go peer exits 1 when its report has any error, so the exit status is checked
+        // only where the report shows none of those races.
         let go_on_store = program == &go_peer() && locker == &store;
-        let errors: Vec<&str> = report["errors"]
+        let (races, errors): (Vec<&str>, Vec<&str>) = report["errors"]
             .as_array()
             .unwrap()
             .iter()
             .map(|e| e.as_str().unwrap())
-            .filter(|e| !(go_on_store && is_go_v02_race(e)))
-            .collect();
+            .partition(|e| go_on_store && is_go_v02_race(e));
         assert!(errors.is_empty(), "{label}: {report}");
-        assert_eq!(p.wait(Duration::from_secs(10)), 0, "{label}: {report}");
+        let code = p.wait(Duration::from_secs(10));
+        assert!(
+            code == 0 || (code == 1 && !races.is_empty()),
+            "{label}: exit {code}: {report}"
+        );
         increments += report["increments"].as_u64().unwrap();
     }
     let n: u64 = std::fs::read_to_string(&counter)
