@@ -77,8 +77,9 @@ impl Drop for Fleet {
 }
 
 /// Runs `workers` on the lock `name` of `locker` and checks every report: exit 0, no errors, no
-/// overlaps; then that the counter holds every increment.
-fn run_fleet(locker: &str, name: &str, workers: Vec<Worker>, limit: Duration) {
+/// overlaps; then that the counter holds every increment. Returns Go v0.2's own races and the
+/// Go v0.2 cycles run.
+fn run_fleet(locker: &str, name: &str, workers: Vec<Worker>, limit: Duration) -> (usize, u32) {
     let dir = tempfile::tempdir().unwrap();
     let counter = dir.path().join("counter");
     let start = Instant::now();
@@ -158,6 +159,7 @@ fn run_fleet(locker: &str, name: &str, workers: Vec<Worker>, limit: Duration) {
         workers.len(),
         start.elapsed()
     );
+    (go_races, cycles)
 }
 
 fn take_output(child: &mut Child) -> (String, String) {
@@ -260,6 +262,49 @@ async fn rust_shared_and_exclusive_with_go_v02_shared() {
     })
     .await
     .unwrap();
+}
+
+/// Go v0.2's own re-read races beside Rust against those between Go processes alone: a fleet
+/// of two Rust and two Go v0.2 workers (one with an acquirer id) and a fleet of four Go v0.2
+/// workers (two with one), each on a ConfigMap of its own, at the same time. Both must be free of
+/// overlaps and lost updates; the races of each are printed per Go cycle (PROTOCOL.md, "Go v0.2
+/// peers", has a long run's figures: `LOCKGATE_FLEET_GO_CYCLES=100`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_v02_races_beside_rust_and_among_go_processes_alone() {
+    let (mixed_url, go_url) = (configmap_url().await, configmap_url().await);
+    // 10 Go cycles a worker in the suite's run (a fleet of four Go pollers takes a minute).
+    let go = |args: &[&str]| {
+        let mut w = go(args);
+        if std::env::var_os("LOCKGATE_FLEET_GO_CYCLES").is_none() {
+            w.cycles = 10;
+        }
+        w
+    };
+    let mixed_fleet = vec![
+        rust(&[]),
+        rust(&[]),
+        go(&["--acquirer-id", "auto"]),
+        go(&[]),
+    ];
+    let go_fleet = vec![
+        go(&["--acquirer-id", "auto"]),
+        go(&["--acquirer-id", "auto"]),
+        go(&[]),
+        go(&[]),
+    ];
+    let mixed = tokio::task::spawn_blocking(move || {
+        run_fleet(&mixed_url, "rate", mixed_fleet, Duration::from_secs(900))
+    });
+    let go_only = tokio::task::spawn_blocking(move || {
+        run_fleet(&go_url, "rate", go_fleet, Duration::from_secs(900))
+    });
+    let ((m, mc), (g, gc)) = (mixed.await.unwrap(), go_only.await.unwrap());
+    let rate = |n: usize, c: u32| 100.0 * n as f64 / f64::from(c.max(1));
+    eprintln!(
+        "Go v0.2 races per 100 Go cycles: beside Rust {:.1} ({m} in {mc}), Go alone {:.1} ({g} in {gc})",
+        rate(m, mc),
+        rate(g, gc)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
