@@ -111,7 +111,6 @@ pub(crate) async fn acquire(
                         "a grant was confirmed too late to be used; giving it back"
                     );
                     a.maybe.clear();
-                    a.armed = true;
                     a.give_back(g).await;
                     if a.attempt.expired() {
                         a.clean_up().await;
@@ -470,11 +469,21 @@ impl Acquisition<'_> {
 
     /// Releases a grant this acquisition will not use, in a task of its own (awaited; it
     /// finishes even if this future is dropped).
+    ///
+    /// That task is the only one to give the grant back: it disarms this acquisition, so that
+    /// a drop while it runs does not start a second give-back beside it (two releases of one
+    /// grant: the second, rebuilt on a record Go rewrote without `Holders`, could release the
+    /// next holder's lease). It takes any other grant in doubt back too. We have no queue place
+    /// to take back: the grant being given back removed our entry (a refresh of it tested the
+    /// record before the grant, so it cannot land after). Queueing again re-arms.
     async fn give_back(&mut self, g: Granted) {
+        self.armed = false;
         let object = Arc::clone(self.object);
         let (name, key) = (self.attempt.name.as_str().to_owned(), self.key.clone());
+        let mut grants = std::mem::take(&mut self.maybe);
+        grants.push(g);
         let task = tokio::spawn(async move {
-            object.take_back(&name, &key, None, &[g]).await;
+            object.take_back(&name, &key, None, &grants).await;
         });
         let _ = task.await;
     }

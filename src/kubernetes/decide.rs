@@ -73,7 +73,7 @@ pub(super) enum Step {
     },
     /// One of our grants whose answer was lost turned out to have landed.
     Landed(Granted),
-    /// A release handed us the lock (see [`Object::handed`](super::Object)): we hold it
+    /// A release handed us the lock (see [`Object::handoff`](super::Object::handoff)): we hold it
     /// without writing. `usable`: we know when we sent the queue entry it was handed on (else it
     /// is given back: its lease cannot be bounded).
     Handed { granted: Granted, usable: bool },

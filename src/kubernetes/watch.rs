@@ -72,12 +72,12 @@ impl Feed {
         }
     }
 
-    /// The latest state, marking it seen.
     /// The latest state, without marking it seen.
     pub fn latest(&self) -> Option<Snapshot> {
         self.state().value.clone()
     }
 
+    /// The latest state, marking it seen.
     pub fn borrow_and_update(&mut self) -> Option<Snapshot> {
         let (version, value) = {
             let s = self.state();
@@ -116,13 +116,13 @@ impl Drop for Publisher {
 }
 
 impl Object {
-    /// The shared watch of the object, started on first use; it ends when the locker is gone.
     /// The object's latest state as this locker's watch saw it, if the watch runs.
     pub(crate) fn watched(&self) -> Option<Snapshot> {
         let slot = self.feed.lock().unwrap_or_else(PoisonError::into_inner);
         slot.as_ref()?.latest()
     }
 
+    /// The shared watch of the object, started on first use; it ends when the locker is gone.
     pub(crate) fn watch(self: &Arc<Self>) -> Feed {
         let mut slot = self.feed.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(feed) = slot.as_ref() {
