@@ -98,6 +98,9 @@ pub(crate) struct Object {
     /// When each queue entry of this locker's waiters was sent, by queue id: (tag, boot clock).
     /// A waiter handed the lock by a release counts its lease from its entry's send time.
     queued: Mutex<HashMap<String, Vec<(u64, crate::clock::Boot)>>>,
+    /// The records this locker's releases left free, by annotation key: an acquisition's first
+    /// guess at the record (see [`Object::guess`]).
+    freed: Mutex<HashMap<String, String>>,
 }
 
 /// What a waiting acquisition does when the API server cannot be reached.
@@ -110,6 +113,9 @@ pub(crate) struct OutagePolicy {
 /// What `KubernetesLocker::on_unreachable` calls.
 type UnreachableHook = dyn Fn(&Error) + Send + Sync;
 
+/// How many released records an [`Object`] remembers for its acquisitions' first guess.
+const FREED_MAX: usize = 4096;
+
 impl Object {
     fn new(store: Store, config: LeaseConfig) -> Self {
         Self {
@@ -119,7 +125,39 @@ impl Object {
             seen: Mutex::default(),
             outages: Mutex::default(),
             queued: Mutex::default(),
+            freed: Mutex::default(),
         }
+    }
+
+    /// Notes the record a release of ours wrote for `key`: kept while it is free with nobody
+    /// queued (a guess of it leads straight to a grant), forgotten otherwise. At most [`FREED_MAX`] keys are kept (all forgotten past it: a
+    /// forgotten key costs one failed guess).
+    fn note_released(&self, key: &str, written: &str) {
+        let mut freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
+        if record::Record::parse(written).is_ok_and(|r| r.shared_holders <= 0 && r.queue.is_empty())
+        {
+            if freed.len() >= FREED_MAX && !freed.contains_key(key) {
+                freed.clear();
+            }
+            freed.insert(key.to_owned(), written.to_owned());
+        } else {
+            freed.remove(key);
+        }
+    }
+
+    /// The first guess of an acquisition of `key`, which makes an uncontended one a single
+    /// request: the record as our last release left it (free, nobody queued), else no record.
+    /// A wrong guess costs a failed `test` and a GET, never a wrong decision: only a free record
+    /// nobody waits for is guessed, so a guess never makes a lock look busy or defers to anyone.
+    fn guess(&self, key: &str) -> store::Snapshot {
+        let mut snap = self.store.assumed();
+        let freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = freed.get(key) {
+            snap.annotations
+                .get_or_insert_with(Default::default)
+                .insert(key.to_owned(), v.clone());
+        }
+        snap
     }
 
     /// Notes that the queue entry `tag` of waiter `id` is sent now. Entries sent more than a

@@ -260,7 +260,10 @@ impl Object {
                 new: Some(new.clone()),
             };
             let failure = match self.store.write(std::slice::from_ref(&change), true).await {
-                Ok(_) => return Ok((left(&expected, &new), Some(new))),
+                Ok(_) => {
+                    self.note_released(key, &new);
+                    return Ok((left(&expected, &new), Some(new)));
+                }
                 Err(WriteError::Conflict) => {
                     if clock::planted(clock::Bug::ReleaseRebuilt) {
                         doubt = None;

@@ -148,3 +148,70 @@ async fn the_polling_check_catches_go_lockgate() {
         .unwrap();
     drop(go);
 }
+
+/// An uncontended acquire + release is two requests, one conditional PATCH each, also after
+/// the first cycle, when the record the last release left free is there: the acquisition's
+/// first guess is that record, not "no record" (which failed its `test` and cost a GET and a
+/// second PATCH every cycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_cycles_make_two_requests_each() {
+    time_limit(Duration::from_secs(120));
+    const CYCLES: usize = 10;
+    let cm = configmap("default").await;
+    let user = CountedUser::take();
+    let l = Locker::new(
+        KubernetesLocker::new(
+            user.client().await,
+            Target::configmap("default", &cm),
+            LeaseConfig::default(),
+        )
+        .unwrap(),
+    );
+    // The first cycle reads the object once (to learn the API server's clock), and its hold
+    // starts the locker's watch of the object (a list, then the watch): wait (bounded) until
+    // the audit log shows the watch, so that its list is not counted below.
+    let start = audit::mark();
+    l.acquire("cycle", AcquireOptions::exclusive())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while Counts::of(&user.requests(start, audit::mark())).watches == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the locker's watch never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let from = audit::mark();
+    for _ in 0..CYCLES {
+        l.acquire("cycle", AcquireOptions::exclusive())
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    // The audit log is written as requests complete: wait (bounded) until it shows them all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let counts = loop {
+        let requests = user.requests(from, audit::mark());
+        let counts = Counts::of(&requests);
+        if counts.writes + counts.reads >= 2 * CYCLES {
+            show("uncontended cycles", &requests);
+            break counts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit log shows {counts:?} for {CYCLES} cycles"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (counts.reads, counts.writes),
+        (0, 2 * CYCLES),
+        "{CYCLES} uncontended cycles: {counts:?}"
+    );
+}
