@@ -149,6 +149,16 @@ async fn the_polling_check_catches_go_lockgate() {
     drop(go);
 }
 
+/// One uncontended acquire + release of the lock "cycle".
+async fn cycle(l: &Locker) {
+    l.acquire("cycle", AcquireOptions::exclusive())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+}
+
 /// An uncontended acquire + release is two requests, one conditional PATCH each, also after
 /// the first cycle, when the record the last release left free is there: the acquisition's
 /// first guess is that record, not "no record" (which failed its `test` and cost a GET and a
@@ -171,12 +181,7 @@ async fn uncontended_cycles_make_two_requests_each() {
     // starts the locker's watch of the object (a list, then the watch): wait (bounded) until
     // the audit log shows the watch, so that its list is not counted below.
     let start = audit::mark();
-    l.acquire("cycle", AcquireOptions::exclusive())
-        .await
-        .unwrap()
-        .release()
-        .await
-        .unwrap();
+    cycle(&l).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while Counts::of(&user.requests(start, audit::mark())).watches == 0 {
         assert!(
@@ -187,14 +192,10 @@ async fn uncontended_cycles_make_two_requests_each() {
     }
     let from = audit::mark();
     for _ in 0..CYCLES {
-        l.acquire("cycle", AcquireOptions::exclusive())
-            .await
-            .unwrap()
-            .release()
-            .await
-            .unwrap();
+        cycle(&l).await;
     }
-    // The audit log is written as requests complete: wait (bounded) until it shows them all.
+    // The audit log records each request as the API server receives it, written by its own
+    // backend: wait (bounded) until the file shows them all.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let counts = loop {
         let requests = user.requests(from, audit::mark());
