@@ -232,6 +232,14 @@ impl Object {
             .filter(|v| Record::parse(v).is_ok_and(|r| held.is_ours(&r)))
             .unwrap_or_else(|| held.value.clone());
         let mut pause = Duration::from_millis(100);
+        // How long a write may take to answer: the request timeout, so that a lost answer is
+        // soon noticed; but once a read has shown the server answering and the record still
+        // holding what the write tests (it has not landed), the rest of the time before
+        // `until`. A server slowed by many writers on one object (each PATCH of the object
+        // retried inside the server until it fits in between the others) answers late rather
+        // than not at all, and a write cut off at the request timeout and sent again would
+        // start its wait anew, adding to the load that slowed it.
+        let mut patience = self.store.timeout;
         // The object's annotations are full: leave the record free in its smallest form.
         let mut compact = false;
         // The write in doubt: (the value it tests, the value it writes).
@@ -259,7 +267,12 @@ impl Object {
                 expected: Some(expected.clone()),
                 new: Some(new.clone()),
             };
-            let failure = match self.store.write(std::slice::from_ref(&change), true).await {
+            let within = patience.min(until.left()).max(self.store.timeout);
+            let written = self
+                .store
+                .write_within(std::slice::from_ref(&change), true, within)
+                .await;
+            let failure = match written {
                 Ok(_) => {
                     self.note_released(key, &new);
                     return Ok((left(&expected, &new), Some(new)));
@@ -310,8 +323,8 @@ impl Object {
                     return Ok((left(expected, new), Some(v)))
                 }
                 // Unchanged: it has not landed (yet); the same write is safe to repeat, since
-                // it can apply at most once.
-                (Some((expected, _)), Some(v)) if v == *expected => {}
+                // it can apply at most once. The server answers: it may just be slow.
+                (Some((expected, _)), Some(v)) if v == *expected => patience = until.left(),
                 // Changed by somebody after a write whose answer was lost: it may have landed.
                 (Some(_), _) => {
                     tracing::debug!(

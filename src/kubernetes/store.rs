@@ -207,10 +207,10 @@ impl Store {
         }
     }
 
-    fn timed_out(&self, verb: &'static str) -> Error {
+    fn timed_out(&self, verb: &'static str, timeout: Duration) -> Error {
         Error::Unreachable {
             resource: self.describe.clone(),
-            source: format!("{verb} did not answer within {:?}", self.timeout).into(),
+            source: format!("{verb} did not answer within {timeout:?}").into(),
         }
     }
 
@@ -271,7 +271,7 @@ impl Store {
         loop {
             let sent = self.send("get", http::Method::GET, None);
             match tokio::time::timeout(self.timeout, sent).await {
-                Err(_) => return Err(self.timed_out("get")),
+                Err(_) => return Err(self.timed_out("get", self.timeout)),
                 Ok(Ok(snap)) => return Ok(self.seen(snap)),
                 Ok(Err(kube::Error::Api(s)))
                     if s.code == 404 && self.create_missing.load(Ordering::Relaxed) =>
@@ -292,7 +292,7 @@ impl Store {
         match tokio::time::timeout(self.timeout, self.api.create(&PostParams::default(), &obj))
             .await
         {
-            Err(_) => Err(self.timed_out("create")),
+            Err(_) => Err(self.timed_out("create", self.timeout)),
             Ok(Ok(_)) => Ok(()),
             Ok(Err(kube::Error::Api(s))) if s.code == 409 => Ok(()), // created concurrently
             Ok(Err(e)) => Err(self.error("create", e)),
@@ -307,11 +307,22 @@ impl Store {
         changes: &[Change],
         has_annotations: bool,
     ) -> Result<Snapshot, WriteError> {
+        self.write_within(changes, has_annotations, self.timeout)
+            .await
+    }
+
+    /// [`Store::write`], waiting up to `timeout` for the answer instead of the request timeout.
+    pub async fn write_within(
+        &self,
+        changes: &[Change],
+        has_annotations: bool,
+        timeout: Duration,
+    ) -> Result<Snapshot, WriteError> {
         let body = go_json(&patch(changes, has_annotations));
         loop {
             let sent = self.send("patch", http::Method::PATCH, Some(body.clone()));
-            match tokio::time::timeout(self.timeout, sent).await {
-                Err(_) => return Err(WriteError::Unknown(self.timed_out("patch"))),
+            match tokio::time::timeout(timeout, sent).await {
+                Err(_) => return Err(WriteError::Unknown(self.timed_out("patch", timeout))),
                 Ok(Ok(snap)) => return Ok(self.seen(snap)),
                 Ok(Err(kube::Error::Api(s))) => match s.code {
                     409 => return Err(WriteError::Conflict),

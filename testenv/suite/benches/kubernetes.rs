@@ -139,10 +139,12 @@ async fn locker_on(target: Target) -> Locker {
     Locker::new(KubernetesLocker::new(client(false).await, target, LeaseConfig::default()).unwrap())
 }
 
-/// One acquire + release of a lock of the locker's own: its connection is open afterwards.
+/// One acquire + release of the lock `warm-up`: the locker's connection is open afterwards.
+/// Every locker of an object warms up on the same lock, so that warm-ups leave one free record
+/// on the object, not one each (releases keep their records; a table's writes would otherwise
+/// carry dozens of records nobody uses).
 async fn warm_up(l: &Locker) {
-    let name = unique("warm-up");
-    l.acquire(&name, AcquireOptions::exclusive())
+    l.acquire("warm-up", AcquireOptions::exclusive())
         .await
         .unwrap()
         .release()
@@ -799,12 +801,10 @@ async fn rust_run(
             tokio::spawn(async move {
                 gate.wait().await;
                 for _ in 0..each {
-                    l.acquire(&n, AcquireOptions::exclusive())
-                        .await
-                        .unwrap()
-                        .release()
-                        .await
-                        .unwrap();
+                    let g = l.acquire(&n, AcquireOptions::exclusive()).await.unwrap();
+                    if let Err(e) = g.release().await {
+                        FAILED_RELEASES.lock().unwrap().push(chain(&e));
+                    }
                 }
             })
         })
@@ -818,10 +818,15 @@ async fn rust_run(
     }
     let wall = start.elapsed();
     let cpu = cpu.since(&me());
+    let after = requests().await;
+    eprintln!(
+        "rust round: {clients} × {each} in {wall:?}, requests {}",
+        delta(&before, &after, (clients * each) as f64).1
+    );
     Timed {
         wall,
         cpu,
-        requests: delta(&before, &requests().await, 1.0).0,
+        requests: delta(&before, &after, 1.0).0,
     }
 }
 
@@ -834,18 +839,20 @@ async fn contention(plan: &Plan, go: &str) {
     println!();
     println!(
         "Each contender (a locker with its own client for Rust, a process for Go) acquires and \
-         releases the same exclusive lock repeatedly; all start together after set-up. Wall \
-         time: the median of {} rounds, Rust and Go rounds alternating.",
+         releases the same exclusive lock repeatedly; all start together after set-up (one \
+         warm-up cycle each, on another lock). Every round on a new ConfigMap. Wall time: \
+         the median of {} rounds, Rust and Go rounds alternating.",
         plan.rounds
     );
     println!();
     println!("| implementation | acquisitions | wall time | acquisitions/s |");
     println!("|---|---|---|---|");
-    let cm = configmap().await;
-    let target = Target::configmap("default", &cm);
     let (mut rust, mut go_rounds) = (Rounds::default(), Rounds::default());
     for _ in 0..plan.rounds {
+        let cm = configmap().await;
+        let target = Target::configmap("default", &cm);
         rust.push(rust_run(&target, n, plan.contended_each, |_| "rust-contended".into()).await);
+        let cm = configmap().await;
         let names = vec!["go-contended".to_owned(); n];
         go_rounds.push(go_run(&cm, names, plan.go_contended_each).await);
     }
@@ -871,7 +878,9 @@ async fn distinct_locks(plan: &Plan, go: &str) {
          same run, the API server's own limit: {n} clients (own kube clients) each write plain \
          conditional JSON patches to an annotation of its own on one ConfigMap (`test` the key \
          absent + `add` a record-sized value, then `test` the value + `remove`: the two writes \
-         a lock cycle needs at the least). Every round makes a new ConfigMap for each row; the \
+         a lock cycle needs at the least); and the same with the record kept between cycles \
+         (`test` + `add` a held value, then `test` + `add` a free one), as lockgate's and Go \
+         lockgate v0.2's releases leave it. Every round makes a new ConfigMap for each row; the \
          rows' rounds alternate. Wall time: the median of {} rounds; CPU: kube-apiserver and \
          etcd during the timed runs, as a share of their wall time (100 % = one core).",
         plan.rounds
@@ -881,8 +890,12 @@ async fn distinct_locks(plan: &Plan, go: &str) {
         "| implementation | operations | wall time | per second | API requests each | kube-apiserver CPU | etcd CPU | clients' CPU | kube-apiserver CPU per request |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    let (mut rust, mut go_rounds, mut plain) =
-        (Rounds::default(), Rounds::default(), Rounds::default());
+    let (mut rust, mut go_rounds, mut plain, mut kept) = (
+        Rounds::default(),
+        Rounds::default(),
+        Rounds::default(),
+        Rounds::default(),
+    );
     let mut retried = 0;
     for round in 0..plan.rounds {
         let cm = create_object(Object::ConfigMap, 0).await;
@@ -894,6 +907,9 @@ async fn distinct_locks(plan: &Plan, go: &str) {
         let p = plain_run(Object::ConfigMap, n, each, Writer::Json, 0).await;
         retried += p.retried;
         plain.push(p.timed);
+        let p = plain_run(Object::ConfigMap, n, each, Writer::JsonKept, 0).await;
+        retried += p.retried;
+        kept.push(p.timed);
     }
     let row = |who: &str, ops: usize, r: &Rounds| {
         let rate = r.rate(n * ops);
@@ -909,6 +925,11 @@ async fn distinct_locks(plan: &Plan, go: &str) {
     let rust_rate = row("lockgate (Rust), acquire + release", each, &rust);
     let go_rate = row(&format!("{go}, acquire + release"), each, &go_rounds);
     let plain_rate = row("plain conditional JSON patches (writes)", 2 * each, &plain);
+    let kept_rate = row(
+        "plain conditional JSON patches, the record kept (writes)",
+        2 * each,
+        &kept,
+    );
     println!();
     println!(
         "lockgate: {:.1}× Go; {:.2} cycles per plain write (goal ≥ 0.45; 0.5 = two writes a \
@@ -922,11 +943,34 @@ async fn distinct_locks(plan: &Plan, go: &str) {
             / (n * each * rust.walls.len()) as f64
             / (plain.apiserver.as_secs_f64() / plain.requests),
     );
+    println!();
+    println!(
+        "With the records kept between cycles (as lockgate and Go lockgate v0.2 leave them): \
+         {:.2} lockgate cycles per plain write.",
+        rust_rate / kept_rate
+    );
     if retried > 0 {
         println!();
         println!("The server answered {retried} plain writes with 504 or 429 (retried).");
     }
+    release_failures();
     println!();
+}
+
+/// Releases that failed in the Rust rows since the last call (the lease then runs out by
+/// itself): their number and the first error, printed under the table.
+static FAILED_RELEASES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn release_failures() {
+    let failed = std::mem::take(&mut *FAILED_RELEASES.lock().unwrap());
+    if let Some(first) = failed.first() {
+        println!();
+        println!(
+            "**{} lockgate releases failed** (each lock then stays held until its lease runs \
+             out); the first: `{first}`",
+            failed.len()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -958,6 +1002,9 @@ enum Writer {
     JsonResetManagedFields,
     /// Unconditional merge patches (add the key, then set it to null): no `test`.
     Merge,
+    /// `test` + `add` a held value, then `test` + `add` a free one: the record stays on the
+    /// object between cycles, as lockgate's and Go lockgate v0.2's releases leave it.
+    JsonKept,
 }
 
 impl Writer {
@@ -967,6 +1014,7 @@ impl Writer {
             Writer::JsonOwnManager => "conditional JSON patch, a field manager per client",
             Writer::JsonResetManagedFields => "conditional JSON patch + managedFields reset",
             Writer::Merge => "unconditional merge patch",
+            Writer::JsonKept => "conditional JSON patch, the record kept (free) between cycles",
         }
     }
 }
@@ -1087,6 +1135,17 @@ async fn plain_run(
                     .into_iter()
                     .map(|add| plain_patch(writer, &key, &pointer, &value, add))
                     .collect();
+                if writer == Writer::JsonKept {
+                    // The free record, before the timed run (as a warm-up leaves it).
+                    let free = plain_patch(Writer::Json, &key, &pointer, &value, true);
+                    let Patch::Json(mut ops) = free else { unreachable!() };
+                    ops.0[1] = serde_json::from_value(serde_json::json!({"op": "add",
+                        "path": pointer, "value": value.replace("\"SharedHoldersCount\":1", "\"SharedHoldersCount\":0")}))
+                        .unwrap();
+                    api.patch(&name, &params, &Patch::Json::<serde_json::Value>(ops))
+                        .await
+                        .unwrap();
+                }
                 let mut retried = 0;
                 gate.wait().await;
                 for _ in 0..each {
@@ -1148,7 +1207,18 @@ fn plain_patch(
         let value = if add { Value::from(value) } else { Value::Null };
         return Patch::Merge(json!({"metadata": {"annotations": {key: value}}}));
     }
-    let mut ops = if add {
+    let free = || value.replace("\"SharedHoldersCount\":1", "\"SharedHoldersCount\":0");
+    let mut ops = if writer == Writer::JsonKept {
+        let (from, to) = if add {
+            (free(), value.to_owned())
+        } else {
+            (value.to_owned(), free())
+        };
+        json!([
+            {"op": "test", "path": pointer, "value": from},
+            {"op": "add", "path": pointer, "value": to},
+        ])
+    } else if add {
         json!([
             {"op": "test", "path": pointer, "value": null},
             {"op": "add", "path": pointer, "value": value},
