@@ -130,8 +130,9 @@ impl Object {
     }
 
     /// Notes the record a release of ours wrote for `key`: kept while it is free with nobody
-    /// queued (a guess of it leads straight to a grant), forgotten otherwise. At most [`FREED_MAX`] keys are kept (all forgotten past it: a
-    /// forgotten key costs one failed guess).
+    /// queued (a guess of it leads straight to a grant), forgotten otherwise. At most
+    /// [`FREED_MAX`] keys are kept (all forgotten past it: a forgotten key costs one failed
+    /// guess).
     fn note_released(&self, key: &str, written: &str) {
         let mut freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
         if record::Record::parse(written).is_ok_and(|r| r.shared_holders <= 0 && r.queue.is_empty())

@@ -239,7 +239,7 @@ impl Object {
         // retried inside the server until it fits in between the others) answers late rather
         // than not at all, and a write cut off at the request timeout and sent again would
         // start its wait anew, adding to the load that slowed it.
-        let mut patience = self.store.timeout;
+        let mut patient = false;
         // The object's annotations are full: leave the record free in its smallest form.
         let mut compact = false;
         // The write in doubt: (the value it tests, the value it writes).
@@ -267,7 +267,11 @@ impl Object {
                 expected: Some(expected.clone()),
                 new: Some(new.clone()),
             };
-            let within = patience.min(until.left()).max(self.store.timeout);
+            let within = if patient {
+                until.left().max(self.store.timeout)
+            } else {
+                self.store.timeout
+            };
             let written = self
                 .store
                 .write_within(std::slice::from_ref(&change), true, within)
@@ -320,11 +324,12 @@ impl Object {
             match (&doubt, now) {
                 // Our write landed.
                 (Some((expected, new)), Some(v)) if v == *new => {
-                    return Ok((left(expected, new), Some(v)))
+                    self.note_released(key, new);
+                    return Ok((left(expected, new), Some(v)));
                 }
                 // Unchanged: it has not landed (yet); the same write is safe to repeat, since
                 // it can apply at most once. The server answers: it may just be slow.
-                (Some((expected, _)), Some(v)) if v == *expected => patience = until.left(),
+                (Some((expected, _)), Some(v)) if v == *expected => patient = true,
                 // Changed by somebody after a write whose answer was lost: it may have landed.
                 (Some(_), _) => {
                     tracing::debug!(

@@ -1019,6 +1019,11 @@ impl Writer {
     }
 }
 
+/// [`record_value`] released: held by nobody.
+fn free_value(held: &str) -> String {
+    held.replace("\"SharedHoldersCount\":1", "\"SharedHoldersCount\":0")
+}
+
 /// A record-sized value, like a lock record.
 fn record_value(i: usize) -> String {
     serde_json::json!({"uuid": format!("{i:08x}-0000-4000-8000-000000000000"),
@@ -1137,14 +1142,13 @@ async fn plain_run(
                     .collect();
                 if writer == Writer::JsonKept {
                     // The free record, before the timed run (as a warm-up leaves it).
-                    let free = plain_patch(Writer::Json, &key, &pointer, &value, true);
-                    let Patch::Json(mut ops) = free else { unreachable!() };
-                    ops.0[1] = serde_json::from_value(serde_json::json!({"op": "add",
-                        "path": pointer, "value": value.replace("\"SharedHoldersCount\":1", "\"SharedHoldersCount\":0")}))
-                        .unwrap();
-                    api.patch(&name, &params, &Patch::Json::<serde_json::Value>(ops))
-                        .await
-                        .unwrap();
+                    let ops = serde_json::json!([
+                        {"op": "test", "path": pointer, "value": null},
+                        {"op": "add", "path": pointer, "value": free_value(&value)},
+                    ]);
+                    let free =
+                        Patch::Json::<serde_json::Value>(serde_json::from_value(ops).unwrap());
+                    api.patch(&name, &params, &free).await.unwrap();
                 }
                 let mut retried = 0;
                 gate.wait().await;
@@ -1207,12 +1211,11 @@ fn plain_patch(
         let value = if add { Value::from(value) } else { Value::Null };
         return Patch::Merge(json!({"metadata": {"annotations": {key: value}}}));
     }
-    let free = || value.replace("\"SharedHoldersCount\":1", "\"SharedHoldersCount\":0");
     let mut ops = if writer == Writer::JsonKept {
         let (from, to) = if add {
-            (free(), value.to_owned())
+            (free_value(value), value.to_owned())
         } else {
-            (value.to_owned(), free())
+            (value.to_owned(), free_value(value))
         };
         json!([
             {"op": "test", "path": pointer, "value": from},
