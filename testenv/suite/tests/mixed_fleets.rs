@@ -268,7 +268,8 @@ async fn rust_shared_and_exclusive_with_go_v02_shared() {
 /// of two Rust and two Go v0.2 workers (one with an acquirer id) and a fleet of four Go v0.2
 /// workers (two with one), each on a ConfigMap of its own, at the same time. Both must be free of
 /// overlaps and lost updates; the races of each are printed per Go cycle (PROTOCOL.md, "Go v0.2
-/// peers", has a long run's figures: `LOCKGATE_FLEET_GO_CYCLES=100`).
+/// peers", has longer runs' figures: `LOCKGATE_FLEET_GO_CYCLES`, `LOCKGATE_FLEET_RUST_CYCLES`,
+/// `LOCKGATE_FLEET_HOLD_MS`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_v02_races_beside_rust_and_among_go_processes_alone() {
     let (mixed_url, go_url) = (configmap_url().await, configmap_url().await);
@@ -280,17 +281,24 @@ async fn go_v02_races_beside_rust_and_among_go_processes_alone() {
         }
         w
     };
+    // Every worker holds the lock this long in each cycle (none unless
+    // `LOCKGATE_FLEET_HOLD_MS` says; PROTOCOL.md has both).
+    let hold = std::env::var("LOCKGATE_FLEET_HOLD_MS").unwrap_or_else(|_| "0".into());
+    let held = |mut w: Worker| {
+        w.args.extend(["--hold-ms".to_owned(), hold.clone()]);
+        w
+    };
     let mixed_fleet = vec![
-        rust(&[]),
-        rust(&[]),
-        go(&["--acquirer-id", "auto"]),
-        go(&[]),
+        held(rust(&[])),
+        held(rust(&[])),
+        held(go(&["--acquirer-id", "auto"])),
+        held(go(&[])),
     ];
     let go_fleet = vec![
-        go(&["--acquirer-id", "auto"]),
-        go(&["--acquirer-id", "auto"]),
-        go(&[]),
-        go(&[]),
+        held(go(&["--acquirer-id", "auto"])),
+        held(go(&["--acquirer-id", "auto"])),
+        held(go(&[])),
+        held(go(&[])),
     ];
     let mixed = tokio::task::spawn_blocking(move || {
         run_fleet(&mixed_url, "rate", mixed_fleet, Duration::from_secs(900))
