@@ -845,8 +845,11 @@ async fn contention(plan: &Plan, go: &str) {
         plan.rounds
     );
     println!();
-    println!("| implementation | acquisitions | wall time | acquisitions/s |");
-    println!("|---|---|---|---|");
+    println!(
+        "| implementation | acquisitions | wall time | acquisitions/s | API requests per \
+         acquisition | kube-apiserver CPU | etcd CPU | clients' CPU |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let (mut rust, mut go_rounds) = (Rounds::default(), Rounds::default());
     for _ in 0..plan.rounds {
         let cm = configmap().await;
@@ -858,7 +861,12 @@ async fn contention(plan: &Plan, go: &str) {
     }
     let row = |who: &str, each: usize, r: &Rounds| {
         let rate = r.rate(n * each);
-        println!("| {who} | {n} × {each} | {:.2} s | {rate:.1} |", r.wall());
+        let (api, etcd, clients) = r.shares();
+        println!(
+            "| {who} | {n} × {each} | {:.2} s | {rate:.1} | {:.1} | {api} | {etcd} | {clients} |",
+            r.wall(),
+            r.requests_per_op(n * each),
+        );
         rate
     };
     let rust_rate = row("lockgate (Rust)", plan.contended_each, &rust);
