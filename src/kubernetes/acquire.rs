@@ -88,11 +88,12 @@ pub(crate) async fn acquire(
     opts: &AcquireOptions,
 ) -> Result<Box<dyn Lease>, AcquireError> {
     let object = session.renewer();
-    // Start optimistic: assume the lock is free (as our last release left it, or never
-    // written), which makes an uncontended acquisition one request; a wrong guess costs a
-    // failed `test` and a GET.
+    // Start optimistic: assume the record is as our last release left it (else never
+    // written), which makes an uncontended acquisition, and a contender's return to the queue,
+    // one request; a wrong guess costs a failed `test` and a GET.
     let key = annotation_key(name.as_str());
-    let mut a = Acquisition::new(object, name, opts, None, object.guess(&key));
+    let mut a = Acquisition::new(object, name, opts, None, object.store.assumed());
+    a.current = object.guess(&key, a.attempt.may_wait());
     // A locker that has not heard from the API server yet does not know its clock, which the
     // record's expiry must be written in (Go peers and fresh processes read it): read first
     // instead of writing blind. Once per locker.

@@ -98,9 +98,10 @@ pub(crate) struct Object {
     /// When each queue entry of this locker's waiters was sent, by queue id: (tag, boot clock).
     /// A waiter handed the lock by a release counts its lease from its entry's send time.
     queued: Mutex<HashMap<String, Vec<(u64, crate::clock::Boot)>>>,
-    /// The records this locker's releases left free, by annotation key: an acquisition's first
-    /// guess at the record (see [`Object::guess`]).
-    freed: Mutex<HashMap<String, String>>,
+    /// The records this locker's releases wrote, by annotation key, and whether each was left
+    /// free with nobody queued: an acquisition's first guess at the record (see
+    /// [`Object::guess`]).
+    freed: Mutex<HashMap<String, (String, bool)>>,
 }
 
 /// What a waiting acquisition does when the API server cannot be reached.
@@ -129,34 +130,41 @@ impl Object {
         }
     }
 
-    /// Notes the record a release of ours wrote for `key`: kept while it is free with nobody
-    /// queued (a guess of it leads straight to a grant), forgotten otherwise. At most
-    /// [`FREED_MAX`] keys are kept (all forgotten past it: a forgotten key costs one failed
-    /// guess).
+    /// Notes the record a release of ours wrote for `key`: the first guess of this locker's
+    /// next acquisition of it. At most [`FREED_MAX`] keys are kept (all forgotten past it: a
+    /// forgotten key costs one failed guess).
     fn note_released(&self, key: &str, written: &str) {
         let mut freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
-        if record::Record::parse(written).is_ok_and(|r| r.shared_holders <= 0 && r.queue.is_empty())
-        {
-            if freed.len() >= FREED_MAX && !freed.contains_key(key) {
-                freed.clear();
-            }
-            freed.insert(key.to_owned(), written.to_owned());
-        } else {
-            freed.remove(key);
+        let free = record::Record::parse(written)
+            .is_ok_and(|r| r.shared_holders <= 0 && r.queue.is_empty());
+        if freed.len() >= FREED_MAX && !freed.contains_key(key) {
+            freed.clear();
         }
+        freed.insert(key.to_owned(), (written.to_owned(), free));
     }
 
     /// The first guess of an acquisition of `key`, which makes an uncontended one a single
-    /// request: the record as our last release left it (free, nobody queued), else no record.
-    /// A wrong guess costs a failed `test` and a GET, never a wrong decision: only a free record
-    /// nobody waits for is guessed, so a guess never makes a lock look busy or defers to anyone.
-    fn guess(&self, key: &str) -> store::Snapshot {
+    /// request: the record as our last release left it, else no record.
+    ///
+    /// A wrong guess costs a failed `test` and a GET, never a wrong decision, since every
+    /// decision taken on a guess is a write that tests it. A record our release left held
+    /// (handed to the next in line) or with waiters queued is guessed only by an acquisition
+    /// that may wait (`waiting`): its first step is then to queue, testing the guess, which
+    /// lands at once when nobody wrote since (the new holder does not write while it holds); a
+    /// non-blocking attempt would find the lock busy on the guess alone, without a request, so
+    /// it gets no such guess. (Without it, a contender asking again right after handing the
+    /// lock on failed a `test` and read before it could queue; with short holds its queue
+    /// entry then landed only after the next release had been built, which failed too:
+    /// BENCHMARKS.md, Kubernetes table 3.)
+    fn guess(&self, key: &str, waiting: bool) -> store::Snapshot {
         let mut snap = self.store.assumed();
         let freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(v) = freed.get(key) {
-            snap.annotations
-                .get_or_insert_with(Default::default)
-                .insert(key.to_owned(), v.clone());
+        if let Some((v, free)) = freed.get(key) {
+            if *free || waiting {
+                snap.annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(key.to_owned(), v.clone());
+            }
         }
         snap
     }
