@@ -164,6 +164,65 @@ async fn a_blocked_waiter_gets_the_lock_when_it_is_released() {
     }
 }
 
+/// A locker's next acquisition starts from the record its last release wrote. After a release
+/// that handed the lock on, that record shows the lock busy: a waiting acquisition queues on it
+/// (and waits its turn), but once the grantee has released, neither a waiting nor a
+/// non-blocking acquisition may take that old record for the truth: both get the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_handing_a_lock_on_a_locker_asks_again_from_what_its_release_wrote() {
+    time_limit(Duration::from_secs(120));
+    let cm = configmap("default").await;
+    let (a, b) = (locker(&cm).await, locker(&cm).await);
+    // Three rounds: A hands the lock to B and asks again, with a try once B released, with a
+    // wait once B released, and with a wait while B holds it.
+    for ask in ["try", "wait", "queue"] {
+        let g = a.acquire("asked-again", ex()).await.unwrap();
+        let (b, released_by_b) = (b.clone(), Arc::new(tokio::sync::Notify::new()));
+        let signal = released_by_b.clone();
+        let holder = tokio::spawn(async move {
+            let g = b
+                .acquire("asked-again", ex().timeout(Duration::from_secs(20)))
+                .await
+                .unwrap();
+            signal.notified().await;
+            g.release().await.unwrap();
+        });
+        wait_for_queue(&cm, "asked-again", 1).await;
+        g.release().await.unwrap();
+        match ask {
+            // B released meanwhile: A's guess (the record handed to B) is out of date.
+            "try" | "wait" => {
+                released_by_b.notify_one();
+                holder.await.unwrap();
+                let opts = if ask == "try" {
+                    nb(Mode::Exclusive)
+                } else {
+                    ex().timeout(Duration::from_secs(20))
+                };
+                let g = a
+                    .acquire("asked-again", opts)
+                    .await
+                    .unwrap_or_else(|e| panic!("{ask} after the grantee released: {e}"));
+                g.release().await.unwrap();
+            }
+            // B still holds it: A queues behind it, and gets it when B releases.
+            _ => {
+                let a = a.clone();
+                let waiter = tokio::spawn(async move {
+                    a.acquire("asked-again", ex().timeout(Duration::from_secs(20)))
+                        .await
+                        .unwrap()
+                });
+                wait_for_queue(&cm, "asked-again", 1).await;
+                assert!(!waiter.is_finished(), "A got the lock while B held it");
+                released_by_b.notify_one();
+                holder.await.unwrap();
+                waiter.await.unwrap().release().await.unwrap();
+            }
+        }
+    }
+}
+
 /// A release hands the lock to the waiter first in line in the same write: the record names the
 /// waiter as a holder handed the lock (`Handoff`), which the waiter's own grant never writes. A
 /// grantee stopped (SIGSTOP) before it sees the grant never uses it after its deadline: the next
