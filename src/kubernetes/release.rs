@@ -226,11 +226,15 @@ impl Object {
         // Start from the record as the watch last saw it when that is still our lease: waiters
         // queue while we hold, and a release built on our own last write would fail its `test`
         // and cost a read and a second write. (A watch that lags costs just that, as before.)
-        let mut value = self
-            .watched()
+        let watched = self.watched();
+        let from_watch = watched
+            .as_ref()
             .and_then(|s| s.get(key).map(str::to_owned))
-            .filter(|v| Record::parse(v).is_ok_and(|r| held.is_ours(&r)))
-            .unwrap_or_else(|| held.value.clone());
+            .filter(|v| Record::parse(v).is_ok_and(|r| held.is_ours(&r)));
+        // The resourceVersion of the state `value` was read from, when known: after a
+        // conflict, a newer state from the watch stands in for a GET.
+        let mut base = from_watch.as_ref().and(watched.and_then(|s| s.rv));
+        let mut value = from_watch.unwrap_or_else(|| held.value.clone());
         let mut pause = Duration::from_millis(100);
         // How long a write may take to answer: the request timeout, so that a lost answer is
         // soon noticed; but once a read has shown the server answering and the record still
@@ -311,9 +315,21 @@ impl Object {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(1600));
             }
+            if doubt.is_none() {
+                if let Some(snap) = self.newer_watched(base).await {
+                    if let Some(v) = snap.get(key) {
+                        base = snap.rv;
+                        value = v.to_owned();
+                        continue;
+                    }
+                }
+            }
             let now = loop {
                 match self.store.get().await {
-                    Ok(snap) => break snap.get(key).map(str::to_owned),
+                    Ok(snap) => {
+                        base = snap.rv;
+                        break snap.get(key).map(str::to_owned);
+                    }
                     Err(e) if transient(&e) && clock::boot() + pause < until => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(1600));
@@ -342,6 +358,32 @@ impl Object {
                 (None, None) => return Err(lost()),
             }
         }
+    }
+
+    /// A state of the object newer than resourceVersion `base` from the watch, waited for
+    /// briefly: the change that made a write conflict was committed before the conflict was
+    /// answered, and its event is usually on its way already. `None`: no watch, no base, or
+    /// not within 100 ms (then the caller reads).
+    async fn newer_watched(&self, base: Option<u64>) -> Option<super::store::Snapshot> {
+        let base = base?;
+        let mut feed = self
+            .feed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        let newer = |s: &super::store::Snapshot| s.rv.is_some_and(|rv| rv > base);
+        let wait = async {
+            loop {
+                if let Some(s) = feed.borrow_and_update().filter(newer) {
+                    return Some(s);
+                }
+                feed.changed().await.ok()?;
+            }
+        };
+        tokio::time::timeout(Duration::from_millis(100), wait)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// The record after one holder of `rec` leaves (its count less one).
