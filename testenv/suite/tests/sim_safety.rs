@@ -560,3 +560,403 @@ fn a_cancelled_join_whose_answer_was_lost_is_given_back() {
     }
     check(&w, &journal);
 }
+
+/// The double give-back (regression test for 60aa506). B is handed the lock by A's release
+/// while B's host is suspended; it wakes past the deadline its queue entry set, so its
+/// acquisition gives the grant back (handing it on to C) in a task. While that give-back write
+/// is in flight (held by the network), B's acquisition future is dropped. Then a Go v0.2
+/// waiter queues, rewriting the record without `Holders`. What must hold: the grant is given
+/// back by one write only, never by a second one started by the cancellation (before 60aa506
+/// that one, rebuilt on the record Go rewrote, took C's lease for B's and freed it, and the Go
+/// peer took the lock while C held it); C keeps its lease, the Go peer waits, and the journal
+/// finds nothing.
+#[test]
+fn a_grant_given_back_as_too_late_is_given_back_once_when_the_acquisition_is_dropped() {
+    use lockgate_testenv::sim::go::{GoBelief, GoError, GoPeer, Version};
+    use lockgate_testenv::sim::journal::Belief;
+    use lockgate_testenv::sim::world::host_now;
+
+    #[derive(Default)]
+    struct S {
+        b: Option<usize>,
+        /// B's writes that give up the last share of x (a release or a give-back): when each
+        /// was sent, and its body.
+        give_backs: Vec<(Duration, Vec<u8>)>,
+    }
+    let state = Arc::new(std::sync::Mutex::new(S::default()));
+    let st = Arc::clone(&state);
+    let mut w = world(move |_, v| {
+        let mut s = st.lock().unwrap();
+        if Some(v.host) != s.b || !record_changes(v.req).iter().any(|c| c.last_release()) {
+            return None;
+        }
+        s.give_backs.push((v.sent, v.req.body.clone()));
+        match s.give_backs.len() {
+            // The give-back is in flight when the acquisition is dropped: held until B's next
+            // read (or `hold_max`).
+            1 => Some(Plan {
+                there: ms(1),
+                hold: true,
+                before: Before::Handle,
+                after: After::Deliver(ms(1)),
+            }),
+            // A second one (the old code's, started by the drop) crawls to the server, so that
+            // the Go peer's rewrite comes first; what it does next goes as it would.
+            2 => Some(Plan::clean(2 * SEC, ms(1))),
+            _ => None,
+        }
+    });
+    w.hold_max = 2 * SEC;
+    let journal = Journal::default();
+    {
+        let journal = journal.clone();
+        w.observe(move |now, annotations, snapshots| {
+            journal.check_counts(now, annotations, snapshots);
+        });
+    }
+    let lease = quiet();
+    let (a, b, c, g) = (
+        w.add_host("a"),
+        w.add_host("b"),
+        w.add_host("c"),
+        w.add_host("go"),
+    );
+    state.lock().unwrap().b = Some(b);
+    let (la, lb, lc) = (
+        locker(&w, a, lease),
+        locker(&w, b, lease),
+        locker(&w, c, lease),
+    );
+    let queued = |w: &World| {
+        record(w, "x")
+            .and_then(|r| r["QueueMembers"].as_object().map(|q| q.len()))
+            .unwrap_or(0)
+    };
+    // The Holders entries of x naming a `Handoff`.
+    let handed = |w: &World| -> Vec<String> {
+        record(w, "x")
+            .and_then(|r| {
+                r["Holders"].as_object().map(|h| {
+                    h.iter()
+                        .filter(|(_, e)| e.get("Handoff").is_some())
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let ga = acquire(&w, &journal, a, &la, "x", Mode::Exclusive, Wait::Forever);
+    assert!(run_until(&mut w, SEC, |_| holds(&ga)));
+    // B waits (until its future is dropped), C a second behind it.
+    let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+    let b_outcome = Arc::new(std::sync::Mutex::new(None::<String>));
+    {
+        let (lb, out) = (lb.clone(), Arc::clone(&b_outcome));
+        w.spawn(b, async move {
+            tokio::select! {
+                biased;
+                _ = cancelled => {}
+                r = lb.acquire("x", lockgate::AcquireOptions::exclusive()) => {
+                    *out.lock().unwrap() = Some(match r {
+                        Ok(_) => "acquired".into(),
+                        Err(e) => e.to_string(),
+                    });
+                }
+            }
+        });
+    }
+    assert!(run_until(&mut w, SEC, |w| queued(w) == 1), "B queued");
+    w.run_for(SEC);
+    let gc = acquire(&w, &journal, c, &lc, "x", Mode::Exclusive, Wait::Forever);
+    assert!(run_until(&mut w, SEC, |w| queued(w) == 2), "C queued");
+    // B's machine sleeps across A's release, which hands B the lock.
+    w.suspend(b);
+    w.run_for(SEC);
+    let released = release(&w, &journal, a, &ga);
+    assert!(run_until(&mut w, SEC, |_| done(&released)));
+    let to_b = handed(&w);
+    assert_eq!(
+        to_b.len(),
+        1,
+        "A's release handed the lock on: {:?}",
+        record(&w, "x")
+    );
+    // B wakes past its grant's deadline (its entry was sent at about 0 s, + 25 s), before C
+    // could take the unrenewed grant over (a TTL, 30 s, after the release at about 2 s).
+    w.run_until(28 * SEC);
+    w.resume(b);
+    if !run_until(&mut w, SEC, |_| {
+        !state.lock().unwrap().give_backs.is_empty()
+    }) {
+        fail(&w, &journal, "B did not give its late grant back");
+    }
+    // The give-back is in flight: B's acquisition is dropped.
+    cancel.send(()).expect("B's acquisition still runs");
+    if !run_until(&mut w, 3 * SEC, |w| {
+        handed(w).iter().any(|id| !to_b.contains(id)) && holds(&gc)
+    }) {
+        fail(&w, &journal, "the give-back did not hand the lock on to C");
+    }
+    let c_uuid = record(&w, "x").expect("the record")["uuid"].clone();
+    // A Go v0.2 waiter queues: its `UpdateQueue` writes the record back without `Holders`.
+    w.run_for(ms(300));
+    let go_granted = Arc::new(AtomicBool::new(false));
+    {
+        let client = w.client(g);
+        let mut peer = w.enter_host(g, || {
+            GoPeer::new(
+                Version::V020,
+                client,
+                lockgate_testenv::sim::api::NAMESPACE,
+                OBJECT,
+                lockgate_testenv::sim::rng::Rng::new(11),
+            )
+        });
+        peer.acquirer_id = Some("go-acquirer".into());
+        let (journal, started, granted) = (
+            journal.clone(),
+            w.host(g).started(),
+            Arc::clone(&go_granted),
+        );
+        w.spawn(g, async move {
+            loop {
+                match peer.try_acquire("x", false).await {
+                    Ok(uuid) => {
+                        let now = host_now().unwrap_or_default();
+                        // Go believes it holds until the expiry it wrote (now + 10 s, whole
+                        // seconds), and renews nothing here.
+                        let belief = GoBelief {
+                            uuid,
+                            until: std::sync::atomic::AtomicU64::new(
+                                (now + 9 * SEC).as_nanos() as u64
+                            ),
+                            ..GoBelief::default()
+                        };
+                        journal.grant_belief(
+                            "go/x",
+                            g,
+                            started,
+                            now,
+                            "x",
+                            Mode::Exclusive,
+                            None,
+                            Belief::Go(Arc::new(belief)),
+                        );
+                        granted.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    Err(GoError::ShouldWait) => {}
+                    Err(e) => journal.go_error(format!("{e:?}")),
+                }
+                tokio::time::sleep(2 * SEC).await;
+            }
+        });
+    }
+    if !run_until(&mut w, 2 * SEC, |w| {
+        record(w, "x").is_some_and(|r| r.get("Holders").is_none())
+    }) {
+        fail(&w, &journal, "the Go peer did not rewrite the record");
+    }
+    // Long enough for a second give-back to land, and for the Go peer to poll a few times.
+    w.run_for(10 * SEC);
+    let give_backs = state.lock().unwrap().give_backs.clone();
+    if give_backs.len() != 1 {
+        fail(
+            &w,
+            &journal,
+            &format!(
+                "B's late grant was given back by {} writes, not one (sent at {:?})",
+                give_backs.len(),
+                give_backs.iter().map(|(t, _)| *t).collect::<Vec<_>>()
+            ),
+        );
+    }
+    check(&w, &journal);
+    if go_granted.load(Ordering::SeqCst) {
+        fail(&w, &journal, "the Go peer got the lock while C held it");
+    }
+    if !holds(&gc) || w.as_host(c, || gc.lock().unwrap().guard.as_ref().unwrap().is_lost()) {
+        fail(&w, &journal, "C lost its lease");
+    }
+    let rec = record(&w, "x").expect("the record");
+    if rec["uuid"] != c_uuid || rec["SharedHoldersCount"] != 1 {
+        fail(&w, &journal, &format!("the record is not C's lease: {rec}"));
+    }
+    let b_outcome = b_outcome.lock().unwrap().clone();
+    assert_eq!(
+        b_outcome, None,
+        "B's acquisition was to be dropped, not to end"
+    );
+}
+
+/// Writes, the release bullet: A's release (which hands the lock to the waiting B) is lost on
+/// the way to the server; A's read shows the record unchanged, and A sends the same write
+/// again, which the server, busy with other writers, handles and answers 5 s later: past the
+/// request timeout (3 s), well within the lease (30 s). What must hold: only that same write,
+/// byte for byte, is sent again, and A waits for its late answer instead of cutting it off;
+/// the release then ends Ok, and B holds the lock, handed by that write, promptly after it
+/// lands (not a TTL later, by a takeover); the journal finds nothing.
+#[test]
+fn a_repeated_release_waits_for_the_late_answer_of_a_slow_server() {
+    const LATE: Duration = Duration::from_secs(5);
+
+    #[derive(Default)]
+    struct S {
+        a: Option<usize>,
+        releasing: bool,
+        /// A's requests while releasing (not its watch): method, when sent, body.
+        sent: Vec<(http::Method, Duration, Vec<u8>)>,
+        /// The records A's first release write changes.
+        first_write: Vec<lockgate_testenv::sim::script::RecordChange>,
+    }
+    let state = Arc::new(std::sync::Mutex::new(S::default()));
+    let st = Arc::clone(&state);
+    let mut w = world(move |_, v| {
+        let mut s = st.lock().unwrap();
+        if Some(v.host) != s.a || !s.releasing || v.req.is_watch() {
+            return None;
+        }
+        s.sent
+            .push((v.req.method.clone(), v.sent, v.req.body.clone()));
+        if v.req.method != http::Method::PATCH {
+            return None;
+        }
+        let writes = s
+            .sent
+            .iter()
+            .filter(|(m, _, _)| *m == http::Method::PATCH)
+            .count();
+        if writes == 1 {
+            s.first_write = record_changes(v.req);
+        }
+        Some(if writes == 1 {
+            // The first release write is lost on the way: never applied, never answered.
+            Plan {
+                there: ms(1),
+                hold: false,
+                before: Before::Drop,
+                after: After::Lose,
+            }
+        } else {
+            // Any repeat reaches the server's handling only after `LATE`, and is answered then.
+            Plan::clean(LATE, ms(1))
+        })
+    });
+    let journal = Journal::default();
+    {
+        let journal = journal.clone();
+        w.observe(move |now, annotations, snapshots| {
+            journal.check_counts(now, annotations, snapshots);
+        });
+    }
+    let lease = quiet();
+    let (a, b) = (w.add_host("a"), w.add_host("b"));
+    state.lock().unwrap().a = Some(a);
+    let (la, lb) = (locker(&w, a, lease), locker(&w, b, lease));
+    let ga = acquire(&w, &journal, a, &la, "x", Mode::Exclusive, Wait::Forever);
+    assert!(run_until(&mut w, SEC, |_| holds(&ga)));
+    let gb = acquire(&w, &journal, b, &lb, "x", Mode::Exclusive, Wait::Forever);
+    assert!(
+        run_until(&mut w, SEC, |w| record(w, "x")
+            .is_some_and(|r| r["QueueMembers"]
+                .as_object()
+                .is_some_and(|q| !q.is_empty()))),
+        "B queued"
+    );
+    w.run_for(ms(200));
+    let held = record(&w, "x").expect("the record");
+    state.lock().unwrap().releasing = true;
+    let released = release(&w, &journal, a, &ga);
+    // A's request timeout (3 s), its read, its repeat, and the repeat's late answer.
+    let mut released_at = None;
+    let mut b_at = None;
+    let end = w.now + 20 * SEC;
+    while w.now < end && (released_at.is_none() || b_at.is_none()) {
+        w.run_for(ms(1));
+        if released_at.is_none() && done(&released) {
+            released_at = Some(w.now);
+        }
+        if b_at.is_none() && holds(&gb) {
+            b_at = Some(w.now);
+        }
+    }
+    let sent = state.lock().unwrap().sent.clone();
+    let writes: Vec<&(http::Method, Duration, Vec<u8>)> = sent
+        .iter()
+        .filter(|(m, _, _)| *m == http::Method::PATCH)
+        .collect();
+    let shape: Vec<String> = sent
+        .iter()
+        .map(|(m, t, _)| format!("{m} at {t:?}"))
+        .collect();
+    if writes.len() != 2 || writes.iter().any(|(_, _, body)| *body != writes[0].2) {
+        fail(
+            &w,
+            &journal,
+            &format!("A's release was not one write sent again once, byte for byte: {shape:?}"),
+        );
+    }
+    // The repeat came after a read that showed the record as the write tests it.
+    let (first, repeat) = (writes[0].1, writes[1].1);
+    if !sent
+        .iter()
+        .any(|(m, t, _)| *m == http::Method::GET && *t > first && *t < repeat)
+    {
+        fail(
+            &w,
+            &journal,
+            &format!("A repeated its release without a read: {shape:?}"),
+        );
+    }
+    let changes = state.lock().unwrap().first_write.clone();
+    assert_eq!(
+        changes.first().and_then(|c| c.old.clone()),
+        Some(held),
+        "the release tests the record A held"
+    );
+    assert!(
+        changes.iter().any(|c| c.hands_off()),
+        "the release hands the lock to B"
+    );
+    let landed = repeat + LATE;
+    let Some(released_at) = released_at else {
+        fail(&w, &journal, "A's release did not end");
+    };
+    if let Some(e) = released.lock().unwrap().error.clone() {
+        fail(&w, &journal, &format!("A's release failed: {e}"));
+    }
+    if released_at < landed || released_at > landed + ms(50) {
+        fail(
+            &w,
+            &journal,
+            &format!(
+                "A's release ended at {released_at:?}, not as its repeat was answered ({landed:?})"
+            ),
+        );
+    }
+    match b_at {
+        Some(t) if t <= landed + ms(50) => {}
+        other => fail(
+            &w,
+            &journal,
+            &format!("B did not hold the lock as the repeat landed ({landed:?}): {other:?}"),
+        ),
+    }
+    let rec = record(&w, "x").expect("the record");
+    if rec["SharedHoldersCount"] != 1
+        || !rec["Holders"]
+            .as_object()
+            .is_some_and(|h| h.values().any(|e| e.get("Handoff").is_some()))
+    {
+        fail(
+            &w,
+            &journal,
+            &format!("the record is not handed to B: {rec}"),
+        );
+    }
+    w.run_for(5 * SEC);
+    check(&w, &journal);
+    if w.as_host(b, || gb.lock().unwrap().guard.as_ref().unwrap().is_lost()) {
+        fail(&w, &journal, "B lost its lease");
+    }
+}
