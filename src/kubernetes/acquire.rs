@@ -72,6 +72,9 @@ pub(super) struct Acquisition<'a> {
     /// leave without the lock.
     pub(super) armed: bool,
     pub(super) conflicts: u32,
+    /// The resourceVersion right after the release whose record is our first guess: if the
+    /// guess fails its `test`, the locker's watch brings what changed since.
+    pub(super) guessed: Option<u64>,
     /// Whether idle free records were removed once already to make room.
     pub(super) made_room: bool,
     /// The object's annotations are full: grant in the smallest form (no holder details, a
@@ -90,10 +93,10 @@ pub(crate) async fn acquire(
     let object = session.renewer();
     // Start optimistic: assume the record is as our last release left it (else never
     // written), which makes an uncontended acquisition, and a contender's return to the queue,
-    // one request; a wrong guess costs a failed `test` and a GET.
+    // one request; a wrong guess costs a failed `test` and a read (from our watch if we have one).
     let key = annotation_key(name.as_str());
     let mut a = Acquisition::new(object, name, opts, None, object.store.assumed());
-    a.current = object.guess(&key, a.attempt.may_wait());
+    (a.current, a.guessed) = object.guess(&key, a.attempt.may_wait());
     // A locker that has not heard from the API server yet does not know its clock, which the
     // record's expiry must be written in (Go peers and fresh processes read it): read first
     // instead of writing blind. Once per locker.
@@ -157,6 +160,7 @@ impl<'a> Acquisition<'a> {
             maybe: Vec::new(),
             armed: false,
             conflicts: 0,
+            guessed: None,
             outages: 0,
             outage_began: None,
             made_room: false,
@@ -388,7 +392,12 @@ impl Acquisition<'_> {
             // Waiting already: the watch brings the change that beat us, without a GET from
             // every waiter.
             Some(feed) => newer_than(self.object, feed, &self.current).await,
-            None => self.object.store.get().await,
+            // Our first guess (what our last release wrote) failed: the locker's watch, kept
+            // since it held the lock, brings the write that beat us, else read.
+            None => match self.object.newer_watched(self.guessed.take()).await {
+                Some(snap) => Ok(snap),
+                None => self.object.store.get().await,
+            },
         };
         match fresh {
             Ok(fresh) => self.current = fresh,

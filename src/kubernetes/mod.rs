@@ -99,9 +99,19 @@ pub(crate) struct Object {
     /// A waiter handed the lock by a release counts its lease from its entry's send time.
     queued: Mutex<HashMap<String, Vec<(u64, crate::clock::Boot)>>>,
     /// The records this locker's releases wrote, by annotation key, and whether each was left
-    /// free with nobody queued: an acquisition's first guess at the record (see
-    /// [`Object::guess`]).
-    freed: Mutex<HashMap<String, (String, bool)>>,
+    /// free with nobody queued, and the object's resourceVersion after the write (if known):
+    /// an acquisition's first guess at the record (see [`Object::guess`]).
+    freed: Mutex<HashMap<String, Freed>>,
+}
+
+/// What a release of ours last wrote for one key (see [`Object::guess`]).
+struct Freed {
+    /// The record written.
+    value: String,
+    /// Left free with nobody queued.
+    free: bool,
+    /// The object's resourceVersion right after the write, if known.
+    rv: Option<u64>,
 }
 
 /// What a waiting acquisition does when the API server cannot be reached.
@@ -133,20 +143,21 @@ impl Object {
     /// Notes the record a release of ours wrote for `key`: the first guess of this locker's
     /// next acquisition of it. At most [`FREED_MAX`] keys are kept (all forgotten past it: a
     /// forgotten key costs one failed guess).
-    fn note_released(&self, key: &str, written: &str) {
+    fn note_released(&self, key: &str, written: &str, rv: Option<u64>) {
         let mut freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
         let free = record::Record::parse(written)
             .is_ok_and(|r| r.shared_holders <= 0 && r.queue.is_empty());
         if freed.len() >= FREED_MAX && !freed.contains_key(key) {
             freed.clear();
         }
-        freed.insert(key.to_owned(), (written.to_owned(), free));
+        let value = written.to_owned();
+        freed.insert(key.to_owned(), Freed { value, free, rv });
     }
 
     /// The first guess of an acquisition of `key`, which makes an uncontended one a single
     /// request: the record as our last release left it, else no record.
     ///
-    /// A wrong guess costs a failed `test` and a GET, never a wrong decision, since every
+    /// A wrong guess costs a failed `test` and a read, never a wrong decision, since every
     /// decision taken on a guess is a write that tests it. A record our release left held
     /// (handed to the next in line) or with waiters queued is guessed only by an acquisition
     /// that may wait (`waiting`): its first step is then to queue, testing the guess, which
@@ -156,17 +167,23 @@ impl Object {
     /// lock on failed a `test` and read before it could queue; with short holds its queue
     /// entry then landed only after the next release had been built, which failed too:
     /// BENCHMARKS.md, Kubernetes table 3.)
-    fn guess(&self, key: &str, waiting: bool) -> store::Snapshot {
+    ///
+    /// Also returns the resourceVersion the object had right after that release, when the
+    /// guess is the record it wrote: a guess that fails its `test` learns the change from the
+    /// locker's watch, which is newer than that ([`Object::newer_watched`]), instead of a GET.
+    fn guess(&self, key: &str, waiting: bool) -> (store::Snapshot, Option<u64>) {
         let mut snap = self.store.assumed();
         let freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((v, free)) = freed.get(key) {
-            if *free || waiting {
+        let mut rv = None;
+        if let Some(f) = freed.get(key) {
+            if f.free || waiting {
                 snap.annotations
                     .get_or_insert_with(Default::default)
-                    .insert(key.to_owned(), v.clone());
+                    .insert(key.to_owned(), f.value.clone());
+                rv = f.rv;
             }
         }
-        snap
+        (snap, rv)
     }
 
     /// Notes that the queue entry `tag` of waiter `id` is sent now. Entries sent more than a

@@ -281,8 +281,8 @@ impl Object {
                 .write_within(std::slice::from_ref(&change), true, within)
                 .await;
             let failure = match written {
-                Ok(_) => {
-                    self.note_released(key, &new);
+                Ok(after) => {
+                    self.note_released(key, &new, after.rv);
                     return Ok((left(&expected, &new), Some(new)));
                 }
                 Err(WriteError::Conflict) => {
@@ -340,7 +340,7 @@ impl Object {
             match (&doubt, now) {
                 // Our write landed.
                 (Some((expected, new)), Some(v)) if v == *new => {
-                    self.note_released(key, new);
+                    self.note_released(key, new, base);
                     return Ok((left(expected, new), Some(v)));
                 }
                 // Unchanged: it has not landed (yet); the same write is safe to repeat, since
@@ -364,7 +364,7 @@ impl Object {
     /// briefly: the change that made a write conflict was committed before the conflict was
     /// answered, and its event is usually on its way already. `None`: no watch, no base, or
     /// not within 100 ms (then the caller reads).
-    async fn newer_watched(&self, base: Option<u64>) -> Option<super::store::Snapshot> {
+    pub(super) async fn newer_watched(&self, base: Option<u64>) -> Option<super::store::Snapshot> {
         let base = base?;
         let mut feed = self
             .feed
