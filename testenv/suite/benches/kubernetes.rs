@@ -852,9 +852,14 @@ async fn contention(plan: &Plan, go: &str) {
          the median of {} rounds, the rows' rounds alternating. The first row releases the \
          moment it is granted the lock, so the contender that just released races the next \
          release to queue again; in the second, each holds the lock {} ms, and the others \
-         queue meanwhile.",
+         queue meanwhile. \"One locker alone\" makes all {} acquisitions by itself, with nobody \
+         to conflict with: two writes on the record per acquisition, one after the other (the \
+         grant, the release), which every acquisition needs whatever the number of contenders \
+         (its grant or its queue entry, and its release; writes on one record apply one at a \
+         time): the ceiling of the first row.",
         plan.rounds,
-        CONTENDED_HOLD.as_millis()
+        CONTENDED_HOLD.as_millis(),
+        n * plan.contended_each,
     );
     println!();
     println!(
@@ -862,8 +867,12 @@ async fn contention(plan: &Plan, go: &str) {
          acquisition | kube-apiserver CPU | etcd CPU | clients' CPU |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let (mut rust, mut held, mut go_rounds) =
-        (Rounds::default(), Rounds::default(), Rounds::default());
+    let (mut rust, mut held, mut alone, mut go_rounds) = (
+        Rounds::default(),
+        Rounds::default(),
+        Rounds::default(),
+        Rounds::default(),
+    );
     for _ in 0..plan.rounds {
         let contended = |hold| async move {
             let cm = configmap().await;
@@ -875,6 +884,17 @@ async fn contention(plan: &Plan, go: &str) {
         };
         rust.push(contended(Duration::ZERO).await);
         held.push(contended(CONTENDED_HOLD).await);
+        // The ceiling: every acquisition makes at least two writes on the record, one after
+        // the other (the grant or queue entry, then the release); a locker alone makes
+        // exactly those, with nobody to conflict with.
+        let cm = configmap().await;
+        let target = Target::configmap("default", &cm);
+        alone.push(
+            rust_run(&target, 1, n * plan.contended_each, Duration::ZERO, |_| {
+                "rust-alone".into()
+            })
+            .await,
+        );
         let cm = configmap().await;
         let names = vec!["go-contended".to_owned(); n];
         go_rounds.push(go_run(&cm, names, plan.go_contended_each).await);
@@ -890,6 +910,17 @@ async fn contention(plan: &Plan, go: &str) {
         rate
     };
     let rust_rate = row("lockgate (Rust)", plan.contended_each, &rust);
+    let alone_rate = {
+        let rate = alone.rate(n * plan.contended_each);
+        let (api, etcd, clients) = alone.shares();
+        println!(
+            "| lockgate (Rust), one locker alone | 1 × {} | {:.2} s | {rate:.1} | {:.1} | {api} | {etcd} | {clients} |",
+            n * plan.contended_each,
+            alone.wall(),
+            alone.requests_per_op(n * plan.contended_each),
+        );
+        rate
+    };
     let held_rate = row(
         &format!(
             "lockgate (Rust), each holding it {} ms",
@@ -901,6 +932,11 @@ async fn contention(plan: &Plan, go: &str) {
     let go_rate = row(go, plan.go_contended_each, &go_rounds);
     println!();
     println!("Rust / Go: {:.1}×", rust_rate / go_rate);
+    println!();
+    println!(
+        "{n} contenders releasing at once reach {:.0} % of one locker alone.",
+        100.0 * rust_rate / alone_rate
+    );
     println!();
     let hop = 1e3 / held_rate - CONTENDED_HOLD.as_secs_f64() * 1e3;
     println!(
