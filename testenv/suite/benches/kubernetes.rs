@@ -793,16 +793,20 @@ async fn rust_run(
         ls.push(l);
     }
     let gate = Arc::new(tokio::sync::Barrier::new(clients + 1));
+    // Who held each lock, in the order they were granted it (pushed while holding).
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tasks: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(i, l)| {
             let n = name(i);
             let gate = gate.clone();
+            let order = order.clone();
             tokio::spawn(async move {
                 gate.wait().await;
                 for _ in 0..each {
                     let g = l.acquire(&n, AcquireOptions::exclusive()).await.unwrap();
+                    order.lock().unwrap().push((n.clone(), i));
                     if !hold.is_zero() {
                         tokio::time::sleep(hold).await;
                     }
@@ -823,9 +827,22 @@ async fn rust_run(
     let wall = start.elapsed();
     let cpu = cpu.since(&me());
     let after = requests().await;
+    let order = order.lock().unwrap();
+    let (mut kept, mut passed) = (0usize, 0usize);
+    let mut last = std::collections::HashMap::new();
+    for (n, i) in order.iter() {
+        match last.insert(n.clone(), *i) {
+            Some(j) if j == *i => kept += 1,
+            Some(_) => passed += 1,
+            None => {}
+        }
+    }
+    let share = kept as f64 / (kept + passed).max(1) as f64;
+    RETAKEN.lock().unwrap().push(share);
     eprintln!(
-        "rust round: {clients} × {each} in {wall:?}, requests {}",
-        delta(&before, &after, (clients * each) as f64).1
+        "rust round: {clients} × {each} in {wall:?}, requests {}, taken again by the last holder {:.0} %",
+        delta(&before, &after, (clients * each) as f64).1,
+        100.0 * share
     );
     Timed {
         wall,
@@ -873,6 +890,8 @@ async fn contention(plan: &Plan, go: &str) {
         Rounds::default(),
         Rounds::default(),
     );
+    // Per row: the share of acquisitions taken again by the contender that just released.
+    let (mut rust_kept, mut held_kept) = (Vec::new(), Vec::new());
     for _ in 0..plan.rounds {
         let contended = |hold| async move {
             let cm = configmap().await;
@@ -883,7 +902,9 @@ async fn contention(plan: &Plan, go: &str) {
             .await
         };
         rust.push(contended(Duration::ZERO).await);
+        rust_kept.push(retaken());
         held.push(contended(CONTENDED_HOLD).await);
+        held_kept.push(retaken());
         // The ceiling: every acquisition makes at least two writes on the record, one after
         // the other (the grant or queue entry, then the release); a locker alone makes
         // exactly those, with nobody to conflict with.
@@ -930,6 +951,23 @@ async fn contention(plan: &Plan, go: &str) {
         &held,
     );
     let go_rate = row(go, plan.go_contended_each, &go_rounds);
+    println!();
+    let range = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        format!(
+            "{:.0}–{:.0} %",
+            v.first().copied().unwrap_or(0.0),
+            v.last().copied().unwrap_or(0.0)
+        )
+    };
+    println!(
+        "Acquisitions that went to the contender that had just released the lock (it kept \
+         it, rather than passing it on): {} of them releasing at once, {} holding it {} ms \
+         (passed round in arrival order, none; to a contender picked at random, 1 in {n}).",
+        range(&mut rust_kept),
+        range(&mut held_kept),
+        CONTENDED_HOLD.as_millis()
+    );
     println!();
     println!("Rust / Go: {:.1}×", rust_rate / go_rate);
     println!();
@@ -1043,6 +1081,15 @@ async fn distinct_locks(plan: &Plan, go: &str) {
 /// Releases that failed in the Rust rows since the last call (the lease then runs out by
 /// itself): their number and the first error, printed under the table.
 static FAILED_RELEASES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// For each [`rust_run`], the share of its acquisitions (after the first) that went to the
+/// contender that held the lock just before: a lock kept by one contender, not passed on.
+static RETAKEN: std::sync::Mutex<Vec<f64>> = std::sync::Mutex::new(Vec::new());
+
+/// The last [`RETAKEN`] share, in percent.
+fn retaken() -> f64 {
+    100.0 * RETAKEN.lock().unwrap().last().copied().unwrap_or(0.0)
+}
 
 fn release_failures() {
     let failed = std::mem::take(&mut *FAILED_RELEASES.lock().unwrap());
