@@ -542,24 +542,12 @@ impl Drop for Acquisition<'_> {
     }
 }
 
-/// A state of the object newer than `seen`, from the watch (a GET if it brings none soon).
+/// A state of the object newer than `seen`, from the watch (a GET if it brings none within a
+/// second; without a version seen, nothing counts as newer and the wait runs out).
 async fn newer_than(object: &Object, feed: &mut Feed, seen: &Snapshot) -> Result<Snapshot, Error> {
-    let newer = |s: &Snapshot| match (s.rv, seen.rv) {
-        (Some(s), Some(rv)) => s > rv,
-        _ => false,
-    };
-    let wait = async {
-        loop {
-            if let Some(s) = feed.borrow_and_update().filter(newer) {
-                return Some(s);
-            }
-            if feed.changed().await.is_err() {
-                return None;
-            }
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(1), wait).await {
-        Ok(Some(s)) => Ok(s),
-        _ => object.store.get().await,
+    let rv = seen.rv.unwrap_or(u64::MAX);
+    match feed.newer_than(rv, Duration::from_secs(1)).await {
+        Some(s) => Ok(s),
+        None => object.store.get().await,
     }
 }

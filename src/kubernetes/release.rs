@@ -360,32 +360,6 @@ impl Object {
         }
     }
 
-    /// A state of the object newer than resourceVersion `base` from the watch, waited for
-    /// briefly: the change that made a write conflict was committed before the conflict was
-    /// answered, and its event is usually on its way already. `None`: no watch, no base, or
-    /// not within 100 ms (then the caller reads).
-    pub(super) async fn newer_watched(&self, base: Option<u64>) -> Option<super::store::Snapshot> {
-        let base = base?;
-        let mut feed = self
-            .feed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()?;
-        let newer = |s: &super::store::Snapshot| s.rv.is_some_and(|rv| rv > base);
-        let wait = async {
-            loop {
-                if let Some(s) = feed.borrow_and_update().filter(newer) {
-                    return Some(s);
-                }
-                feed.changed().await.ok()?;
-            }
-        };
-        tokio::time::timeout(Duration::from_millis(100), wait)
-            .await
-            .ok()
-            .flatten()
-    }
-
     /// The record after one holder of `rec` leaves (its count less one).
     ///
     /// The last holder hands the lock on, or leaves the record free (count 0, not shared, the

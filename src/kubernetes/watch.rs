@@ -1,6 +1,7 @@
 //! The watch of the lock object: one per locker, shared by all its waiters.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use kube::api::{Api, DynamicObject};
 use tokio::sync::Notify;
@@ -86,6 +87,28 @@ impl Feed {
         self.seen = version;
         value
     }
+
+    /// The first state of a resourceVersion above `rv`: the latest if it is, else the next one
+    /// published that is, waited for at most `within`. `None`: none came within it, or the
+    /// watch ended.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a state marked seen and not returned is older than asked for.
+    pub async fn newer_than(&mut self, rv: u64, within: Duration) -> Option<Snapshot> {
+        let wait = async {
+            loop {
+                if let Some(s) = self
+                    .borrow_and_update()
+                    .filter(|s| s.rv.is_some_and(|r| r > rv))
+                {
+                    return Some(s);
+                }
+                self.changed().await.ok()?;
+            }
+        };
+        tokio::time::timeout(within, wait).await.ok().flatten()
+    }
 }
 
 impl Publisher {
@@ -120,6 +143,20 @@ impl Object {
     pub(crate) fn watched(&self) -> Option<Snapshot> {
         let slot = self.feed.lock().unwrap_or_else(PoisonError::into_inner);
         slot.as_ref()?.latest()
+    }
+
+    /// A state of the object newer than resourceVersion `base` from this locker's watch,
+    /// waited for briefly: the change that made a write conflict was committed before the
+    /// conflict was answered, and its event is usually on its way already. `None`: no watch,
+    /// no base, or not within 100 ms (then the caller reads).
+    pub(crate) async fn newer_watched(&self, base: Option<u64>) -> Option<Snapshot> {
+        let base = base?;
+        let mut feed = self
+            .feed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        feed.newer_than(base, Duration::from_millis(100)).await
     }
 
     /// The shared watch of the object, started on first use; it ends when the locker is gone.

@@ -920,37 +920,34 @@ async fn contention(plan: &Plan, go: &str) {
         let names = vec!["go-contended".to_owned(); n];
         go_rounds.push(go_run(&cm, names, plan.go_contended_each).await);
     }
-    let row = |who: &str, each: usize, r: &Rounds| {
-        let rate = r.rate(n * each);
-        let (api, etcd, clients) = r.shares();
+    // `clients` × `each` acquisitions a round.
+    let row = |who: &str, clients: usize, each: usize, r: &Rounds| {
+        let rate = r.rate(clients * each);
+        let (api, etcd, clients_cpu) = r.shares();
         println!(
-            "| {who} | {n} × {each} | {:.2} s | {rate:.1} | {:.1} | {api} | {etcd} | {clients} |",
+            "| {who} | {clients} × {each} | {:.2} s | {rate:.1} | {:.1} | {api} | {etcd} | {clients_cpu} |",
             r.wall(),
-            r.requests_per_op(n * each),
+            r.requests_per_op(clients * each),
         );
         rate
     };
-    let rust_rate = row("lockgate (Rust)", plan.contended_each, &rust);
-    let alone_rate = {
-        let rate = alone.rate(n * plan.contended_each);
-        let (api, etcd, clients) = alone.shares();
-        println!(
-            "| lockgate (Rust), one locker alone | 1 × {} | {:.2} s | {rate:.1} | {:.1} | {api} | {etcd} | {clients} |",
-            n * plan.contended_each,
-            alone.wall(),
-            alone.requests_per_op(n * plan.contended_each),
-        );
-        rate
-    };
+    let rust_rate = row("lockgate (Rust)", n, plan.contended_each, &rust);
+    let alone_rate = row(
+        "lockgate (Rust), one locker alone",
+        1,
+        n * plan.contended_each,
+        &alone,
+    );
     let held_rate = row(
         &format!(
             "lockgate (Rust), each holding it {} ms",
             CONTENDED_HOLD.as_millis()
         ),
+        n,
         plan.contended_each,
         &held,
     );
-    let go_rate = row(go, plan.go_contended_each, &go_rounds);
+    let go_rate = row(go, n, plan.go_contended_each, &go_rounds);
     println!();
     let range = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);

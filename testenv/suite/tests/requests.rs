@@ -159,27 +159,14 @@ async fn cycle(l: &Locker) {
         .unwrap();
 }
 
-/// An uncontended acquire + release is two requests, one conditional PATCH each, also after
-/// the first cycle, when the record the last release left free is there: the acquisition's
-/// first guess is that record, not "no record" (which failed its `test` and cost a GET and a
-/// second PATCH every cycle).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uncontended_cycles_make_two_requests_each() {
-    time_limit(Duration::from_secs(120));
-    const CYCLES: usize = 10;
-    let cm = configmap("default").await;
-    let user = CountedUser::take();
+/// A locker on `target` as the counted `user`, after one cycle: the first cycle reads the
+/// object once (to learn the API server's clock), and its hold starts the locker's watch of the
+/// object (a list, then the watch). Returns once the audit log shows the watch (bounded), so
+/// that neither is counted from then on.
+async fn counted_locker(user: &CountedUser, target: Target) -> Locker {
     let l = Locker::new(
-        KubernetesLocker::new(
-            user.client().await,
-            Target::configmap("default", &cm),
-            LeaseConfig::default(),
-        )
-        .unwrap(),
+        KubernetesLocker::new(user.client().await, target, LeaseConfig::default()).unwrap(),
     );
-    // The first cycle reads the object once (to learn the API server's clock), and its hold
-    // starts the locker's watch of the object (a list, then the watch): wait (bounded) until
-    // the audit log shows the watch, so that its list is not counted below.
     let start = audit::mark();
     cycle(&l).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -190,26 +177,56 @@ async fn uncontended_cycles_make_two_requests_each() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    l
+}
+
+/// The requests of `user` since `from`, once the audit log shows `enough` of them: it records
+/// each request as the API server receives it, written by its own backend (waited for,
+/// bounded).
+async fn counted_since(
+    user: &CountedUser,
+    from: audit::Mark,
+    enough: impl Fn(&Counts) -> bool,
+    what: &str,
+) -> Counts {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let requests = user.requests(from, audit::mark());
+        let counts = Counts::of(&requests);
+        if enough(&counts) {
+            show(what, &requests);
+            return counts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit log shows {counts:?} for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// An uncontended acquire + release is two requests, one conditional PATCH each, also after
+/// the first cycle, when the record the last release left free is there: the acquisition's
+/// first guess is that record, not "no record" (which failed its `test` and cost a GET and a
+/// second PATCH every cycle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_cycles_make_two_requests_each() {
+    time_limit(Duration::from_secs(120));
+    const CYCLES: usize = 10;
+    let cm = configmap("default").await;
+    let user = CountedUser::take();
+    let l = counted_locker(&user, Target::configmap("default", &cm)).await;
     let from = audit::mark();
     for _ in 0..CYCLES {
         cycle(&l).await;
     }
-    // The audit log records each request as the API server receives it, written by its own
-    // backend: wait (bounded) until the file shows them all.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let counts = loop {
-        let requests = user.requests(from, audit::mark());
-        let counts = Counts::of(&requests);
-        if counts.writes + counts.reads >= 2 * CYCLES {
-            show("uncontended cycles", &requests);
-            break counts;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the audit log shows {counts:?} for {CYCLES} cycles"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let counts = counted_since(
+        &user,
+        from,
+        |c| c.writes + c.reads >= 2 * CYCLES,
+        "uncontended cycles",
+    )
+    .await;
     assert_eq!(
         (counts.reads, counts.writes),
         (0, 2 * CYCLES),
@@ -230,9 +247,7 @@ async fn a_failed_first_guess_reads_the_change_from_the_lockers_watch() {
     let cm = configmap("default").await;
     let user = CountedUser::take();
     let target = Target::configmap("default", &cm);
-    let counted = Locker::new(
-        KubernetesLocker::new(user.client().await, target.clone(), LeaseConfig::default()).unwrap(),
-    );
+    let counted = counted_locker(&user, target.clone()).await;
     let other = Locker::new(
         KubernetesLocker::new(
             lockgate_testenv::client(false).await,
@@ -241,18 +256,6 @@ async fn a_failed_first_guess_reads_the_change_from_the_lockers_watch() {
         )
         .unwrap(),
     );
-    // As in `uncontended_cycles_make_two_requests_each`: the first cycle's read and the watch's
-    // list are not counted.
-    let start = audit::mark();
-    cycle(&counted).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while Counts::of(&user.requests(start, audit::mark())).watches == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the locker's watch never started"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let from = audit::mark();
     for _ in 0..ROUNDS {
         // The other locker takes and frees the lock: the record is no longer what the counted
@@ -260,20 +263,13 @@ async fn a_failed_first_guess_reads_the_change_from_the_lockers_watch() {
         cycle(&other).await;
         cycle(&counted).await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let counts = loop {
-        let requests = user.requests(from, audit::mark());
-        let counts = Counts::of(&requests);
-        if counts.writes >= 3 * ROUNDS {
-            show("cycles after another locker's", &requests);
-            break counts;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the audit log shows {counts:?} for {ROUNDS} rounds"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let counts = counted_since(
+        &user,
+        from,
+        |c| c.writes >= 3 * ROUNDS,
+        "cycles after another locker's",
+    )
+    .await;
     assert_eq!(
         counts.writes,
         3 * ROUNDS,
