@@ -601,9 +601,15 @@ fn planted(plant: impl FnOnce(&Path)) -> Result<LockGuard, AcquireError> {
         "the bystander lost its lock"
     );
     drop(held);
+    // Free again once released: waited for (bounded), since a process another test of this
+    // binary forks at that moment holds a copy of the lock file's descriptor, and with it the
+    // flock, until it execs (`O_CLOEXEC` closes it only then).
     drop(
         locker
-            .acquire_blocking("bystander", AcquireOptions::exclusive().non_blocking())
+            .acquire_blocking(
+                "bystander",
+                AcquireOptions::exclusive().timeout(Duration::from_secs(5)),
+            )
             .expect("the bystander is free again"),
     );
     drop(dir);
